@@ -1,0 +1,134 @@
+"""Configuration of a DyLoRA-MoE model: the expert pool, the router and the load-balancing loss.
+
+``DyLoRAMoEConfig`` is a plain dataclass. It is validated on construction (every error names
+the field), serialised as JSON next to the weights with a format version, and is the single
+source the CLI builds its options from::
+
+    cfg = DyLoRAMoEConfig(num_experts=4, r=16, alpha=32, routing="sequence")
+    cfg.to_json_file("out/config.json")
+    cfg = DyLoRAMoEConfig.from_dict(json.load(open("out/config.json")))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROUTING_GRANULARITIES = ("sequence", "token")
+ROUTING_MODES = ("auto", "dense", "sparse")
+BALANCE_LOSSES = ("seed", "switch")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the value."""
+
+
+@dataclass
+class DyLoRAMoEConfig:
+    """Settings of the expert pool and router (defaults are the seed's)."""
+
+    num_experts: int = field(default=4, metadata={"help": "Number of LoRA experts created up front."})
+    r: int = field(default=16, metadata={"help": "LoRA rank of each initial expert."})
+    alpha: float = field(
+        default=32.0,
+        metadata={"help": "LoRA alpha of each initial expert; the expert's output is scaled by alpha / r."},
+    )
+    dropout: float = field(default=0.05, metadata={"help": "Dropout on the expert input (0 disables it)."})
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Modules that receive experts: a list of module names (last name component, e.g. "
+            "'q_proj', or a full dotted path), 'attention' (attention projections, the seed's choice), "
+            "'all-linear' (attention and MLP projections), or None for 'attention'."
+        },
+    )
+    top_k: int = field(default=1, metadata={"help": "Experts chosen per routed unit in sparse mode."})
+    temperature: float = field(
+        default=2.0, metadata={"help": "Softmax temperature of the router (the seed's 2.0)."}
+    )
+    routing: str = field(
+        default="sequence",
+        metadata={
+            "help": "Routing granularity: 'sequence' (one decision per sequence from its prompt, shared by "
+            "every layer) or 'token' (one decision per token and decoder layer, from the hidden state "
+            "entering that layer)."
+        },
+    )
+    routing_mode: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto': dense while any expert is immature, sparse top-k once all are mature; "
+            "'dense' or 'sparse' force one mode."
+        },
+    )
+    router_type: str = field(default="linear", metadata={"help": "Router network: 'linear' or 'mlp'."})
+    router_hidden: int = field(default=256, metadata={"help": "Hidden width of the 'mlp' router."})
+    balance_loss: str = field(
+        default="seed",
+        metadata={
+            "help": "Load-balancing loss: 'seed' (squared distance of mean expert usage from uniform) or "
+            "'switch' (Switch/Mixtral: num_experts * sum(fraction routed * mean probability))."
+        },
+    )
+    balance_coef: float = field(
+        default=0.01, metadata={"help": "Coefficient of the load-balancing loss added to the LM loss."}
+    )
+    init_seed: int = field(default=0, metadata={"help": "Seed for initialising experts and router."})
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the first invalid field."""
+
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"DyLoRAMoEConfig.{name}={getattr(self, name)!r}: {why}")
+
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise bad("num_experts", "must be an integer >= 1")
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise bad("r", "the LoRA rank must be an integer > 0")
+        if not self.alpha > 0:
+            raise bad("alpha", "must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise bad("dropout", "must be in [0, 1)")
+        if not isinstance(self.top_k, int) or self.top_k < 1:
+            raise bad("top_k", "must be an integer >= 1")
+        if self.top_k > self.num_experts:
+            raise bad("top_k", f"is larger than num_experts={self.num_experts}")
+        if not self.temperature > 0:
+            raise bad("temperature", "must be > 0")
+        if self.routing not in ROUTING_GRANULARITIES:
+            raise bad("routing", f"must be one of {ROUTING_GRANULARITIES}")
+        if self.routing_mode not in ROUTING_MODES:
+            raise bad("routing_mode", f"must be one of {ROUTING_MODES}")
+        if self.balance_loss not in BALANCE_LOSSES:
+            raise bad("balance_loss", f"must be one of {BALANCE_LOSSES}")
+        if self.balance_coef < 0:
+            raise bad("balance_coef", "must be >= 0")
+        if not isinstance(self.router_hidden, int) or self.router_hidden < 1:
+            raise bad("router_hidden", "must be an integer >= 1")
+        tm = self.target_modules
+        if isinstance(tm, list):
+            if not tm or not all(isinstance(t, str) and t for t in tm):
+                raise bad("target_modules", "must be a non-empty list of module names")
+        elif tm is not None and not isinstance(tm, str):
+            raise bad("target_modules", "must be a list of names, 'attention', 'all-linear' or None")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> DyLoRAMoEConfig:
+        """Build from a dict, rejecting unknown keys with a message naming them and ``source``."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown DyLoRAMoEConfig field(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    def to_json_file(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")

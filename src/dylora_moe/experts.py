@@ -1,0 +1,107 @@
+"""Batched computation of a routed mixture of LoRA experts.
+
+All experts of one layer are held as stacked tensors ``A [E, R, d_in]`` and ``B [E, d_out, R]``
+(``R`` the largest rank; smaller experts are zero-padded, which changes nothing) and a scale
+``[E]`` (alpha / r). For a whole batch the selected experts are computed in one batched
+computation, never with one base-model pass or a Python loop per expert:
+
+* dense (any expert immature): every expert contributes; ``x @ A_cat^T`` then a per-column
+  mixing weight, then ``@ B_cat^T`` (``A_cat = A.reshape(E*R, d_in)``).
+* sparse, sequence routing: each sequence gathers its k experts' A and B and runs two ``bmm``;
+  the cost equals one LoRA of rank k*R.
+* sparse, token routing: tokens are sorted by expert into a padded ``[E, C, d_in]`` buffer
+  (``C`` the largest group), two ``bmm`` run over all experts at once, and the results are
+  scattered back weighted by the gates.
+
+The delta ``sum_e gate_e * scale_e * B_e A_e x`` is returned; the caller adds the frozen base
+layer's output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .routing import RoutingDecision
+
+
+def stack_experts(
+    a_list: list[torch.Tensor], b_list: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack per-expert ``A_e [r_e, d_in]``, ``B_e [d_out, r_e]`` into ``A [E, R, d_in]``, ``B [E, d_out, R]``."""
+    rmax = max(a.shape[0] for a in a_list)
+    if all(a.shape[0] == rmax for a in a_list):
+        return torch.stack(list(a_list)), torch.stack(list(b_list))
+    pad = torch.nn.functional.pad
+    a = torch.stack([pad(t, (0, 0, 0, rmax - t.shape[0])) for t in a_list])
+    b = torch.stack([pad(t, (0, rmax - t.shape[1])) for t in b_list])
+    return a, b
+
+
+def _dense(x: torch.Tensor, weights: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x ``[B, T, d_in]``, weights ``[B, 1|T, E]`` (already times scale) -> ``[B, T, d_out]``."""
+    num_experts, rank, d_in = a.shape
+    a_cat = a.reshape(num_experts * rank, d_in)
+    b_cat = b.permute(1, 0, 2).reshape(b.shape[1], num_experts * rank)
+    h = x @ a_cat.t()
+    h = h * weights.repeat_interleave(rank, dim=-1).to(h.dtype)
+    return h @ b_cat.t()
+
+
+def _sparse_per_sequence(
+    x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+) -> torch.Tensor:
+    """x ``[B, T, d_in]``, indices/gates ``[B, k]`` (gates already times scale) -> ``[B, T, d_out]``."""
+    batch, k = indices.shape
+    rank, d_in = a.shape[1], a.shape[2]
+    a_sel = a[indices].reshape(batch, k * rank, d_in)  # [B, kR, d_in]
+    b_sel = b[indices].permute(0, 2, 1, 3).reshape(batch, b.shape[1], k * rank)  # [B, d_out, kR]
+    h = torch.bmm(x, a_sel.transpose(1, 2))  # [B, T, kR]
+    h = h * gates.repeat_interleave(rank, dim=-1).unsqueeze(1).to(h.dtype)
+    return torch.bmm(h, b_sel.transpose(1, 2))
+
+
+def _sparse_per_token(
+    x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+) -> torch.Tensor:
+    """x ``[N, d_in]``, indices/gates ``[N, k]`` (gates already times scale) -> ``[N, d_out]``."""
+    n, k = indices.shape
+    num_experts = a.shape[0]
+    flat_expert = indices.reshape(-1)
+    flat_token = torch.arange(n, device=x.device).repeat_interleave(k)
+    order = torch.argsort(flat_expert, stable=True)
+    expert = flat_expert[order]
+    token = flat_token[order]
+    gate = gates.reshape(-1)[order]
+    counts = torch.bincount(expert, minlength=num_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(n * k, device=x.device) - starts[expert]
+    capacity = int(counts.max())
+    buf = x.new_zeros(num_experts, capacity, x.shape[-1])
+    buf = buf.index_put((expert, slot), x[token])
+    y = torch.bmm(torch.bmm(buf, a.transpose(1, 2)), b.transpose(1, 2))  # [E, C, d_out]
+    contrib = y[expert, slot] * gate.unsqueeze(-1).to(y.dtype)
+    return y.new_zeros(n, y.shape[-1]).index_add(0, token, contrib)
+
+
+def mixture_delta(
+    x: torch.Tensor, decision: RoutingDecision, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """The experts' contribution for input ``x [B, T, d_in]`` -> ``[B, T, d_out]``.
+
+    ``decision`` has probabilities ``[B, E]`` (sequence routing) or ``[B, T, E]`` (token routing).
+    """
+    if x.dim() != 3:
+        raise ValueError(f"expert layers expect inputs [batch, seq, features], got shape {tuple(x.shape)}")
+    per_sequence = decision.probs.dim() == 2
+    if decision.mode == "dense":
+        w = decision.probs * scale
+        return _dense(x, w.unsqueeze(1) if per_sequence else w, a, b)
+    gates = decision.gates * scale[decision.indices]
+    if per_sequence:
+        return _sparse_per_sequence(x, decision.indices, gates, a, b)
+    batch, seq, _ = x.shape
+    k = decision.indices.shape[-1]
+    out = _sparse_per_token(
+        x.reshape(batch * seq, -1), decision.indices.reshape(-1, k), gates.reshape(-1, k), a, b
+    )
+    return out.reshape(batch, seq, -1)

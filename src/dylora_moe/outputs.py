@@ -1,0 +1,31 @@
+"""Output dataclass of ``DyLoRAMoEForCausalLM.forward``.
+
+Everything a forward produces is returned here (nothing is stashed on the model):
+
+* ``loss``        = ``lm_loss + balance_coef * aux_loss`` (when labels are given)
+* ``lm_loss``     the causal-LM cross-entropy
+* ``aux_loss``    the load-balancing loss (mean over the routing decisions of the pass)
+* ``expert_share`` ``[E]`` share of routed units per expert (sums to 1)
+* ``router_entropy`` scalar, mean router entropy in nats
+* ``router_probs`` ``[B, E]`` router probabilities per sequence (token routing: averaged)
+* ``expert_choice`` ``[B]`` the expert each sequence was (mostly) sent to
+* ``routing_mode``  'dense', 'sparse' or 'forced'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+
+@dataclass
+class DyLoRAMoECausalLMOutput(CausalLMOutputWithPast):
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    expert_share: torch.Tensor | None = None
+    router_entropy: torch.Tensor | None = None
+    router_probs: torch.Tensor | None = None
+    expert_choice: torch.Tensor | None = None
+    routing_mode: str | None = None

@@ -1,0 +1,96 @@
+"""Router networks: map routing features to one logit per expert, and grow with the pool.
+
+A router sees features of shape ``[..., in_features]`` (a pooled prompt embedding for sequence
+routing, a hidden state per token for token routing) and returns logits ``[..., num_experts]``.
+Features are RMS-normalised first (no parameters), so the router temperature means the same thing
+whatever the scale of the base model's hidden states.
+
+``build_router(kind, in_features, num_experts)`` is the factory; new router kinds subclass
+``Router`` and register themselves in ``ROUTER_TYPES``.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+
+def rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Scale ``x`` so that its last dimension has unit root-mean-square."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+
+
+class Router(nn.Module, ABC):
+    """A gating network: features ``[..., in_features]`` -> logits ``[..., num_experts]``."""
+
+    def __init__(self, in_features: int, num_experts: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.num_experts = num_experts
+
+    @abstractmethod
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Return router logits ``[..., num_experts]`` (float32)."""
+
+    @abstractmethod
+    def add_expert(self) -> None:
+        """Add one output for a new expert, keeping every existing output's parameters."""
+
+
+def _grow_rows(param: nn.Parameter, new_rows: torch.Tensor) -> nn.Parameter:
+    grown = torch.cat([param.data, new_rows.to(param.device, param.dtype)], dim=0)
+    return nn.Parameter(grown, requires_grad=param.requires_grad)
+
+
+class LinearRouter(Router):
+    """``logits = W rms_norm(x) + b``; the seed's gate. Weight ``[E, d]``, bias ``[E]``."""
+
+    def __init__(self, in_features: int, num_experts: int, **_: object) -> None:
+        super().__init__(in_features, num_experts)
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features))
+        self.bias = nn.Parameter(torch.zeros(num_experts))
+        nn.init.normal_(self.weight, std=1.0 / math.sqrt(in_features))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(rms_normalize(features), self.weight, self.bias)
+
+    def add_expert(self) -> None:
+        row = torch.randn(1, self.in_features) / math.sqrt(self.in_features)
+        self.weight = _grow_rows(self.weight, row)
+        self.bias = _grow_rows(self.bias, torch.zeros(1))
+        self.num_experts += 1
+
+
+class MLPRouter(Router):
+    """A two-layer router ``W2 gelu(W1 rms_norm(x))``; only ``W2`` grows with the pool."""
+
+    def __init__(self, in_features: int, num_experts: int, hidden: int = 256, **_: object) -> None:
+        super().__init__(in_features, num_experts)
+        self.hidden = nn.Linear(in_features, hidden)
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        self.bias = nn.Parameter(torch.zeros(num_experts))
+        nn.init.normal_(self.weight, std=1.0 / math.sqrt(hidden))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.gelu(self.hidden(rms_normalize(features)))
+        return nn.functional.linear(h, self.weight, self.bias)
+
+    def add_expert(self) -> None:
+        row = torch.randn(1, self.weight.shape[1]) / math.sqrt(self.weight.shape[1])
+        self.weight = _grow_rows(self.weight, row)
+        self.bias = _grow_rows(self.bias, torch.zeros(1))
+        self.num_experts += 1
+
+
+ROUTER_TYPES: dict[str, type[Router]] = {"linear": LinearRouter, "mlp": MLPRouter}
+
+
+def build_router(kind: str, in_features: int, num_experts: int, hidden: int = 256) -> Router:
+    """Create a router of the registered ``kind`` ('linear' or 'mlp')."""
+    if kind not in ROUTER_TYPES:
+        raise ValueError(f"router_type={kind!r} is not one of {sorted(ROUTER_TYPES)}")
+    return ROUTER_TYPES[kind](in_features, num_experts, hidden=hidden)

@@ -1,0 +1,143 @@
+"""Routing decisions, the load-balancing loss and routing statistics.
+
+The hybrid rule of the seed: while any expert is immature the router is *dense* (a temperature
+softmax over all experts mixes every expert); once all experts are mature it is *sparse* (each
+routed unit goes to its top-k experts). In sparse mode the chosen experts are weighted by their
+softmax probabilities (Switch Transformer), so the router still receives a gradient from the LM
+loss when k=1.
+
+A routed *unit* is a sequence (sequence routing, tensors ``[B, E]``) or a token of one decoder
+layer (token routing, tensors ``[B, T, E]``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RoutingDecision:
+    """How one set of units is routed.
+
+    probs:   ``[..., E]`` router softmax at the configured temperature (float32).
+    indices: ``[..., k]`` chosen experts (sparse and forced modes), ``None`` in dense mode.
+    gates:   ``[..., k]`` weight of each chosen expert (sparse/forced), ``None`` in dense mode.
+    mode:    'dense', 'sparse' or 'forced'.
+    mask:    ``[...]`` bool, the units that count for losses and statistics (not padding).
+    """
+
+    probs: torch.Tensor
+    indices: torch.Tensor | None
+    gates: torch.Tensor | None
+    mode: str
+    mask: torch.Tensor
+
+    @property
+    def num_experts(self) -> int:
+        return self.probs.shape[-1]
+
+    def dense_weights(self) -> torch.Tensor:
+        """Mixing weight of every expert, ``[..., E]`` (zero for experts not chosen)."""
+        if self.mode == "dense":
+            return self.probs
+        out = torch.zeros_like(self.probs)
+        return out.scatter_add(-1, self.indices, self.gates.to(out.dtype))
+
+    def select_rows(self, rows: torch.Tensor) -> RoutingDecision:
+        """The decision restricted to batch rows ``rows`` (used when a generation batch shrinks)."""
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[rows]
+
+        return RoutingDecision(pick(self.probs), pick(self.indices), pick(self.gates), self.mode, pick(self.mask))
+
+
+def decide(
+    logits: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    mode: str,
+    top_k: int,
+    temperature: float,
+    forced_expert: int | None = None,
+) -> RoutingDecision:
+    """Turn router logits ``[..., E]`` into a decision.
+
+    ``mode`` is 'dense' or 'sparse' (already resolved from the maturity flags); ``forced_expert``
+    overrides both and sends every unit to that expert with weight 1.
+    """
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if forced_expert is not None:
+        shape = probs.shape[:-1] + (1,)
+        indices = torch.full(shape, forced_expert, dtype=torch.long, device=probs.device)
+        return RoutingDecision(probs, indices, torch.ones(shape, device=probs.device), "forced", mask)
+    if mode == "dense":
+        return RoutingDecision(probs, None, None, "dense", mask)
+    gates, indices = torch.topk(probs, k=min(top_k, probs.shape[-1]), dim=-1)
+    return RoutingDecision(probs, indices, gates, "sparse", mask)
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x [..., E]`` over the units where ``mask [...]`` is true -> ``[E]``."""
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return (x * m).reshape(-1, x.shape[-1]).sum(0) / m.sum().clamp_min(1.0)
+
+
+def balance_loss(decision: RoutingDecision, kind: str) -> torch.Tensor:
+    """Load-balancing loss of one decision (a scalar, differentiable w.r.t. the router).
+
+    'seed':   ``sum_e (mean_usage_e - 1/E)^2`` with usage the router probabilities.
+    'switch': ``E * sum_e f_e * P_e`` with ``f_e`` the fraction of units whose first choice is e
+              and ``P_e`` the mean probability of e (Switch Transformer / Mixtral); 1.0 when uniform.
+    """
+    num_experts = decision.num_experts
+    mean_prob = _masked_mean(decision.probs, decision.mask)
+    if kind == "seed":
+        return (mean_prob - 1.0 / num_experts).pow(2).sum()
+    if kind == "switch":
+        first = decision.probs.argmax(dim=-1)
+        frac = _masked_mean(torch.nn.functional.one_hot(first, num_experts).float(), decision.mask)
+        return num_experts * (frac.detach() * mean_prob).sum()
+    raise ValueError(f"balance_loss={kind!r} is not 'seed' or 'switch'")
+
+
+def expert_share(decision: RoutingDecision) -> torch.Tensor:
+    """Share of routed units handled by each expert, ``[E]``, summing to 1 (no gradient).
+
+    Sparse/forced: fraction of the top-k selections; dense: mean mixing weight.
+    """
+    with torch.no_grad():
+        if decision.mode == "dense":
+            return _masked_mean(decision.probs, decision.mask)
+        onehot = torch.nn.functional.one_hot(decision.indices, decision.num_experts).float().sum(-2)
+        return _masked_mean(onehot / decision.indices.shape[-1], decision.mask)
+
+
+def router_entropy(decision: RoutingDecision) -> torch.Tensor:
+    """Mean entropy (nats) of the router distribution over the valid units (no gradient)."""
+    with torch.no_grad():
+        p = decision.probs
+        ent = -(p * torch.log(p.clamp_min(1e-12))).sum(-1, keepdim=True)
+        return _masked_mean(ent, decision.mask)[0]
+
+
+def per_sequence_probs(decision: RoutingDecision) -> torch.Tensor:
+    """Router probabilities per sequence ``[B, E]`` (averaged over valid tokens for token routing)."""
+    with torch.no_grad():
+        p = decision.probs
+        if p.dim() == 2:
+            return p
+        m = decision.mask.to(p.dtype).unsqueeze(-1)
+        return (p * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def per_sequence_choice_counts(decision: RoutingDecision) -> torch.Tensor:
+    """How often each expert was a first choice in each sequence, ``[B, E]`` (no gradient)."""
+    with torch.no_grad():
+        first = decision.probs.argmax(-1) if decision.indices is None else decision.indices[..., 0]
+        onehot = torch.nn.functional.one_hot(first, decision.num_experts).float()
+        if onehot.dim() == 2:
+            return onehot
+        return (onehot * decision.mask.to(onehot.dtype).unsqueeze(-1)).sum(1)

@@ -1,0 +1,190 @@
+"""Saving and loading DyLoRA-MoE adapters (experts + router) next to a base-model fingerprint.
+
+A checkpoint folder holds two files, written atomically (a temporary folder renamed into place,
+so a crash never leaves a half-written checkpoint under the final name):
+
+* ``dylora_moe_config.json``: ``format_version``, the ``DyLoRAMoEConfig``, expert ranks, alphas
+  and maturity flags, target module names, and the base model's fingerprint (name or path,
+  model type, a hash of its config, and a checksum of its input embeddings);
+* ``dylora_moe_weights.safetensors``: every expert and router tensor, keyed by its parameter
+  name in the model.
+
+``load_model`` refuses a checkpoint written for another base model or by a newer format version,
+with a message saying which.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import DyLoRAMoEConfig
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "dylora_moe_config.json"
+WEIGHTS_FILE = "dylora_moe_weights.safetensors"
+_VOLATILE_CONFIG_KEYS = {
+    "_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache", "_commit_hash",
+    "_attn_implementation", "_attn_implementation_autoset", "_attn_implementation_internal",
+    "quantization_config", "architectures", "output_attentions", "output_hidden_states", "return_dict",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, malformed, from a newer format, or for another base model."""
+
+
+def base_fingerprint(base_model: torch.nn.Module, name_or_path: str) -> dict[str, Any]:
+    """Identify a base model: its name, a hash of its architecture config, an embedding checksum."""
+    config = {k: v for k, v in base_model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    emb = base_model.get_input_embeddings().weight.detach()
+    return {
+        "name_or_path": name_or_path,
+        "model_type": getattr(base_model.config, "model_type", None),
+        "config_sha256": digest,
+        "embedding_sq_sum": float(emb.double().pow(2).sum()),
+    }
+
+
+def check_fingerprint(saved: dict[str, Any], base_model: torch.nn.Module, where: str) -> None:
+    current = base_fingerprint(base_model, saved.get("name_or_path", ""))
+    if saved.get("config_sha256") != current["config_sha256"]:
+        raise CheckpointError(
+            f"{where}: checkpoint was trained on base model {saved.get('name_or_path')!r} "
+            f"(model_type={saved.get('model_type')!r}); the given base model "
+            f"(model_type={current['model_type']!r}) has a different configuration"
+        )
+    a, b = saved.get("embedding_sq_sum", 0.0), current["embedding_sq_sum"]
+    if abs(a - b) > 1e-3 * max(abs(a), abs(b), 1e-12):
+        raise CheckpointError(
+            f"{where}: the given base model has the configuration of {saved.get('name_or_path')!r} but "
+            "different weights (embedding checksum differs): load it onto the base model it was trained on"
+        )
+
+
+def adapter_state_dict(model) -> dict[str, torch.Tensor]:
+    """Expert and router tensors keyed by parameter name (nothing of the frozen base)."""
+    wanted = {id(p) for p in [*model.expert_parameters(), *model.router_parameters()]}
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if id(p) in wanted}
+
+
+def _write_atomically(directory: Path, write) -> Path:
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        write(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def save_model(model, directory: str | Path) -> Path:
+    """Write the adapter checkpoint of ``model`` to ``directory`` (atomically)."""
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "moe_config": model.moe_config.to_dict(),
+        "expert_ranks": list(model.expert_ranks),
+        "expert_alphas": list(model.expert_alphas),
+        "maturity": list(model.maturity),
+        "targets": [t.name for t in model.targets],
+        "base_model": base_fingerprint(model.base_model, model.base_name_or_path),
+    }
+    tensors = adapter_state_dict(model)
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+    return _write_atomically(Path(directory), write)
+
+
+def read_checkpoint_meta(directory: str | Path) -> dict[str, Any]:
+    """Read and validate ``dylora_moe_config.json`` of a checkpoint folder."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: not a DyLoRA-MoE checkpoint ({CONFIG_FILE} not found)")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from exc
+    version = meta.get("format_version")
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path}: field 'format_version' is missing or not an integer")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {version} was written by a newer dylora-moe (this one reads up to "
+            f"{FORMAT_VERSION}); upgrade dylora-moe"
+        )
+    for key in ("moe_config", "expert_ranks", "expert_alphas", "maturity", "base_model"):
+        if key not in meta:
+            raise CheckpointError(f"{path}: field {key!r} is missing")
+    return meta
+
+
+def load_model(directory: str | Path, base_model=None, *, dtype=None, device=None):
+    """Rebuild a ``DyLoRAMoEForCausalLM`` from a checkpoint folder.
+
+    ``base_model`` defaults to loading the fingerprinted name or path with ``load_base_model``.
+    """
+    from .loading import load_base_model
+    from .model import DyLoRAMoEForCausalLM
+
+    directory = Path(directory)
+    meta = read_checkpoint_meta(directory)
+    fingerprint = meta["base_model"]
+    if base_model is None:
+        base_model, _ = load_base_model(fingerprint["name_or_path"], dtype=dtype, device=device)
+    check_fingerprint(fingerprint, base_model, str(directory))
+    config = DyLoRAMoEConfig.from_dict(meta["moe_config"], source=str(directory / CONFIG_FILE))
+    model = DyLoRAMoEForCausalLM(base_model, config, base_name_or_path=fingerprint["name_or_path"])
+    ranks, alphas = meta["expert_ranks"], meta["expert_alphas"]
+    for rank, alpha in zip(ranks[config.num_experts :], alphas[config.num_experts :]):
+        model.add_expert(rank, alpha)
+    model.maturity = [bool(m) for m in meta["maturity"]]
+    if len(model.maturity) != model.num_experts:
+        raise CheckpointError(f"{directory}: {len(model.maturity)} maturity flags for {model.num_experts} experts")
+
+    weights_path = directory / WEIGHTS_FILE
+    try:
+        tensors = load_file(str(weights_path))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{weights_path}: file not found") from exc
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{weights_path}: unreadable or corrupt ({exc})") from exc
+    params = dict(model.named_parameters())
+    expected = set(adapter_state_dict(model))
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights_path}: tensors do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if params[name].shape != tensor.shape:
+                raise CheckpointError(
+                    f"{weights_path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(params[name].shape)}"
+                )
+            params[name].copy_(tensor)
+    return model
