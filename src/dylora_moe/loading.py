@@ -108,7 +108,7 @@ def load_base_model(
             path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code
         )
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         hint = (
             f"{path!r} is a local folder but not a loadable model ({exc})"
             if is_local

@@ -351,8 +351,13 @@ class DyLoRAMoEForCausalLM(nn.Module):
 
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
         """Checkpoint the base model's blocks; non-reentrant so gradients reach experts and router."""
-        kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
-        self.base_model.gradient_checkpointing_enable(**kwargs)
+        ckpt_kwargs = kwargs.pop("gradient_checkpointing_kwargs", None) or {"use_reentrant": False}
+        if hasattr(self.base_model, "activation_checkpointing_enable"):
+            self.base_model.activation_checkpointing_enable(ckpt_kwargs, **kwargs)
+        else:  # transformers < 5
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs, **kwargs)
+
+    activation_checkpointing_enable = gradient_checkpointing_enable
 
     # ------------------------------------------------------------------ persistence / export
     def save_pretrained(self, directory: str | Path) -> Path:

@@ -1,0 +1,215 @@
+"""Tests of DyLoRAMoEForCausalLM: identity at init, routing modes, gradients, growth, generation."""
+
+import pytest
+import torch
+
+from dylora_moe import DyLoRAMoEConfig, DyLoRAMoEForCausalLM
+from tests.tiny import ARCHS, VOCAB, make_base, randomize_experts
+
+
+def build(arch="llama", mature=True, **cfg):
+    cfg.setdefault("dropout", 0.0)
+    return DyLoRAMoEForCausalLM(make_base(arch), DyLoRAMoEConfig(**cfg), mature=mature)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("routing", ["sequence", "token"])
+@pytest.mark.parametrize("mature", [True, False])
+def test_fresh_model_equals_base(arch, routing, mature, batch):
+    ids, mask, _ = batch
+    reference = make_base(arch)(input_ids=ids, attention_mask=mask).logits
+    model = build(arch, mature=mature, routing=routing)
+    out = model(input_ids=ids, attention_mask=mask)
+    assert torch.equal(out.logits, reference)
+    assert out.routing_mode == ("sparse" if mature else "dense")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_only_experts_and_router_train(arch):
+    model = build(arch, target_modules="all-linear")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable
+    assert all(".lora_A." in n or ".lora_B." in n or n.startswith("routers.") for n in trainable)
+    lm_head = model.base_model.get_output_embeddings().weight
+    assert not lm_head.requires_grad
+    assert not model.base_model.get_input_embeddings().weight.requires_grad
+
+
+def test_mode_follows_maturity_and_override(batch):
+    ids, mask, _ = batch
+    model = build(mature=False)
+    assert model.routing_mode == "dense"
+    out = model(input_ids=ids, attention_mask=mask)
+    assert out.routing_mode == "dense"
+    # dense: every expert gets a share
+    assert (out.expert_share > 0).all()
+    for i in range(model.num_experts - 1):
+        model.set_maturity(i, True)
+    assert model.routing_mode == "dense"
+    model.set_maturity(model.num_experts - 1, True)
+    out = model(input_ids=ids, attention_mask=mask)
+    assert out.routing_mode == "sparse"
+    # sparse top-1 over 3 sequences: shares are multiples of 1/3
+    assert torch.allclose(out.expert_share * 3, (out.expert_share * 3).round())
+    model.moe_config.routing_mode = "dense"
+    assert model(input_ids=ids, attention_mask=mask).routing_mode == "dense"
+    model.moe_config.routing_mode = "auto"
+    model.add_expert()
+    assert model.routing_mode == "dense"
+
+
+def test_top1_gradients(batch):
+    ids, mask, labels = batch
+    model = build(routing="sequence", num_experts=4, top_k=1)
+    randomize_experts(model)
+    out = model(input_ids=ids[:1], attention_mask=mask[:1], labels=labels[:1])
+    out.lm_loss.backward()
+    chosen = int(out.expert_choice[0])
+    for layer in model.expert_layers:
+        for e in range(model.num_experts):
+            grad = layer.lora_B[e].grad
+            if e == chosen:
+                assert grad is not None and grad.abs().sum() > 0
+            else:
+                assert grad is None or torch.count_nonzero(grad) == 0
+    # the router learns from the LM loss alone (no aux term in lm_loss)
+    router_grad = torch.cat([p.grad.flatten() for p in model.router_parameters() if p.grad is not None])
+    assert router_grad.abs().sum() > 0
+
+
+def test_token_routing_unselected_expert_gets_zero_grad(batch):
+    ids, mask, labels = batch
+    model = build(routing="token", num_experts=4)
+    randomize_experts(model)
+    # make expert 3 never the first choice: a very negative bias in every router
+    with torch.no_grad():
+        for router in model.routers:
+            router.bias[3] = -1e4
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.expert_share[3] == 0
+    out.loss.backward()
+    for layer in model.expert_layers:
+        assert torch.count_nonzero(layer.lora_A[3].grad) == 0
+        assert torch.count_nonzero(layer.lora_B[0].grad) > 0
+
+
+def test_optimizer_step_changes_only_trainable(batch):
+    ids, mask, labels = batch
+    model = build(routing="sequence")
+    model.train()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    for _ in range(2):
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    changed = [n for n, p in model.named_parameters() if n in trainable and not torch.equal(p, trainable[n])]
+    assert any("lora_B" in n for n in changed) and any(n.startswith("routers.") for n in changed)
+
+
+def test_loss_is_lm_plus_weighted_aux(batch):
+    ids, mask, labels = batch
+    model = build(balance_coef=0.5, balance_loss="switch")
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert torch.allclose(out.loss, out.lm_loss + 0.5 * out.aux_loss)
+    assert out.aux_loss.requires_grad
+    assert torch.isclose(out.expert_share.sum(), torch.tensor(1.0))
+    assert 0 <= out.router_entropy <= torch.log(torch.tensor(4.0)) + 1e-6
+    assert out.router_probs.shape == (3, 4)
+    assert not hasattr(model, "last_aux_loss")
+
+
+def test_sequence_routing_uses_prompt_only(batch):
+    ids, mask, labels = batch
+    model = build(routing="sequence")
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    # changing completion tokens (labelled positions) must not change the routing
+    ids2 = ids.clone()
+    ids2[:, 6:] = (ids2[:, 6:] + 7) % VOCAB
+    out2 = model(input_ids=ids2, attention_mask=mask, labels=labels)
+    assert torch.equal(out.router_probs, out2.router_probs)
+    # without labels the prompt is the whole input; routing_mask selects explicitly
+    prompt_mask = labels.eq(-100) & mask.bool()
+    out3 = model(input_ids=ids, attention_mask=mask, routing_mask=prompt_mask)
+    assert torch.allclose(out.router_probs, out3.router_probs)
+
+
+@pytest.mark.parametrize("routing", ["sequence", "token"])
+def test_add_expert_keeps_old_experts(routing, batch):
+    ids, mask, _ = batch
+    model = build(routing=routing)
+    randomize_experts(model)
+    before = [model(input_ids=ids, attention_mask=mask, forced_expert=i).logits for i in range(4)]
+    rows = [r.weight.detach().clone() for r in model.routers]
+    new = model.add_expert(rank=32)
+    assert new == 4 and model.expert_ranks == [16, 16, 16, 16, 32] and model.maturity[-1] is False
+    for i in range(4):
+        assert torch.equal(model(input_ids=ids, attention_mask=mask, forced_expert=i).logits, before[i])
+    for r, old in zip(model.routers, rows):
+        assert r.weight.shape[0] == 5 and torch.equal(r.weight[:4], old)
+    # the new expert starts with B = 0: forcing it gives the base output
+    base_logits = make_base("llama")(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(model(input_ids=ids, attention_mask=mask, forced_expert=4).logits, base_logits)
+    out = model(input_ids=ids, attention_mask=mask)
+    assert out.routing_mode == "dense" and out.expert_share.shape == (5,)
+    model.set_maturity(4, True)
+    assert model(input_ids=ids, attention_mask=mask).routing_mode == "sparse"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("routing", ["sequence", "token"])
+def test_generation_with_and_without_cache(arch, routing):
+    model = build(arch, routing=routing)
+    randomize_experts(model, std=0.5)
+    ids = torch.randint(3, VOCAB, (3, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    cached = model.generate(**kw)
+    uncached = model.generate(use_cache=False, **kw)
+    assert cached.shape == (3, 13)
+    assert torch.equal(cached, uncached)
+
+
+def test_generation_routes_on_the_prompt(batch):
+    model = build(routing="sequence")
+    randomize_experts(model, std=0.5)
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(5))
+    prompt_probs = model(input_ids=ids).router_probs
+    seen = []
+    hook = model.base_model.register_forward_hook(lambda *a: seen.append(model.context.sequence.probs))
+    try:
+        model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    finally:
+        hook.remove()
+    assert len(seen) == 4
+    for probs in seen:
+        assert torch.allclose(probs, prompt_probs)
+
+
+def test_forced_expert_validation(batch):
+    ids, mask, _ = batch
+    model = build()
+    with pytest.raises(IndexError, match="forced_expert=9"):
+        model(input_ids=ids, forced_expert=9)
+    with pytest.raises(IndexError, match="out of range"):
+        model.set_maturity(7, True)
+
+
+def test_gradient_checkpointing_reaches_experts_and_router(batch):
+    ids, mask, labels = batch
+    for routing in ("sequence", "token"):
+        model = build(routing=routing)
+        randomize_experts(model)
+        model.train()
+        model.gradient_checkpointing_enable()
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.base_model.modules())
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.expert_parameters())
+        assert all(p.grad is not None for p in model.routers.parameters() if p.dim() == 2)

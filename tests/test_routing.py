@@ -1,0 +1,58 @@
+"""Routing decisions, load-balancing losses and statistics."""
+
+import math
+
+import pytest
+import torch
+
+from dylora_moe.routing import balance_loss, decide, expert_share, router_entropy
+
+ALL = torch.ones(4, dtype=torch.bool)
+
+
+def test_dense_is_temperature_softmax():
+    logits = torch.randn(4, 3)
+    d = decide(logits, ALL, mode="dense", top_k=1, temperature=2.0)
+    assert d.indices is None
+    assert torch.allclose(d.probs, torch.softmax(logits / 2.0, -1))
+    assert torch.allclose(d.dense_weights(), d.probs)
+
+
+def test_forced_overrides_mode():
+    d = decide(torch.randn(4, 3), ALL, mode="dense", top_k=1, temperature=1.0, forced_expert=2)
+    assert d.mode == "forced"
+    assert torch.equal(d.dense_weights(), torch.tensor([[0.0, 0, 1]] * 4))
+
+
+def test_balance_losses_at_uniform_and_collapsed():
+    uniform = decide(torch.zeros(4, 4), ALL, mode="sparse", top_k=1, temperature=1.0)
+    assert balance_loss(uniform, "seed").item() == pytest.approx(0.0, abs=1e-7)
+    # switch: E * sum f_e P_e with P uniform = 1 whatever f is
+    assert balance_loss(uniform, "switch").item() == pytest.approx(1.0)
+    collapsed_logits = torch.tensor([[20.0, 0, 0, 0]] * 4)
+    collapsed = decide(collapsed_logits, ALL, mode="sparse", top_k=1, temperature=1.0)
+    assert balance_loss(collapsed, "seed").item() == pytest.approx(0.75, abs=1e-4)  # (1-1/4)^2 + 3/16
+    assert balance_loss(collapsed, "switch").item() == pytest.approx(4.0, abs=1e-4)
+    assert torch.allclose(expert_share(collapsed), torch.tensor([1.0, 0, 0, 0]))
+    assert router_entropy(uniform).item() == pytest.approx(math.log(4))
+
+
+def test_balance_loss_gradient_pushes_towards_uniform():
+    logits = torch.tensor([[2.0, 0, 0, 0]] * 4, requires_grad=True)
+    for kind in ("seed", "switch"):
+        d = decide(logits, ALL, mode="sparse", top_k=1, temperature=1.0)
+        (g,) = torch.autograd.grad(balance_loss(d, kind), logits)
+        assert (g[:, 0] > 0).all()  # descending lowers the over-used expert's logit
+
+
+def test_padding_is_ignored_in_stats():
+    logits = torch.tensor([[[5.0, 0], [5.0, 0], [0, 5.0]]])
+    mask = torch.tensor([[True, True, False]])
+    d = decide(logits, mask, mode="sparse", top_k=1, temperature=1.0)
+    assert torch.allclose(expert_share(d), torch.tensor([1.0, 0.0]))
+
+
+def test_unknown_balance_loss():
+    d = decide(torch.zeros(4, 2), ALL, mode="dense", top_k=1, temperature=1.0)
+    with pytest.raises(ValueError, match="'seed' or 'switch'"):
+        balance_loss(d, "zloss")

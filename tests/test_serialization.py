@@ -1,0 +1,79 @@
+"""save_pretrained / from_pretrained: bit-exact round trip, fingerprint and version checks."""
+
+import json
+
+import pytest
+import torch
+
+from dylora_moe import CheckpointError, DyLoRAMoEConfig, DyLoRAMoEForCausalLM
+from dylora_moe.serialization import CONFIG_FILE, WEIGHTS_FILE
+from tests.tiny import make_base, randomize_experts
+
+
+def trained_model(routing="sequence"):
+    model = DyLoRAMoEForCausalLM(make_base("llama"), DyLoRAMoEConfig(routing=routing, dropout=0.0), mature=True)
+    randomize_experts(model)
+    with torch.no_grad():
+        for p in model.router_parameters():
+            p.add_(0.1)
+    return model
+
+
+@pytest.mark.parametrize("routing", ["sequence", "token"])
+def test_round_trip_is_bit_exact(tmp_path, batch, routing):
+    ids, mask, _ = batch
+    model = trained_model(routing)
+    model.add_expert(rank=8)
+    model.set_maturity(4, True)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+    meta = json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())
+    assert meta["format_version"] == 1 and meta["expert_ranks"] == [16, 16, 16, 16, 8]
+    loaded = DyLoRAMoEForCausalLM.from_pretrained(tmp_path / "ckpt", base_model=make_base("llama"))
+    assert loaded.maturity == model.maturity and loaded.expert_ranks == model.expert_ranks
+    for (n1, p1), (n2, p2) in zip(model.named_parameters(), loaded.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    assert torch.equal(model(input_ids=ids, attention_mask=mask).logits,
+                       loaded(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_overwrite_replaces_atomically(tmp_path):
+    model = trained_model()
+    model.save_pretrained(tmp_path / "ckpt")
+    model.add_expert()
+    model.save_pretrained(tmp_path / "ckpt")
+    meta = json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())
+    assert len(meta["maturity"]) == 5
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_other_base_model_is_refused(tmp_path):
+    trained_model().save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="different configuration"):
+        DyLoRAMoEForCausalLM.from_pretrained(tmp_path / "ckpt", base_model=make_base("qwen2"))
+    with pytest.raises(CheckpointError, match="different weights"):
+        DyLoRAMoEForCausalLM.from_pretrained(tmp_path / "ckpt", base_model=make_base("llama", seed=7))
+
+
+def test_newer_format_and_malformed_files(tmp_path):
+    trained_model().save_pretrained(tmp_path / "ckpt")
+    cfg = tmp_path / "ckpt" / CONFIG_FILE
+    meta = json.loads(cfg.read_text())
+    meta["format_version"] = 99
+    cfg.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="format_version 99 was written by a newer dylora-moe"):
+        DyLoRAMoEForCausalLM.from_pretrained(tmp_path / "ckpt", base_model=make_base("llama"))
+    cfg.write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"dylora_moe_config.json:1: malformed JSON"):
+        DyLoRAMoEForCausalLM.from_pretrained(tmp_path / "ckpt", base_model=make_base("llama"))
+    with pytest.raises(CheckpointError, match="not a DyLoRA-MoE checkpoint"):
+        DyLoRAMoEForCausalLM.from_pretrained(tmp_path / "nowhere", base_model=make_base("llama"))
+
+
+def test_corrupt_weights(tmp_path):
+    trained_model().save_pretrained(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="unreadable or corrupt"):
+        DyLoRAMoEForCausalLM.from_pretrained(tmp_path / "ckpt", base_model=make_base("llama"))
