@@ -1,0 +1,375 @@
+"""Turn :class:`~dylora_moe.data.sources.Example`s into token ids for causal-LM training.
+
+Prompt format (see docs/data.md):
+
+* if the tokenizer has a ``chat_template`` (or ``use_chat_template=True``): one user message
+  (instruction, plus ``"\\n\\n" + input`` when there is an input) rendered with
+  ``apply_chat_template(..., add_generation_prompt=True)`` is the prompt; the response is what the
+  template renders after it for the assistant message holding ``output``;
+* otherwise the plain template ``"### Instruction:\\n{instruction}\\n\\n### Input:\\n{input}\\n\\n
+  ### Response:\\n"`` (the Input block only when the input is non-empty), preceded by the BOS
+  token when the tokenizer itself adds BOS to its encodings (e.g. Llama); the response is ``output``.
+
+The response is followed by EOS (unless the template already ends it with EOS).  Prompt and
+response are tokenized separately (``add_special_tokens=False``) and concatenated, so the prompt
+ids equal :func:`build_prompt_ids` exactly, which is what generation/evaluation should feed.
+
+Labels are ``-100`` (:data:`IGNORE_INDEX`) on prompt tokens and on padding; response + EOS tokens
+are supervised (labels equal input ids; the model shifts them).  Truncation keeps the start: a
+sequence longer than ``max_seq_length`` is cut on the right; an example whose prompt leaves room
+for fewer than ``min_response_tokens`` response tokens is dropped.  Counts are returned in a
+:class:`FormatStats`.  Usage::
+
+    tokenized, stats = tokenize_examples(examples, tokenizer, max_seq_length=1024,
+                                         domains=["code_alpaca", "mbpp"])
+    collate = DataCollator.from_tokenizer(tokenizer)
+    batch = collate(tokenized[:8])   # input_ids/attention_mask/labels [B, T], domain_ids [B]
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .sources import Example
+
+__all__ = [
+    "IGNORE_INDEX",
+    "DataCollator",
+    "DomainStats",
+    "FormatStats",
+    "TokenizedExample",
+    "build_prompt",
+    "build_prompt_ids",
+    "collate_batch",
+    "encode_example",
+    "resolve_pad_token_id",
+    "tokenize_examples",
+    "use_chat_format",
+    "user_message",
+]
+
+IGNORE_INDEX = -100
+PLAIN_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+PLAIN_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+@dataclass
+class TokenizedExample:
+    """One training sequence.
+
+    Attributes:
+        input_ids: token ids, length ``T <= max_seq_length`` (prompt then response then EOS).
+        labels: same length; ``-100`` on the ``num_prompt_tokens`` prompt positions.
+        domain: domain label; ``domain_id`` its index in the domain list.
+        num_prompt_tokens: number of leading prompt tokens.
+        truncated: whether tokens were cut off on the right.
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    domain: str
+    domain_id: int
+    num_prompt_tokens: int
+    truncated: bool = False
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class DomainStats:
+    """Counts for one domain: ``examples`` seen = ``kept`` + ``dropped``; ``truncated`` of the kept."""
+
+    examples: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    tokens: int = 0
+    supervised_tokens: int = 0
+
+
+@dataclass
+class FormatStats:
+    """Report of :func:`tokenize_examples`: per-domain :class:`DomainStats` and totals."""
+
+    max_seq_length: int
+    domains: dict[str, DomainStats] = field(default_factory=dict)
+
+    @property
+    def total(self) -> DomainStats:
+        out = DomainStats()
+        for stats in self.domains.values():
+            for name, value in asdict(stats).items():
+                setattr(out, name, getattr(out, name) + value)
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "max_seq_length": self.max_seq_length,
+            "total": asdict(self.total),
+            "domains": {name: asdict(s) for name, s in self.domains.items()},
+        }
+
+    def summary(self) -> str:
+        """One line per domain, e.g. ``mbpp: 374 examples, 374 kept, 3 truncated, 0 dropped``."""
+        lines = []
+        for name, s in [*self.domains.items(), ("total", self.total)]:
+            lines.append(
+                f"{name}: {s.examples} examples, {s.kept} kept, {s.truncated} truncated, "
+                f"{s.dropped} dropped (max_seq_length={self.max_seq_length}), "
+                f"{s.tokens} tokens, {s.supervised_tokens} supervised"
+            )
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- prompt building
+def user_message(example: Example) -> str:
+    """The user turn: the instruction, plus a blank line and the input when there is one."""
+    if example.input.strip():
+        return f"{example.instruction}\n\n{example.input}"
+    return example.instruction
+
+
+def use_chat_format(tokenizer: Any, use_chat_template: bool | None = None) -> bool:
+    """Whether the chat template is used: ``use_chat_template``, or (if None) whether one is set."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if use_chat_template is None:
+        return has_template
+    if use_chat_template and not has_template:
+        raise ValueError("use_chat_template=True but the tokenizer has no chat_template")
+    return use_chat_template
+
+
+def _wants_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer itself starts an encoding with BOS (probed on the empty string)."""
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is None or not getattr(tokenizer, "bos_token", None):
+        return False
+    ids = tokenizer("", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos_id
+
+
+def build_prompt(example: Example, tokenizer: Any, use_chat_template: bool | None = None) -> str:
+    """The prompt text for ``example`` (training and generation use the same).
+
+    Special tokens (BOS, chat markers) are included as text: tokenize it with
+    ``add_special_tokens=False`` or use :func:`build_prompt_ids`.
+    """
+    if use_chat_format(tokenizer, use_chat_template):
+        return _render(tokenizer, [{"role": "user", "content": user_message(example)}], True)
+    return _plain_prompt(example, tokenizer.bos_token if _wants_bos(tokenizer) else "")
+
+
+def _plain_prompt(example: Example, prefix: str) -> str:
+    if example.input.strip():
+        return prefix + PLAIN_PROMPT.format(instruction=example.instruction, input=example.input)
+    return prefix + PLAIN_PROMPT_NO_INPUT.format(instruction=example.instruction)
+
+
+def build_prompt_ids(example: Example, tokenizer: Any, use_chat_template: bool | None = None) -> list[int]:
+    """Token ids of :func:`build_prompt` (identical to the prompt part of the training sequence)."""
+    return _ids(tokenizer, [build_prompt(example, tokenizer, use_chat_template)])[0]
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    if not isinstance(text, str):
+        raise TypeError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str")
+    return text
+
+
+def _response_text(example: Example, tokenizer: Any, prompt: str, chat: bool) -> str:
+    if not chat:
+        return example.output
+    messages = [
+        {"role": "user", "content": user_message(example)},
+        {"role": "assistant", "content": example.output},
+    ]
+    full = _render(tokenizer, messages, False)
+    if not full.startswith(prompt):
+        warnings.warn(
+            "chat template: the rendered conversation does not start with the generation "
+            "prompt; supervising the raw output + EOS instead",
+            stacklevel=3,
+        )
+        return example.output
+    response = full[len(prompt) :]
+    eos = tokenizer.eos_token
+    cut = response.rfind(eos) if eos else -1
+    if cut >= 0 and not response[cut + len(eos) :].strip():
+        response = response[: cut + len(eos)]  # drop whitespace the template puts after EOS
+    return response
+
+
+def _ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _encode_many(
+    examples: Sequence[Example], tokenizer: Any, use_chat_template: bool | None
+) -> list[tuple[list[int], list[int]]]:
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise ValueError("the tokenizer has no eos_token; set one before formatting")
+    chat = use_chat_format(tokenizer, use_chat_template)
+    if not examples:
+        return []
+    if chat:
+        prompts = [build_prompt(ex, tokenizer, True) for ex in examples]
+    else:
+        prefix = tokenizer.bos_token if _wants_bos(tokenizer) else ""
+        prompts = [_plain_prompt(ex, prefix) for ex in examples]
+    responses = [_response_text(ex, tokenizer, p, chat) for ex, p in zip(examples, prompts, strict=True)]
+    out = []
+    for prompt_ids, response_ids in zip(_ids(tokenizer, prompts), _ids(tokenizer, responses), strict=True):
+        if not response_ids or response_ids[-1] != eos_id:
+            response_ids.append(eos_id)
+        out.append((prompt_ids, response_ids))
+    return out
+
+
+def encode_example(
+    example: Example, tokenizer: Any, use_chat_template: bool | None = None
+) -> tuple[list[int], list[int]]:
+    """Untruncated ``(prompt_ids, response_ids)``; ``response_ids`` ends with the EOS id."""
+    return _encode_many([example], tokenizer, use_chat_template)[0]
+
+
+# ----------------------------------------------------------------------------- tokenization
+def tokenize_examples(
+    examples: Sequence[Example],
+    tokenizer: Any,
+    max_seq_length: int,
+    domains: Sequence[str] | None = None,
+    use_chat_template: bool | None = None,
+    min_response_tokens: int = 1,
+) -> tuple[list[TokenizedExample], FormatStats]:
+    """Tokenize, mask and truncate ``examples``.
+
+    Args:
+        examples: the examples (any mix of domains).
+        tokenizer: a Hugging Face tokenizer with an EOS token.
+        max_seq_length: maximum sequence length (> 0); longer sequences are cut on the right.
+        domains: the domain list defining ``domain_id`` (default: sorted domains of ``examples``).
+        use_chat_template: force (True) / forbid (False) the chat template; None = auto.
+        min_response_tokens: drop an example when fewer response tokens than this fit.
+
+    Returns:
+        ``(tokenized, stats)``: the kept examples in input order, and the per-domain counts.
+    """
+    if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length <= 0:
+        raise ValueError(f"'max_seq_length' must be a positive integer, got {max_seq_length!r}")
+    if isinstance(min_response_tokens, bool) or not isinstance(min_response_tokens, int) or min_response_tokens < 1:
+        raise ValueError(f"'min_response_tokens' must be an integer >= 1, got {min_response_tokens!r}")
+    domain_list = sorted({ex.domain for ex in examples}) if domains is None else list(domains)
+    if len(set(domain_list)) != len(domain_list):
+        raise ValueError(f"'domains' has duplicates: {domain_list}")
+    domain_ids = {name: i for i, name in enumerate(domain_list)}
+    unknown = sorted({ex.domain for ex in examples} - set(domain_ids))
+    if unknown:
+        raise ValueError(f"examples have domains {unknown} that are not in 'domains' {domain_list}")
+
+    stats = FormatStats(max_seq_length, {name: DomainStats() for name in domain_list})
+    out: list[TokenizedExample] = []
+    for ex, (prompt_ids, response_ids) in zip(
+        examples, _encode_many(examples, tokenizer, use_chat_template), strict=True
+    ):
+        s = stats.domains[ex.domain]
+        s.examples += 1
+        n_prompt = len(prompt_ids)
+        room = max_seq_length - n_prompt
+        if room < min(min_response_tokens, len(response_ids)):
+            s.dropped += 1
+            continue
+        truncated = room < len(response_ids)
+        response_ids = response_ids[:room]
+        s.kept += 1
+        s.truncated += int(truncated)
+        s.tokens += n_prompt + len(response_ids)
+        s.supervised_tokens += len(response_ids)
+        out.append(
+            TokenizedExample(
+                input_ids=prompt_ids + response_ids,
+                labels=[IGNORE_INDEX] * n_prompt + response_ids,
+                domain=ex.domain,
+                domain_id=domain_ids[ex.domain],
+                num_prompt_tokens=n_prompt,
+                truncated=truncated,
+            )
+        )
+    return out, stats
+
+
+# ----------------------------------------------------------------------------- batching
+def resolve_pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's pad id, falling back to its EOS id."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError("the tokenizer has neither a pad_token nor an eos_token to pad with")
+
+
+def _field(item: TokenizedExample | Mapping[str, Any], name: str) -> Any:
+    return item[name] if isinstance(item, Mapping) else getattr(item, name)
+
+
+def collate_batch(
+    batch: Sequence[TokenizedExample | Mapping[str, Any]],
+    pad_token_id: int,
+    padding_side: str = "right",
+    pad_to_multiple_of: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Pad ``batch`` into tensors.
+
+    Items are :class:`TokenizedExample`s or mappings with ``input_ids``, ``labels``, ``domain_id``.
+    Returns ``input_ids`` [B, T] (pads = ``pad_token_id``), ``attention_mask`` [B, T] (1 = token),
+    ``labels`` [B, T] (-100 on pads) and ``domain_ids`` [B], all ``torch.long``; ``T`` is the longest
+    length, rounded up to ``pad_to_multiple_of``.
+    """
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"'padding_side' must be 'right' or 'left', got {padding_side!r}")
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    ids = [list(_field(item, "input_ids")) for item in batch]
+    labels = [list(_field(item, "labels")) for item in batch]
+    for i, (a, b) in enumerate(zip(ids, labels, strict=True)):
+        if len(a) != len(b):
+            raise ValueError(f"batch item {i}: input_ids has {len(a)} tokens but labels has {len(b)}")
+    length = max(len(a) for a in ids)
+    if pad_to_multiple_of:
+        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(batch), length), pad_token_id, dtype=torch.long)
+    label_t = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), length), dtype=torch.long)
+    for row, (a, b) in enumerate(zip(ids, labels, strict=True)):
+        span = slice(0, len(a)) if padding_side == "right" else slice(length - len(a), length)
+        input_ids[row, span] = torch.tensor(a, dtype=torch.long)
+        label_t[row, span] = torch.tensor(b, dtype=torch.long)
+        mask[row, span] = 1
+    domain_ids = torch.tensor([int(_field(item, "domain_id")) for item in batch], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "domain_ids": domain_ids}
+
+
+@dataclass
+class DataCollator:
+    """Callable collate function for ``torch.utils.data.DataLoader(collate_fn=...)``."""
+
+    pad_token_id: int
+    padding_side: str = "right"
+    pad_to_multiple_of: int | None = None
+
+    @classmethod
+    def from_tokenizer(
+        cls, tokenizer: Any, padding_side: str = "right", pad_to_multiple_of: int | None = None
+    ) -> DataCollator:
+        """Pad with the tokenizer's pad id (else EOS id); right padding unless told otherwise."""
+        return cls(resolve_pad_token_id(tokenizer), padding_side, pad_to_multiple_of)
+
+    def __call__(self, batch: Sequence[TokenizedExample | Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        return collate_batch(batch, self.pad_token_id, self.padding_side, self.pad_to_multiple_of)
