@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from dylora_moe.experts import mixture_delta, stack_experts
+import dylora_moe.experts as experts_module
+from dylora_moe.experts import mixture_delta
 from dylora_moe.routing import decide
 
 E, D_IN, D_OUT = 4, 10, 6
@@ -30,16 +31,18 @@ def naive(x, weights, a_list, b_list, scale):
 @pytest.mark.parametrize("ranks", [[4, 4, 4, 4], [2, 4, 8, 3]])
 @pytest.mark.parametrize("per", ["sequence", "token"])
 @pytest.mark.parametrize("mode,k", [("dense", 1), ("sparse", 1), ("sparse", 2)])
-def test_mixture_matches_naive(ranks, per, mode, k):
+@pytest.mark.parametrize("token_kernel", ["dense", "grouped"])
+def test_mixture_matches_naive(ranks, per, mode, k, token_kernel, monkeypatch):
+    # DENSE_TOKEN_MAX_RANK picks the kernel for sparse token routing; check both
+    monkeypatch.setattr(experts_module, "DENSE_TOKEN_MAX_RANK", 10**6 if token_kernel == "dense" else 0)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(3, 5, D_IN, generator=gen)
     logits = torch.randn(3, E, generator=gen) if per == "sequence" else torch.randn(3, 5, E, generator=gen)
     decision = decide(logits, torch.ones(logits.shape[:-1], dtype=torch.bool), mode=mode, top_k=k,
                       temperature=1.5)
     a_list, b_list = experts(ranks)
-    a, b = stack_experts(a_list, b_list)
     scale = torch.tensor([2.0, 1.0, 0.5, 3.0])
-    got = mixture_delta(x, decision, a, b, scale)
+    got = mixture_delta(x, decision, a_list, b_list, scale)
     want = naive(x, decision.dense_weights(), a_list, b_list, scale)
     assert torch.allclose(got, want, atol=1e-5)
 
@@ -53,19 +56,18 @@ def test_sparse_weights_are_softmax_probabilities():
     assert d.gates.item() < 1.0  # not renormalised to a constant 1
 
 
-def test_token_path_handles_empty_experts():
+def test_token_path_handles_empty_experts(monkeypatch):
+    monkeypatch.setattr(experts_module, "DENSE_TOKEN_MAX_RANK", 0)
     x = torch.randn(2, 3, D_IN)
     logits = torch.zeros(2, 3, E)
     logits[..., 2] = 10.0  # every token to expert 2
     d = decide(logits, torch.ones(2, 3, dtype=torch.bool), mode="sparse", top_k=1, temperature=1.0)
     a_list, b_list = experts([4] * E)
-    a, b = stack_experts(a_list, b_list)
-    got = mixture_delta(x, d, a, b, torch.ones(E))
+    got = mixture_delta(x, d, a_list, b_list, torch.ones(E))
     assert torch.allclose(got, naive(x, d.dense_weights(), a_list, b_list, torch.ones(E)), atol=1e-5)
 
 
 def test_rejects_flat_inputs():
     d = decide(torch.zeros(2, E), torch.ones(2, dtype=torch.bool), mode="dense", top_k=1, temperature=1.0)
-    a, b = stack_experts(*experts([4] * E))
     with pytest.raises(ValueError, match="batch, seq, features"):
-        mixture_delta(torch.zeros(2, D_IN), d, a, b, torch.ones(E))
+        mixture_delta(torch.zeros(2, D_IN), d, *experts([4] * E), torch.ones(E))

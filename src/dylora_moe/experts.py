@@ -7,11 +7,14 @@ computation, never with one base-model pass or a Python loop per expert:
 
 * dense (any expert immature): every expert contributes; ``x @ A_cat^T`` then a per-column
   mixing weight, then ``@ B_cat^T`` (``A_cat = A.reshape(E*R, d_in)``).
-* sparse, sequence routing: each sequence gathers its k experts' A and B and runs two ``bmm``;
-  the cost equals one LoRA of rank k*R.
-* sparse, token routing: tokens are sorted by expert into a padded ``[E, C, d_in]`` buffer
-  (``C`` the largest group), two ``bmm`` run over all experts at once, and the results are
-  scattered back weighted by the gates.
+* sparse, sequence routing: each sequence gathers only its k experts' A and B and runs two
+  ``bmm``; the cost equals one LoRA of rank k*R whatever the pool size, and experts no sequence
+  chose get no gradient (and so no optimizer work).
+* sparse, token routing: with a small pool (total rank E*R <= ``DENSE_TOKEN_MAX_RANK``) the
+  dense kernel runs with the sparse gates (zero for unchosen experts, which then get exactly zero
+  gradient): measured faster than sorting tokens for small pools. With a larger pool, tokens are
+  sorted by expert into a padded ``[E, C, d_in]`` buffer (``C`` the largest group), two ``bmm``
+  run over all experts at once, and the results are scattered back weighted by the gates.
 
 The delta ``sum_e gate_e * scale_e * B_e A_e x`` is returned; the caller adds the frozen base
 layer's output.
@@ -22,6 +25,10 @@ from __future__ import annotations
 import torch
 
 from .routing import RoutingDecision
+
+#: token routing uses the dense kernel with sparse gates up to this total rank E*R (see
+#: benchmarks/train_step.py: the sort-and-pad path wins only for larger pools on CPU)
+DENSE_TOKEN_MAX_RANK = 256
 
 
 def stack_experts(
@@ -48,13 +55,23 @@ def _dense(x: torch.Tensor, weights: torch.Tensor, a: torch.Tensor, b: torch.Ten
 
 
 def _sparse_per_sequence(
-    x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+    x: torch.Tensor,
+    chosen: list[list[int]],
+    gates: torch.Tensor,
+    a_list: list[torch.Tensor],
+    b_list: list[torch.Tensor],
 ) -> torch.Tensor:
-    """x ``[B, T, d_in]``, indices/gates ``[B, k]`` (gates already times scale) -> ``[B, T, d_out]``."""
-    batch, k = indices.shape
-    rank, d_in = a.shape[1], a.shape[2]
-    a_sel = a[indices].reshape(batch, k * rank, d_in)  # [B, kR, d_in]
-    b_sel = b[indices].permute(0, 2, 1, 3).reshape(batch, b.shape[1], k * rank)  # [B, d_out, kR]
+    """x ``[B, T, d_in]``, ``chosen`` the k expert ids of each sequence, gates ``[B, k]`` (times scale).
+
+    Only the chosen experts' matrices are gathered, so the cost does not grow with the pool size
+    and unchosen experts get no gradient at all. Returns ``[B, T, d_out]``.
+    """
+    batch, k = gates.shape
+    flat = [e for row in chosen for e in row]
+    a_sel, b_sel = stack_experts([a_list[e] for e in flat], [b_list[e] for e in flat])  # [B*k, R, d_in]
+    rank, d_in = a_sel.shape[1], a_sel.shape[2]
+    a_sel = a_sel.reshape(batch, k * rank, d_in)
+    b_sel = b_sel.reshape(batch, k, -1, rank).permute(0, 2, 1, 3).reshape(batch, -1, k * rank)  # [B, d_out, kR]
     h = torch.bmm(x, a_sel.transpose(1, 2))  # [B, T, kR]
     h = h * gates.repeat_interleave(rank, dim=-1).unsqueeze(1).to(h.dtype)
     return torch.bmm(h, b_sel.transpose(1, 2))
@@ -84,21 +101,30 @@ def _sparse_per_token(
 
 
 def mixture_delta(
-    x: torch.Tensor, decision: RoutingDecision, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor
+    x: torch.Tensor,
+    decision: RoutingDecision,
+    a_list: list[torch.Tensor],
+    b_list: list[torch.Tensor],
+    scale: torch.Tensor,
 ) -> torch.Tensor:
     """The experts' contribution for input ``x [B, T, d_in]`` -> ``[B, T, d_out]``.
 
+    ``a_list[e]`` is ``A_e [r_e, d_in]``, ``b_list[e]`` is ``B_e [d_out, r_e]``, ``scale [E]``.
     ``decision`` has probabilities ``[B, E]`` (sequence routing) or ``[B, T, E]`` (token routing).
     """
     if x.dim() != 3:
         raise ValueError(f"expert layers expect inputs [batch, seq, features], got shape {tuple(x.shape)}")
     per_sequence = decision.probs.dim() == 2
     if decision.mode == "dense":
+        a, b = stack_experts(a_list, b_list)
         w = decision.probs * scale
         return _dense(x, w.unsqueeze(1) if per_sequence else w, a, b)
     gates = decision.gates * scale[decision.indices]
     if per_sequence:
-        return _sparse_per_sequence(x, decision.indices, gates, a, b)
+        return _sparse_per_sequence(x, decision.chosen(), gates, a_list, b_list)
+    a, b = stack_experts(a_list, b_list)
+    if a.shape[0] * a.shape[1] <= DENSE_TOKEN_MAX_RANK:
+        return _dense(x, decision.dense_weights() * scale, a, b)
     batch, seq, _ = x.shape
     k = decision.indices.shape[-1]
     out = _sparse_per_token(

@@ -19,7 +19,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .context import RoutingContext
-from .experts import mixture_delta, stack_experts
+from .experts import mixture_delta
 
 ADAPTER_PARAMETER_NAMES = ("lora_A", "lora_B")
 
@@ -84,8 +84,8 @@ class MoELoRALayer(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         decision = self.context.decision_for(self.layer_index)
-        a, b = stack_experts(list(self.lora_A), list(self.lora_B))
-        delta = mixture_delta(self.lora_dropout(x.to(a.dtype)), decision, a, b, self.scales())
+        x = self.lora_dropout(x.to(self.lora_A[0].dtype))
+        delta = mixture_delta(x, decision, list(self.lora_A), list(self.lora_B), self.scales())
         return result + delta.to(result.dtype)
 
     def extra_repr(self) -> str:

@@ -12,7 +12,7 @@ layer (token routing, tensors ``[B, T, E]``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,6 +33,13 @@ class RoutingDecision:
     gates: torch.Tensor | None
     mode: str
     mask: torch.Tensor
+    _chosen: list | None = field(default=None, repr=False, compare=False)
+
+    def chosen(self) -> list:
+        """``indices`` as nested Python lists, read from the device once per decision."""
+        if self._chosen is None:
+            self._chosen = self.indices.tolist()
+        return self._chosen
 
     @property
     def num_experts(self) -> int:
