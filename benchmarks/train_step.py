@@ -10,7 +10,8 @@ variant alike) for, on each model setting:
 * ``moe4_token``  4 experts, sparse top-1, token routing
 * ``xlora``       PEFT X-LoRA over 4 LoRA adapters (reference only)
 
-and prints these ratios of median step time: ``moe4_vs_lora`` (bar <= 1.10), ``moe8_vs_moe4``
+and prints these ratios of median step time (and, as a check, the median of the ratios within
+each round): ``moe4_vs_lora`` (bar <= 1.10), ``moe8_vs_moe4``
 (<= 1.05), ``dense_vs_sparse`` (<= 1.10), ``token_vs_sequence``, ``xlora_vs_lora``; and of peak
 memory of a training step, ``mem_moe4_vs_lora`` (<= 1.10). Peak memory is the device allocator's
 peak on CUDA and the process's peak resident set (VmHWM, reset per variant) above the shared base
@@ -190,6 +191,12 @@ def run_setting(name, args, workdir):
     def ratio(a, b):
         return round(med[a] / med[b], 4) if a in med and b in med else None
 
+    def paired(a, b):
+        """Median over rounds of the within-round ratio (robust to slow drifts in machine load)."""
+        if a not in times or b not in times:
+            return None
+        return round(statistics.median(x / y for x, y in zip(times[a], times[b])), 4)
+
     result = {
         "model": name, "device": args.device, "dtype": str(args.dtype).replace("torch.", ""),
         "batch": args.batch, "seq_len": args.seq, "repeats": args.repeats, "threads": torch.get_num_threads(),
@@ -201,6 +208,12 @@ def run_setting(name, args, workdir):
         "token_vs_sequence": ratio("moe4_token", "moe4"),
         "xlora_vs_lora": ratio("xlora", "lora"),
         "mem_moe4_vs_lora": round(mem["moe4"] / mem["lora"], 4) if mem["lora"] else None,
+        "paired_ratios": {
+            "moe4_vs_lora": paired("moe4", "lora"), "moe8_vs_moe4": paired("moe8", "moe4"),
+            "dense_vs_sparse": paired("moe4_dense", "moe4"), "token_vs_sequence": paired("moe4_token", "moe4"),
+            "xlora_vs_lora": paired("xlora", "lora"),
+        },
+        "step_times_s": {v: [round(x, 4) for x in t] for v, t in times.items()},
         "errors": errors,
     }
     result["bars_met"] = {k: (result[k] is not None and result[k] <= bar) for k, bar in BARS.items()}
@@ -224,13 +237,15 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             print(f"== {name}: batch {args.batch} x {args.seq} tokens, {args.device}/{args.dtype}", flush=True)
-            res = run_setting(name, args, Path(tmp))
+            workdir = Path(tmp) / name  # X-LoRA's adapters are saved per base model
+            workdir.mkdir()
+            res = run_setting(name, args, workdir)
             results.append(res)
             for key in ("moe4_vs_lora", "moe8_vs_moe4", "dense_vs_sparse", "mem_moe4_vs_lora",
                         "token_vs_sequence", "xlora_vs_lora"):
                 bar = f" (bar <= {BARS[key]:.2f}: {'met' if res['bars_met'][key] else 'NOT met'})" \
                     if key in BARS else ""
-                print(f"  {key:18s} {res[key]}{bar}")
+                print(f"  {key:18s} {res[key]}  (paired {res['paired_ratios'].get(key, '-')}){bar}")
             if res["errors"]:
                 print(f"  not run: {res['errors']}")
     if args.json:
