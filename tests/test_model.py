@@ -213,3 +213,19 @@ def test_gradient_checkpointing_reaches_experts_and_router(batch):
         out.loss.backward()
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.expert_parameters())
         assert all(p.grad is not None for p in model.routers.parameters() if p.dim() == 2)
+
+
+@pytest.mark.parametrize("routing", ["sequence", "token"])
+def test_calibrate_router_spreads_inputs_with_a_common_component(routing):
+    base = make_base("llama")
+    with torch.no_grad():  # a large component shared by every token, as in real embeddings
+        base.get_input_embeddings().weight.add_(torch.linspace(-3.0, 3.0, 64))
+    model = DyLoRAMoEForCausalLM(base, DyLoRAMoEConfig(routing=routing, dropout=0.0), mature=True)
+    ids = torch.randint(3, VOCAB, (32, 10), generator=torch.Generator().manual_seed(9))
+    before = model(input_ids=ids)
+    assert before.expert_share.max() > (0.9 if routing == "sequence" else 0.8)  # mostly one expert
+    seen = model.calibrate_router([{"input_ids": ids[:16]}, {"input_ids": ids[16:]}])
+    assert seen >= 32
+    after = model(input_ids=ids)
+    assert after.expert_share.max() < 0.7 and (after.expert_share > 0).sum() >= 3
+    assert all(not torch.equal(r.feature_std, torch.ones_like(r.feature_std)) for r in model.routers)

@@ -23,6 +23,7 @@ def trained_model(routing="sequence"):
 def test_round_trip_is_bit_exact(tmp_path, batch, routing):
     ids, mask, _ = batch
     model = trained_model(routing)
+    model.calibrate_router([{"input_ids": ids, "attention_mask": mask}])
     model.add_expert(rank=8)
     model.set_maturity(4, True)
     model.save_pretrained(tmp_path / "ckpt")

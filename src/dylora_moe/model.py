@@ -252,22 +252,76 @@ class DyLoRAMoEForCausalLM(nn.Module):
         if (ctx.generating or continuing) and pinned is not None and pinned.probs.shape[0] == batch:
             ctx.sequence = pinned
             return None
-        if embeds is None:
-            embeds = self.base_model.get_input_embeddings()(input_ids)
-        if ctx.routing_mask is not None:
-            rmask = ctx.routing_mask.to(token_mask.device).bool() & token_mask
-        else:
-            rmask = token_mask
-            labels = kwargs.get("labels")
-            if labels is not None and labels.shape == token_mask.shape:
-                prompt = token_mask & (labels == -100)
-                rmask = torch.where(prompt.any(1, keepdim=True), prompt, token_mask)
-        weights = rmask.unsqueeze(-1).to(torch.float32)
-        features = (embeds.float() * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        features = self._sequence_features(input_ids, embeds, token_mask, kwargs.get("labels"), ctx.routing_mask)
         logits = self.routers[0](features)
         ctx.sequence = self._decide(logits, torch.ones(batch, dtype=torch.bool, device=logits.device))
         ctx.pinned = _detached(ctx.sequence)
         return None
+
+    def _sequence_features(self, input_ids, embeds, token_mask, labels=None, routing_mask=None) -> torch.Tensor:
+        """Mean input embedding over the routing tokens of each sequence, ``[B, hidden]`` (float32).
+
+        Routing tokens: ``routing_mask`` if given, else the prompt (``labels == -100``) when labels are
+        given and a row has a prompt, else every real token.
+        """
+        if embeds is None:
+            embeds = self.base_model.get_input_embeddings()(input_ids)
+        if routing_mask is not None:
+            rmask = routing_mask.to(token_mask.device).bool() & token_mask
+        else:
+            rmask = token_mask
+            if labels is not None and labels.shape == token_mask.shape:
+                prompt = token_mask & (labels == -100)
+                rmask = torch.where(prompt.any(1, keepdim=True), prompt, token_mask)
+        weights = rmask.unsqueeze(-1).to(torch.float32)
+        return (embeds.float() * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+    @torch.no_grad()
+    def calibrate_router(self, batches) -> int:
+        """Set every router's feature standardisation from representative batches; return units seen.
+
+        ``batches`` yields dicts with ``input_ids`` and ``attention_mask`` (and optionally ``labels``,
+        ``routing_mask``), e.g. a few training batches. Sequence routing needs only the embeddings;
+        token routing runs the base model to collect each block's input hidden states. Call before
+        training (joint training does); the statistics are saved with the checkpoint.
+        """
+        collected: dict[int, list[torch.Tensor]] = {slot: [] for slot in self.router_slots.values()}
+        hooks = []
+        if self.moe_config.routing == "token":
+            blocks = self._decoder_blocks()
+            for idx, slot in self.router_slots.items():
+                def grab(module, args, kwargs, slot=slot):
+                    hidden = args[0] if args else kwargs["hidden_states"]
+                    mask = self.context.token_mask
+                    keep = mask.reshape(-1) if mask is not None and mask.shape == hidden.shape[:2] else None
+                    flat = hidden.reshape(-1, hidden.shape[-1]).float()
+                    collected[slot].append(flat if keep is None else flat[keep])
+
+                hooks.append(blocks[idx].register_forward_pre_hook(grab, with_kwargs=True))
+        try:
+            for batch in batches:
+                ids = batch["input_ids"].to(self.device)
+                mask = batch.get("attention_mask")
+                mask = torch.ones_like(ids) if mask is None else mask.to(self.device)
+                if self.moe_config.routing == "sequence":
+                    labels, rmask = batch.get("labels"), batch.get("routing_mask")
+                    collected[0].append(self._sequence_features(
+                        ids, None, mask.bool(), None if labels is None else labels.to(self.device),
+                        None if rmask is None else rmask.to(self.device)))
+                else:
+                    self.base_model(input_ids=ids, attention_mask=mask)
+        finally:
+            for h in hooks:
+                h.remove()
+        seen = 0
+        for slot, feats in collected.items():
+            if not feats:
+                continue
+            allf = torch.cat(feats)
+            seen = max(seen, allf.shape[0])
+            if allf.shape[0] > 1:
+                self.routers[slot].set_feature_stats(allf.mean(0), allf.std(0))
+        return seen
 
     def _block_hook(self, layer_index: int, slot: int):
         def hook(module, args, kwargs):

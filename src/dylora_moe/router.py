@@ -25,12 +25,28 @@ def rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 class Router(nn.Module, ABC):
-    """A gating network: features ``[..., in_features]`` -> logits ``[..., num_experts]``."""
+    """A gating network: features ``[..., in_features]`` -> logits ``[..., num_experts]``.
+
+    Features are first standardised with the buffers ``feature_mean`` / ``feature_std`` (identity
+    until ``set_feature_stats`` is called, e.g. by ``DyLoRAMoEForCausalLM.calibrate_router``), then
+    RMS-normalised. Pooled prompt embeddings share a large common component; without centring, every
+    input gets nearly the same logits and the router sends everything to one expert.
+    """
 
     def __init__(self, in_features: int, num_experts: int) -> None:
         super().__init__()
         self.in_features = in_features
         self.num_experts = num_experts
+        self.register_buffer("feature_mean", torch.zeros(in_features))
+        self.register_buffer("feature_std", torch.ones(in_features))
+
+    def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Standardise future inputs with these per-feature statistics ``[in_features]``."""
+        self.feature_mean.copy_(mean.to(self.feature_mean))
+        self.feature_std.copy_(std.to(self.feature_std).clamp_min(1e-6))
+
+    def standardize(self, features: torch.Tensor) -> torch.Tensor:
+        return rms_normalize((features.float() - self.feature_mean) / self.feature_std)
 
     @abstractmethod
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -56,7 +72,7 @@ class LinearRouter(Router):
         nn.init.normal_(self.weight, std=1.0 / math.sqrt(in_features))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(rms_normalize(features), self.weight, self.bias)
+        return nn.functional.linear(self.standardize(features), self.weight, self.bias)
 
     def add_expert(self) -> None:
         row = torch.randn(1, self.in_features) / math.sqrt(self.in_features)
@@ -76,7 +92,7 @@ class MLPRouter(Router):
         nn.init.normal_(self.weight, std=1.0 / math.sqrt(hidden))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        h = nn.functional.gelu(self.hidden(rms_normalize(features)))
+        h = nn.functional.gelu(self.hidden(self.standardize(features)))
         return nn.functional.linear(h, self.weight, self.bias)
 
     def add_expert(self) -> None:

@@ -6,8 +6,8 @@ so a crash never leaves a half-written checkpoint under the final name):
 * ``dylora_moe_config.json``: ``format_version``, the ``DyLoRAMoEConfig``, expert ranks, alphas
   and maturity flags, target module names, and the base model's fingerprint (name or path,
   model type, a hash of its config, and a checksum of its input embeddings);
-* ``dylora_moe_weights.safetensors``: every expert and router tensor, keyed by its parameter
-  name in the model.
+* ``dylora_moe_weights.safetensors``: every expert and router tensor (router feature statistics
+  included), keyed by its name in the model.
 
 ``load_model`` refuses a checkpoint written for another base model or by a newer format version,
 with a message saying which.
@@ -74,7 +74,10 @@ def check_fingerprint(saved: dict[str, Any], base_model: torch.nn.Module, where:
 def adapter_state_dict(model) -> dict[str, torch.Tensor]:
     """Expert and router tensors keyed by parameter name (nothing of the frozen base)."""
     wanted = {id(p) for p in [*model.expert_parameters(), *model.router_parameters()]}
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if id(p) in wanted}
+    out = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if id(p) in wanted}
+    for n, b in model.routers.named_buffers(prefix="routers"):
+        out[n] = b.detach().contiguous().cpu()
+    return out
 
 
 def _write_atomically(directory: Path, write) -> Path:
@@ -172,7 +175,7 @@ def load_model(directory: str | Path, base_model=None, *, dtype=None, device=Non
         raise CheckpointError(f"{weights_path}: file not found") from exc
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise CheckpointError(f"{weights_path}: unreadable or corrupt ({exc})") from exc
-    params = dict(model.named_parameters())
+    params = {**dict(model.named_parameters()), **dict(model.routers.named_buffers(prefix="routers"))}
     expected = set(adapter_state_dict(model))
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
