@@ -4,6 +4,7 @@ import pytest
 
 from dylora_moe import ConfigError, DyLoRAMoEConfig
 from dylora_moe.cli import build_parser, dataclass_from_args, main
+from tests.training import BAD_DATA_CASES, break_file
 
 
 def parse(*argv):
@@ -29,3 +30,110 @@ def test_main_prints_clear_error(capsys):
     assert main(["report", "smollm2-135m", "--top-k", "9"]) == 2
     err = capsys.readouterr().err
     assert "dylora-moe: error:" in err and "top_k=9" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- train / generate / inspect
+def tiny_run_files(tmp_path, monkeypatch):
+    """A tiny local base model folder, a tiny data directory and a YAML config using both."""
+    import yaml
+
+    from tests.tiny import make_base, make_tokenizer
+    from tests.training import isolate_data_registry, write_data_dir
+
+    isolate_data_registry(monkeypatch)
+    model_dir = tmp_path / "tiny-model"
+    make_base("llama").save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    data_dir = write_data_dir(tmp_path / "data")
+    config = {
+        "model": str(model_dir),
+        "output_dir": str(tmp_path / "unused"),
+        "moe": {"num_experts": 2, "r": 4, "alpha": 8},
+        "data": {"max_seq_length": 96, "eval_examples_per_domain": 2, "eval_batch_size": 4},
+        "train": {"lr": 1.0e-2, "per_device_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 2,
+                  "eval_every": 0, "save_every": 0},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path, data_dir
+
+
+@pytest.fixture
+def run_files(tmp_path, monkeypatch, capsys):
+    files = tiny_run_files(tmp_path, monkeypatch)
+    capsys.readouterr()  # drop the progress output of saving the tiny model
+    return files
+
+
+def test_train_inspect_generate(tmp_path, run_files, capsys):
+    import json
+
+    config, data_dir = run_files
+    out = tmp_path / "run"
+    argv = ["train", "--config", str(config), "moe.num_experts=3", "--data-dir", str(data_dir),
+            "--output-dir", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "Verifying trainable parameters" in printed and "loss@0" in printed and "done: 2 optimizer steps" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["expert_share"]["mbpp"]) == 3 and metrics["global_step"] == 2
+
+    assert main(["inspect", str(out)]) == 0  # a run directory means its final adapter
+    shown = capsys.readouterr().out
+    assert "expert 2: rank 4, alpha 8, mature" in shown and "Verifying trainable parameters" in shown
+    assert "loss@0" in shown and "router entropy" in shown
+
+    assert main(["generate", str(out / "checkpoint-2"), "--prompt", "write a function to add two numbers",
+                 "--max-new-tokens", "4"]) == 0
+    assert "[router: expert" in capsys.readouterr().out
+
+    assert main(argv) == 2  # the run exists: a clear error instead of mixing two runs
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 0
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["train.lr=abc"], "key 'train.lr': expected a number, got 'abc'"),
+        (["moe.num_expert=3"], "unknown key 'moe.num_expert'"),
+        (["data.max_seq_length=0"], "key 'data.max_seq_length' = 0: must be a positive integer"),
+    ],
+)
+def test_train_config_errors_are_clean(run_files, capsys, extra, message):
+    config, _ = run_files
+    assert main(["train", "--config", str(config), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dylora-moe: error:") and message in err and "Traceback" not in err
+
+
+def test_train_file_errors_are_clean(tmp_path, run_files, capsys):
+    _, data_dir = run_files
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml: config file not found" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "nothing"), "--prompt", "x"]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+    assert main(["inspect", str(data_dir)]) == 2
+    assert "no DyLoRA-MoE adapter here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", BAD_DATA_CASES)
+def test_train_data_errors_are_clean(tmp_path, run_files, capsys, case):
+    import re
+
+    config, data_dir = run_files
+    match = break_file(data_dir, case)
+    argv = ["train", "--config", str(config), "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "r")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dylora-moe: error:") and re.search(match, err) and "Traceback" not in err
+
+
+def test_eval_and_analyze_are_registered(capsys):
+    import pytest as _pytest
+
+    for command in ("eval", "analyze"):
+        with _pytest.raises(SystemExit) as exc:
+            main([command, "--help"])
+        assert exc.value.code == 0
+        assert command in capsys.readouterr().out

@@ -1,59 +1,23 @@
 """Fixtures for the data-layer tests: tiny in-process tokenizers and tiny data files (no downloads).
 
-The tokenizers are real ``transformers.PreTrainedTokenizerFast`` objects wrapping a
-``tokenizers`` word-level model whose vocabulary is built from a fixed corpus, with the
-``Whitespace`` pre-tokenizer (``\\w+`` runs and punctuation runs are tokens), so token counts in
-the tests can be worked out by hand.
+The tokenizers come from ``tests.tiny.make_tokenizer``: real ``transformers.PreTrainedTokenizerFast``
+objects wrapping a ``tokenizers`` word-level model whose vocabulary is built from a fixed corpus,
+with the ``Whitespace`` pre-tokenizer (``\\w+`` runs and punctuation runs are tokens), so token
+counts in the tests can be worked out by hand.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from dylora_moe.data import sources
-
-SPECIAL = ["<pad>", "<unk>", "<bos>", "<eos>", "<|user|>", "<|assistant|>", "<|end|>"]
-CORPUS = """
-### Instruction: Input: Response: add two numbers return a + b x y def f ( ) , = - * / [ ] { }
-write a function to sort the list print hello world assert == 1 2 3 4 5 6 7 8 9 0 some context
-You are an expert Python programmer and here is your task Your code should pass these tests .
-"""
-#: A small chat template in the style of common instruct models (one turn per line, end marker).
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-
-
-def _vocab() -> dict[str, int]:
-    words = list(dict.fromkeys(re.findall(r"\w+|[^\w\s]+", CORPUS)))
-    return {tok: i for i, tok in enumerate(SPECIAL + [w for w in words if w not in SPECIAL])}
-
-
-def make_tokenizer(
-    chat_template: str | None = None, eos: str = "<eos>", bos: str | None = None, pad: str | None = "<pad>"
-) -> PreTrainedTokenizerFast:
-    """A word-level fast tokenizer; ``chat_template``/``bos``/``pad`` optional, ``eos`` chosen."""
-    backend = Tokenizer(models.WordLevel(vocab=_vocab(), unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.add_special_tokens(SPECIAL)
-    kwargs: dict[str, Any] = {"eos_token": eos, "unk_token": "<unk>"}
-    if pad is not None:
-        kwargs["pad_token"] = pad
-    if bos is not None:
-        kwargs.update(bos_token=bos, add_bos_token=True)  # encodings start with BOS, like Llama
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
-    if chat_template is not None:
-        tok.chat_template = chat_template
-    return tok
+from tests.tiny import CHAT_TEMPLATE, CORPUS, SPECIAL, make_tokenizer  # noqa: F401  (re-exported for the tests)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,278 @@
+"""Training checkpoints: ``checkpoint-<step>`` folders holding everything needed to resume exactly.
+
+A checkpoint folder (written atomically: built in a temporary sibling folder, every file and
+folder fsynced, then renamed into place, so a crash never leaves a half-written checkpoint under
+its final name) holds::
+
+    checkpoint-40/
+      adapter/              experts + router (DyLoRAMoEForCausalLM.save_pretrained; loadable with
+                            DyLoRAMoEForCausalLM.from_pretrained)
+      optimizer.pt          optimizer state dict      (torch.save; loads with weights_only=True)
+      scheduler.pt          LR scheduler state dict
+      rng_state.pt          python / numpy / torch (/ cuda) RNG states, one entry per process
+      trainer_state.json    format_version, global_step, epoch, sampler position, eval history, ...
+      train_config.json     the run's TrainConfig
+
+Usage::
+
+    save_checkpoint(out / "checkpoint-40", model=m, optimizer=o, scheduler=s,
+                    rng_states=[capture_rng_state()], state={...}, config=cfg)
+    prune_checkpoints(out, keep=2)
+    latest = latest_checkpoint(out)                 # Path or None
+    state = load_trainer_state(latest)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from ..serialization import (
+    CONFIG_FILE as ADAPTER_CONFIG_FILE,
+)
+from ..serialization import (
+    WEIGHTS_FILE,
+    CheckpointError,
+    adapter_state_dict,
+    check_fingerprint,
+    read_checkpoint_meta,
+)
+
+STATE_FORMAT_VERSION = 1
+CHECKPOINT_PREFIX = "checkpoint-"
+ADAPTER_DIR = "adapter"
+FINAL_DIR = "final"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+RNG_FILE = "rng_state.pt"
+STATE_FILE = "trainer_state.json"
+TRAIN_CONFIG_FILE = "train_config.json"
+_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+
+
+# ----------------------------------------------------------------------------- folders
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete ``checkpoint-<step>`` folders of ``output_dir``, oldest step first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _NAME.match(child.name)
+        if match and child.is_dir() and (child / STATE_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints (``keep=0`` keeps all); return the deleted ones."""
+    if keep <= 0:
+        return []
+    doomed = list_checkpoints(output_dir)[:-keep]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    for path in [*(p for p in root.rglob("*") if p.is_dir()), root]:
+        _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_folder_atomically(directory: str | Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp)`` into a temporary sibling folder, fsync it, then rename it to ``directory``."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+        old = None
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        _fsync_dir(directory.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+# ----------------------------------------------------------------------------- RNG
+def capture_rng_state() -> dict[str, Any]:
+    """This process's python / numpy / torch (/ cuda) RNG states, as tensors and plain lists."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- save / load
+def save_checkpoint(
+    directory: str | Path,
+    *,
+    model,
+    optimizer,
+    scheduler,
+    rng_states: list[dict[str, Any]],
+    state: dict[str, Any],
+    config,
+) -> Path:
+    """Write one checkpoint folder atomically (call on the main process only)."""
+    payload = {"format_version": STATE_FORMAT_VERSION, **state}
+    optimizer_state, scheduler_state = optimizer.state_dict(), scheduler.state_dict()
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp / ADAPTER_DIR)
+        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+        torch.save(scheduler_state, tmp / SCHEDULER_FILE)
+        torch.save(rng_states, tmp / RNG_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        config.to_json_file(tmp / TRAIN_CONFIG_FILE)
+
+    return write_folder_atomically(directory, write)
+
+
+def load_trainer_state(directory: str | Path) -> dict[str, Any]:
+    """Read and check ``trainer_state.json`` of a checkpoint folder."""
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: not a training checkpoint ({STATE_FILE} not found)")
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+    version = state.get("format_version")
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path}: field 'format_version' is missing or not an integer")
+    if version > STATE_FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {version} was written by a newer dylora-moe "
+                              f"(this one reads up to {STATE_FORMAT_VERSION}); upgrade dylora-moe")
+    for key in ("global_step", "sampler", "eval_history", "world_size"):
+        if key not in state:
+            raise CheckpointError(f"{path}: field {key!r} is missing")
+    return state
+
+
+def load_torch_file(directory: str | Path, name: str) -> Any:
+    """``torch.load`` one of the checkpoint's state files (tensors and plain data only)."""
+    path = Path(directory) / name
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found (incomplete checkpoint)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt files
+        raise CheckpointError(f"{path}: unreadable or corrupt ({exc})") from exc
+
+
+def load_adapter_weights(model, directory: str | Path) -> None:
+    """Copy the expert and router tensors (router feature statistics included) saved in ``directory``
+    into ``model`` (same structure)."""
+    directory = Path(directory)
+    meta = read_checkpoint_meta(directory)
+    check_fingerprint(meta["base_model"], model.base_model, str(directory))
+    if list(meta["expert_ranks"]) != list(model.expert_ranks):
+        raise CheckpointError(f"{directory}: expert ranks {meta['expert_ranks']} do not match the model's "
+                              f"{model.expert_ranks} (was the moe config changed?)")
+    try:
+        tensors = load_file(str(directory / WEIGHTS_FILE))
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory / WEIGHTS_FILE}: file not found") from None
+    except Exception as exc:
+        raise CheckpointError(f"{directory / WEIGHTS_FILE}: unreadable or corrupt ({exc})") from exc
+    expected = adapter_state_dict(model)
+    if set(tensors) != set(expected):
+        raise CheckpointError(f"{directory}: saved tensors do not match the model's experts and router")
+    params = {**dict(model.named_parameters()), **dict(model.routers.named_buffers(prefix="routers"))}
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if params[name].shape != tensor.shape:
+                raise CheckpointError(f"{directory}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                      f"expected {tuple(params[name].shape)}")
+            params[name].copy_(tensor)
+
+
+def resolve_adapter_dir(path: str | Path) -> Path:
+    """The adapter folder of ``path``: an adapter folder itself, a ``checkpoint-<step>``, or a run directory
+    (its ``final/`` adapter, else its latest checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    candidates = [path, path / ADAPTER_DIR, path / FINAL_DIR]
+    latest = latest_checkpoint(path)
+    if latest is not None:
+        candidates.append(latest / ADAPTER_DIR)
+    for candidate in candidates:
+        if (candidate / ADAPTER_CONFIG_FILE).is_file():
+            return candidate
+    raise CheckpointError(f"{path}: no DyLoRA-MoE adapter here (looked for {ADAPTER_CONFIG_FILE} in it, in "
+                          f"{ADAPTER_DIR}/, {FINAL_DIR}/ and the latest {CHECKPOINT_PREFIX}<step>/)")
+
+
+def run_dir_of(adapter_dir: str | Path) -> Path:
+    """The run directory an adapter folder belongs to (``.../final`` or ``.../checkpoint-N/adapter``)."""
+    adapter_dir = Path(adapter_dir).resolve()
+    if adapter_dir.name == ADAPTER_DIR and _NAME.match(adapter_dir.parent.name):
+        return adapter_dir.parent.parent
+    if adapter_dir.name == FINAL_DIR:
+        return adapter_dir.parent
+    return adapter_dir

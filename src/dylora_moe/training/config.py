@@ -1,0 +1,546 @@
+"""``TrainConfig``: everything a joint-training run needs, loaded from YAML with ``key=value`` overrides.
+
+A config file has four top-level keys plus three sections, each a dataclass below::
+
+    model: smollm2-135m            # hub id, local folder, or the embedded alias
+    output_dir: runs/cpu-demo
+    seed: 0
+    moe:   {num_experts: 4, r: 16, alpha: 32, dropout: 0.05}      # DyLoRAMoEConfig
+    data:                                                          # DataConfig
+      datasets: [{name: code_alpaca}, {name: mbpp}]                # DatasetConfig each
+      max_seq_length: 256
+    train: {lr: 3.0e-4, per_device_batch_size: 4, max_steps: 20}   # TrainingArgs
+
+Overrides address a key by its dotted path (``moe.num_experts=8``, ``train.lr=1e-4``,
+``data.datasets.1.weight=2``, ``model=smollm2-135m``); the value is read as YAML (``true``,
+``null``, ``[a, b]``, numbers). Every value is type-checked against the dataclass annotations and
+validated; a ``ConfigError`` names the file (or the override) and the dotted key::
+
+    cfg = TrainConfig.from_yaml("configs/cpu-demo.yaml", ["train.max_steps=2"])
+    cfg.to_json_file("runs/x/train_config.json")      # {"format_version": 1, "config": {...}}
+    cfg = TrainConfig.from_json_file("runs/x/train_config.json")
+
+Floats written like ``2e-5`` (which PyYAML reads as a string) are accepted for float keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import ConfigError, DyLoRAMoEConfig
+from ..data.mixing import MODES
+
+CONFIG_FORMAT_VERSION = 1
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BASE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+SCHEDULERS = ("cosine", "linear", "constant")
+DEFAULT_MODEL = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class DatasetConfig:
+    """One training dataset (an entry of ``data.datasets``)."""
+
+    name: str = field(metadata=_help(
+        "Registered dataset ('code_alpaca', 'mbpp') or a new name for a local instruction file (then 'path' "
+        "is required)."))
+    path: str | None = field(default=None, metadata=_help(
+        "JSON/JSONL file; relative paths are looked up in the data directory. Default: the registered file."))
+    domain: str | None = field(default=None, metadata=_help("Domain label (default: the name); must be unique."))
+    weight: float = field(default=1.0, metadata=_help(
+        "Mixing weight in 'interleave' mode (any scale; equal weights = the seed's 50/50)."))
+    limit: int | None = field(default=None, metadata=_help("Use at most this many training examples (first ones)."))
+    hub_id: str | None = field(default=None, metadata=_help(
+        "Load from this Hugging Face Hub dataset id instead of the file (needs network)."))
+
+    @property
+    def domain_label(self) -> str:
+        return self.domain or self.name
+
+
+def _default_datasets() -> list[DatasetConfig]:
+    return [DatasetConfig("code_alpaca"), DatasetConfig("mbpp")]
+
+
+@dataclass
+class DataConfig:
+    """The ``data:`` section: what to train and evaluate on."""
+
+    datasets: list[DatasetConfig] = field(default_factory=_default_datasets, metadata=_help(
+        "Training datasets, one domain each: list of {name, path, domain, weight, limit, hub_id}."))
+    data_dir: str | None = field(default=None, metadata=_help(
+        "Data directory for relative paths (default: $DYLORA_MOE_DATA_DIR, else ../shared/data)."))
+    max_seq_length: int = field(default=1024, metadata=_help(
+        "Maximum tokens per sequence; longer responses are cut on the right."))
+    mixing: str = field(default="interleave", metadata=_help(
+        "'interleave' (weighted, seeded draws per domain) or 'concatenate' (domains in proportion to size)."))
+    eval_examples_per_domain: int = field(default=0, metadata=_help(
+        "Held-out examples per domain (the first ones of its validation split); 0 = the whole split."))
+    eval_batch_size: int = field(default=8, metadata=_help("Batch size of evaluation."))
+    use_chat_template: bool | None = field(default=None, metadata=_help(
+        "Format prompts with the tokenizer's chat template (null = when it has one)."))
+
+
+@dataclass
+class TrainingArgs:
+    """The ``train:`` section: optimisation, precision, and evaluation / checkpoint cadence."""
+
+    lr: float = field(default=2e-5, metadata=_help("Peak learning rate of AdamW."))
+    per_device_batch_size: int = field(default=4, metadata=_help("Sequences per micro-batch and device."))
+    gradient_accumulation_steps: int = field(default=8, metadata=_help("Micro-batches per optimizer step."))
+    num_epochs: float = field(default=10.0, metadata=_help(
+        "Training length in epochs (an epoch = one pass worth of samples); ignored when max_steps > 0."))
+    max_steps: int = field(default=0, metadata=_help("If > 0: exactly this many optimizer steps."))
+    lr_scheduler: str = field(default="cosine", metadata=_help("'cosine', 'linear' or 'constant' (after warmup)."))
+    warmup_ratio: float = field(default=0.03, metadata=_help("Warmup steps as a fraction of all steps."))
+    warmup_steps: int = field(default=0, metadata=_help("If > 0: warmup steps (overrides warmup_ratio)."))
+    weight_decay: float = field(default=0.01, metadata=_help("AdamW weight decay (not applied to 1-D tensors)."))
+    max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping norm (0 = no clipping)."))
+    precision: str = field(default="auto", metadata=_help(
+        "'auto' (bf16 on a GPU that supports it, else fp32), 'fp32', 'bf16' or 'fp16' mixed precision."))
+    base_dtype: str = field(default="auto", metadata=_help(
+        "dtype of the frozen base weights: 'auto' (bfloat16 when precision is bf16, else float32), 'float32', "
+        "'bfloat16', 'float16'. Experts and router always stay float32."))
+    gradient_checkpointing: bool = field(default=False, metadata=_help(
+        "Recompute the base model's activations in backward (less memory; the forward runs twice)."))
+    router_calibration_examples: int = field(default=256, metadata=_help(
+        "Set the router's feature standardisation (model.calibrate_router) from this many training examples "
+        "(the start of the training stream) before the first step; 0 = skip."))
+    eval_every: int = field(default=100, metadata=_help(
+        "Evaluate every N optimizer steps (also always at step 0 and at the end); 0 = only start and end."))
+    save_every: int = field(default=100, metadata=_help(
+        "Write checkpoint-<step> every N optimizer steps (and always at the end); 0 = only at the end."))
+    save_total_limit: int = field(default=2, metadata=_help("Keep the last K checkpoints; 0 = keep all."))
+    log_every: int = field(default=10, metadata=_help("Log training loss and throughput every N optimizer steps."))
+
+
+@dataclass
+class TrainConfig:
+    """A complete joint-training run (the YAML file's top level)."""
+
+    model: str = field(default=DEFAULT_MODEL, metadata=_help(
+        "Base model: Hugging Face hub id, local folder, or the embedded offline default 'smollm2-135m'."))
+    output_dir: str = field(default="runs/default", metadata=_help(
+        "Run directory: checkpoints, final adapter, metrics.json, routing.png, tensorboard/."))
+    seed: int = field(default=0, metadata=_help("Seed of data order, dropout and everything else random."))
+    resume: bool = field(default=False, metadata=_help(
+        "Continue from the latest checkpoint-<step> in output_dir (optimizer, scheduler, RNG, data position)."))
+    overwrite_output_dir: bool = field(default=False, metadata=_help(
+        "Start afresh even if output_dir holds checkpoints of an earlier run (they are deleted)."))
+    moe: DyLoRAMoEConfig = field(default_factory=DyLoRAMoEConfig, metadata=_help(
+        "Expert pool and router (DyLoRAMoEConfig; all experts are created up front and mature)."))
+    data: DataConfig = field(default_factory=DataConfig, metadata=_help("Datasets and formatting."))
+    train: TrainingArgs = field(default_factory=TrainingArgs, metadata=_help("Optimisation and cadence."))
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config",
+                  origins: dict[str, str] | None = None) -> TrainConfig:
+        """Build and validate from a plain dict; errors name ``source`` (or the override that set the key)."""
+        config = _build(cls, data, "", source, origins or {})
+        config.validate(source, origins)
+        return config
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+        """Read a YAML file and apply ``key=value`` overrides (see the module docstring)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            raise ConfigError(f"{where}: malformed YAML ({getattr(exc, 'problem', None) or exc})") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+        origins: dict[str, str] = {}
+        data = apply_overrides(data, overrides, origins)
+        return cls.from_dict(data, str(path), origins)
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> TrainConfig:
+        """Read a config written by :meth:`to_json_file`."""
+        path = Path(path)
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: file not found") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+        version = payload.get("format_version") if isinstance(payload, dict) else None
+        if not isinstance(version, int) or "config" not in payload:
+            raise ConfigError(f"{path}: not a train config file (needs 'format_version' and 'config')")
+        if version > CONFIG_FORMAT_VERSION:
+            raise ConfigError(f"{path}: format_version {version} is newer than this dylora-moe reads "
+                              f"({CONFIG_FORMAT_VERSION}); upgrade dylora-moe")
+        return cls.from_dict(payload["config"], str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps({"format_version": CONFIG_FORMAT_VERSION, "config": self.to_dict()}, indent=2) + "\n"
+
+    def to_json_file(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json(), encoding="utf-8")
+        return path
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A validated copy with top-level fields changed, or dotted keys (``**{"train.lr": 1e-4}``)."""
+        data = self.to_dict()
+        origins: dict[str, str] = {}
+        data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in changes.items()], origins)
+        return TrainConfig.from_dict(data, "replace()", origins)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, source: str = "config", origins: dict[str, str] | None = None) -> None:
+        """Raise ``ConfigError`` naming the source and the dotted key of the first invalid value."""
+        origins = origins or {}
+
+        def fail(key: str, why: str) -> ConfigError:
+            value = _lookup(self, key)
+            where = origins.get(key) or source
+            return ConfigError(f"{where}: key '{key}' = {value!r}: {why}")
+
+        d, t = self.data, self.train
+        if not self.model.strip():
+            raise fail("model", "must name a base model")
+        if not self.output_dir.strip():
+            raise fail("output_dir", "must be a directory path")
+        if self.seed < 0:
+            raise fail("seed", "must be >= 0")
+        if not d.datasets:
+            raise fail("data.datasets", "needs at least one dataset")
+        seen: set[str] = set()
+        for i, ds in enumerate(d.datasets):
+            key = f"data.datasets.{i}"
+            if not ds.name.strip():
+                raise fail(f"{key}.name", "must not be empty")
+            if ds.domain_label in seen:
+                raise fail(f"{key}.domain", f"domain '{ds.domain_label}' is used twice; give each dataset its own")
+            seen.add(ds.domain_label)
+            if not ds.weight >= 0:
+                raise fail(f"{key}.weight", "must be >= 0")
+            if ds.limit is not None and ds.limit <= 0:
+                raise fail(f"{key}.limit", "must be a positive integer or null")
+        if not any(ds.weight > 0 for ds in d.datasets):
+            raise fail("data.datasets", "at least one dataset needs a weight > 0")
+        if d.max_seq_length <= 0:
+            raise fail("data.max_seq_length", "must be a positive integer")
+        if d.mixing not in MODES:
+            raise fail("data.mixing", f"must be one of {MODES}")
+        if d.eval_examples_per_domain < 0:
+            raise fail("data.eval_examples_per_domain", "must be >= 0 (0 = whole validation split)")
+        if d.eval_batch_size < 1:
+            raise fail("data.eval_batch_size", "must be >= 1")
+        if not t.lr > 0:
+            raise fail("train.lr", "must be > 0")
+        for key in ("per_device_batch_size", "gradient_accumulation_steps", "log_every"):
+            if getattr(t, key) < 1:
+                raise fail(f"train.{key}", "must be an integer >= 1")
+        for key in ("max_steps", "warmup_steps", "eval_every", "save_every", "save_total_limit",
+                    "router_calibration_examples"):
+            if getattr(t, key) < 0:
+                raise fail(f"train.{key}", "must be an integer >= 0")
+        if t.max_steps == 0 and not t.num_epochs > 0:
+            raise fail("train.num_epochs", "must be > 0 (or set train.max_steps)")
+        if t.lr_scheduler not in SCHEDULERS:
+            raise fail("train.lr_scheduler", f"must be one of {SCHEDULERS}")
+        if not 0 <= t.warmup_ratio < 1:
+            raise fail("train.warmup_ratio", "must be in [0, 1)")
+        if t.weight_decay < 0:
+            raise fail("train.weight_decay", "must be >= 0")
+        if t.max_grad_norm < 0:
+            raise fail("train.max_grad_norm", "must be >= 0 (0 disables clipping)")
+        if t.precision not in PRECISIONS:
+            raise fail("train.precision", f"must be one of {PRECISIONS}")
+        if t.base_dtype not in BASE_DTYPES:
+            raise fail("train.base_dtype", f"must be one of {BASE_DTYPES}")
+
+
+# ---------------------------------------------------------------------------- overrides
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``'a.b.c=value'`` into ``(['a', 'b', 'c'], parsed value)``; the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...],
+                    origins: dict[str, str] | None = None) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``key=value`` applied (keys checked against ``TrainConfig``).
+
+    ``origins`` (if given) records, for each overridden dotted key, the override text (for errors).
+    """
+    data = json.loads(json.dumps(data, default=str))  # deep copy of plain YAML data
+    for text in overrides:
+        path, value = parse_override(text)
+        where = f"override {text!r}"
+        annotation: Any = TrainConfig
+        node: Any = data
+        for depth, part in enumerate(path):
+            parent = _strip_optional(annotation)
+            annotation = _child_annotation(annotation, part, ".".join(path[: depth + 1]), where)
+            last = depth == len(path) - 1
+            if isinstance(node, list):
+                index = int(part)
+                if index > len(node):
+                    raise ConfigError(f"{where}: index {index} is out of range (the list has {len(node)} items)")
+                if index == len(node):  # one past the end appends an item
+                    node.append(None if last else {})
+                if last:
+                    node[index] = value
+                else:
+                    if not isinstance(node[index], (dict, list)):
+                        node[index] = {}
+                    node = node[index]
+            else:
+                if last:
+                    node[part] = value
+                else:
+                    if not isinstance(node.get(part), (dict, list)):
+                        node[part] = _plain_default(parent, part)
+                    node = node[part]
+        _convert(value, annotation, ".".join(path), where)  # type check now, naming the override
+        if origins is not None:
+            origins[".".join(path)] = where
+    return data
+
+
+def _plain_default(cls: Any, name: str) -> Any:
+    """The default of field ``name`` of dataclass ``cls`` as plain data ({} for a section)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name and f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+            if isinstance(value, list):
+                return [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
+    return {}
+
+
+def _child_annotation(annotation: Any, part: str, key: str, where: str) -> Any:
+    annotation = _strip_optional(annotation)
+    if _is_list(annotation):
+        if not part.isdigit():
+            raise ConfigError(f"{where}: '{key}': a list index must be a number")
+        (item,) = typing.get_args(annotation) or (Any,)
+        return item
+    if dataclasses.is_dataclass(annotation):
+        hints = _hints(annotation)
+        if part not in hints:
+            parent = key.rpartition(".")[0] or "the top level"
+            raise ConfigError(f"{where}: unknown key '{key}'; known keys in {parent}: {sorted(hints)}")
+        return hints[part]
+    raise ConfigError(f"{where}: '{key}': {key.rpartition('.')[0]} is not a section")
+
+
+# ---------------------------------------------------------------------------- typed building
+def _hints(cls: type) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in typing.get_type_hints(cls).items() if k in names}
+
+
+def _strip_optional(annotation: Any) -> Any:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _is_list(annotation: Any) -> bool:
+    return typing.get_origin(annotation) is list
+
+
+def _type_label(annotation: Any) -> str:
+    if annotation is float:
+        return "a number"
+    if annotation is int:
+        return "an integer"
+    if annotation is bool:
+        return "true or false"
+    if annotation is str:
+        return "a string"
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_type_label(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    if _is_list(annotation):
+        return "a list"
+    if dataclasses.is_dataclass(annotation):
+        return "a mapping"
+    return str(annotation)
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type) and not typing.get_args(annotation):
+        return annotation.__name__
+    text = str(annotation)
+    for prefix in ("typing.", "dylora_moe.training.config.", "dylora_moe.config."):
+        text = text.replace(prefix, "")
+    return text.replace("NoneType", "None")
+
+
+def _convert(value: Any, annotation: Any, key: str, source: str, origins: dict[str, str] | None = None) -> Any:
+    """Check ``value`` against ``annotation`` and return it converted (nested dataclasses built)."""
+    where = (origins or {}).get(key) or source
+
+    def bad() -> ConfigError:
+        return ConfigError(f"{where}: key '{key}': expected {_type_label(annotation)}, got {value!r}")
+
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise bad()
+        options = [a for a in args if a is not type(None)]
+        options.sort(key=lambda a: not (_is_list(a) and isinstance(value, list)))
+        for option in options:
+            try:
+                return _convert(value, option, key, source, origins)
+            except ConfigError:
+                if len(options) == 1:
+                    raise
+        raise bad()
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if annotation is int:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad()
+    if annotation is float:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # PyYAML reads 2e-5 as a string
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise bad()
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad()
+        (item,) = typing.get_args(annotation) or (Any,)
+        return [_convert(v, item, f"{key}.{i}", source, origins) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise bad()
+        return _build(annotation, value, key, source, origins or {})
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, source: str, origins: dict[str, str]) -> Any:
+    hints = _hints(cls)
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        keys = [f"{prefix}.{u}" if prefix else u for u in unknown]
+        where = next((origins[k] for k in keys if k in origins), source)
+        section = f"'{prefix}'" if prefix else "the top level"
+        raise ConfigError(f"{where}: unknown key(s) {keys}; known keys in {section}: {sorted(hints)}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    for name in required:
+        if name not in data:
+            key = f"{prefix}.{name}" if prefix else name
+            raise ConfigError(f"{source}: key '{key}' is required")
+    values = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        values[name] = _convert(value, hints[name], key, source, origins)
+    try:
+        return cls(**values)
+    except ConfigError as exc:  # DyLoRAMoEConfig validates itself on construction
+        keys = [k for k in origins if k == prefix or k.startswith(prefix + ".")] if prefix else []
+        where = origins[keys[0]] if keys else source
+        raise ConfigError(f"{where}: key '{prefix or cls.__name__}': {exc}") from None
+
+
+def _lookup(config: Any, key: str) -> Any:
+    node = config
+    for part in key.split("."):
+        node = node[int(part)] if isinstance(node, list) else getattr(node, part)
+    return node
+
+
+# ---------------------------------------------------------------------------- reference
+def config_reference() -> list[tuple[str, str, Any, str]]:
+    """``(dotted key, type, default, help)`` for every key of ``TrainConfig`` (for docs and ``--help``)."""
+    rows: list[tuple[str, str, Any, str]] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = _hints(cls)
+        for f in dataclasses.fields(cls):
+            key = f"{prefix}{f.name}"
+            annotation = hints[f.name]
+            if dataclasses.is_dataclass(annotation):
+                walk(annotation, key + ".")
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                produced = f.default_factory()
+                default = [dataclasses.asdict(x) if dataclasses.is_dataclass(x) else x for x in produced] \
+                    if isinstance(produced, list) else produced
+            else:
+                default = "(required)"
+            type_name = _type_name(annotation)
+            rows.append((key, type_name, default, f.metadata.get("help", "")))
+            (item,) = typing.get_args(annotation) if _is_list(annotation) else (None,)
+            if item is not None and dataclasses.is_dataclass(item):
+                walk(item, key + ".N.")
+
+    walk(TrainConfig, "")
+    return rows
+
+
+def config_reference_markdown() -> str:
+    """The config reference as a Markdown table (docs/training.md embeds it)."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, type_name, default, text in config_reference():
+        if isinstance(default, list) and default and all(isinstance(d, dict) and "name" in d for d in default):
+            default = [{"name": d["name"]} for d in default]  # the other keys keep their defaults
+        shown = default if default == "(required)" else json.dumps(default)
+        lines.append(f"| `{key}` | `{cell(type_name)}` | `{shown}` | {cell(text)} |")
+    return "\n".join(lines)

@@ -1,0 +1,165 @@
+"""JointTrainer on a tiny random llama: loss falls, outputs and checkpoints, exact resume, grad checkpointing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dylora_moe import CheckpointError, ConfigError, DyLoRAMoEForCausalLM
+from dylora_moe.training import JointTrainer, list_checkpoints
+from dylora_moe.training.checkpoint import (
+    ADAPTER_DIR,
+    OPTIMIZER_FILE,
+    RNG_FILE,
+    SCHEDULER_FILE,
+    STATE_FILE,
+    TRAIN_CONFIG_FILE,
+)
+from tests.tiny import make_base
+
+from . import isolate_data_registry, tiny_config, tiny_model_and_tokenizer, write_data_dir
+
+DOMAINS = ["code_alpaca", "mbpp"]
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch):
+    isolate_data_registry(monkeypatch)
+    return write_data_dir(tmp_path / "data")
+
+
+def run(config):
+    return JointTrainer(config, *tiny_model_and_tokenizer()).train()
+
+
+def trainable(model: DyLoRAMoEForCausalLM) -> dict[str, torch.Tensor]:
+    wanted = {id(p) for p in model.trainable_parameters()}
+    return {n: p.detach().clone() for n, p in model.named_parameters() if id(p) in wanted}
+
+
+def test_joint_run_learns_and_writes_all_outputs(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    trainer = JointTrainer(tiny_config(out, data_dir), *tiny_model_and_tokenizer())
+    result = trainer.train()  # 6 steps, eval every 3, save every 2, keep 2
+    printed = capsys.readouterr().out
+    assert "Verifying trainable parameters" in printed and "truncated" in printed and "loss@0" in printed
+
+    # held-out loss falls on both domains; eval at step 0, every 3 steps and at the end
+    assert [h.step for h in result.eval_history] == [0, 3, 6]
+    for name in DOMAINS:
+        assert result.end_eval.domains[name].loss < result.start_eval.domains[name].loss
+    assert result.train_time_s > 0 and result.global_step == result.total_steps == 6
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name in DOMAINS:
+        assert isinstance(metrics["eval_loss"]["start"][name], float)
+        assert metrics["eval_loss"]["end"][name] == metrics[f"eval_loss.end.{name}"]
+        share = metrics["expert_share"][name]
+        assert len(share) == 2 and abs(sum(share) - 1) < 1e-6 and share == metrics[f"expert_share.{name}"]
+        assert metrics["router_entropy"][name] >= 0
+    assert [h["step"] for h in metrics["eval_history"]] == [0, 3, 6] and metrics["train_time_s"] > 0
+    assert metrics["train_log"][-1]["tokens_per_s"] > 0
+    assert (out / "routing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any((out / "tensorboard").iterdir())
+    assert json.loads((out / TRAIN_CONFIG_FILE).read_text())["format_version"] == 1
+
+    # only the last two checkpoints are kept, each complete; no temporary folder is left behind
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-4", "checkpoint-6"]
+    for ckpt in list_checkpoints(out):
+        for name in (STATE_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE, TRAIN_CONFIG_FILE):
+            assert (ckpt / name).is_file(), name
+        assert (ckpt / ADAPTER_DIR / "dylora_moe_weights.safetensors").is_file()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    state = json.loads((out / "checkpoint-6" / STATE_FILE).read_text())
+    assert state["global_step"] == 6 and state["sampler"]["position"] == 6 * 2 * 4 % state["sampler"]["num_samples"]
+
+    # the final adapter loads onto a fresh copy of the base and equals the trained model
+    loaded = DyLoRAMoEForCausalLM.from_pretrained(out / "final", base_model=make_base("llama"))
+    assert loaded.maturity == [True, True] and loaded.routing_mode == "sparse"
+    for (name, a), b in zip(trainable(loaded).items(), trainable(trainer.model).values()):
+        assert torch.equal(a, b), name
+    # the router's feature standardisation was calibrated on training examples and travels with the adapter
+    assert "router calibrated on" in printed and trainer.model.routers[0].feature_mean.abs().sum() > 0
+    assert torch.equal(loaded.routers[0].feature_mean, trainer.model.routers[0].feature_mean)
+    assert torch.equal(loaded.routers[0].feature_std, trainer.model.routers[0].feature_std)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_at_training_call(model, call: int) -> None:
+    """Raise ``Interrupt`` at the ``call``-th training-mode forward of ``model`` (a simulated crash)."""
+    seen = {"n": 0}
+
+    def hook(module, args, kwargs):
+        if module.training:
+            seen["n"] += 1
+            if seen["n"] == call:
+                raise Interrupt
+        return None
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_interrupted_then_resumed_run_equals_uninterrupted(tmp_path, data_dir, capsys):
+    # dropout > 0 and several micro-batches per step, so RNG, optimizer, scheduler and data position all matter
+    straight = JointTrainer(tiny_config(tmp_path / "a", data_dir), *tiny_model_and_tokenizer())
+    straight.train()
+
+    config = tiny_config(tmp_path / "b", data_dir)
+    model, tokenizer = tiny_model_and_tokenizer()
+    interrupt_at_training_call(model, call=2 * 4 + 2)  # second micro-batch of step 5 (after checkpoint-4)
+    with pytest.raises(Interrupt):
+        JointTrainer(config, model=model, tokenizer=tokenizer).train()
+    assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["checkpoint-2", "checkpoint-4"]
+    assert not (tmp_path / "b" / "final").exists()
+
+    resumed = JointTrainer(config.replace(resume=True), *tiny_model_and_tokenizer())
+    result = resumed.train()
+    assert "resuming from" in capsys.readouterr().out and result.resumed_from.name == "checkpoint-4"
+
+    a, b = trainable(straight.model), trainable(resumed.model)
+    assert a.keys() == b.keys() and len(a) > 0
+    a.update(straight.model.routers.named_buffers(prefix="routers"))
+    b.update(resumed.model.routers.named_buffers(prefix="routers"))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    metrics_a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    metrics_b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert metrics_a["eval_history"] == metrics_b["eval_history"]
+
+
+def test_resume_and_output_dir_guards(tmp_path, data_dir):
+    config = tiny_config(tmp_path / "run", data_dir, **{"train.max_steps": 2})
+    with pytest.raises(CheckpointError, match="no checkpoint-<step> folder to resume from"):
+        run(config.replace(resume=True))
+    run(config)
+    with pytest.raises(ConfigError, match="already holds checkpoints.*--resume"):
+        run(config)
+    with pytest.raises(CheckpointError, match="different 'moe'"):
+        run(config.replace(resume=True, **{"moe.r": 8}))
+    result = run(config.replace(resume=True))  # already complete: nothing more to train, outputs rewritten
+    assert result.global_step == 2 and (tmp_path / "run" / "metrics.json").is_file()
+    again = run(config.replace(overwrite_output_dir=True))
+    assert again.global_step == 2 and again.resumed_from is None
+
+
+def test_gradient_checkpointing_keeps_gradients_flowing(tmp_path, data_dir):
+    changes = {"train.max_steps": 2, "train.eval_every": 0, "moe.dropout": 0.0}
+    plain = JointTrainer(tiny_config(tmp_path / "plain", data_dir, **changes), *tiny_model_and_tokenizer())
+    plain.train()
+    config = tiny_config(tmp_path / "ckpt", data_dir, **changes, **{"train.gradient_checkpointing": True})
+    checkpointed = JointTrainer(config, *tiny_model_and_tokenizer())
+    checkpointed.train()
+    model = checkpointed.model
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.base_model.modules())
+    # experts (B starts at zero) and the router moved, exactly as far as without checkpointing
+    assert any(b.abs().sum() > 0 for layer in model.expert_layers for b in layer.lora_B)
+    fresh = DyLoRAMoEForCausalLM(make_base("llama"), model.moe_config, mature=True)
+    assert not torch.equal(model.routers[0].weight, fresh.routers[0].weight)
+    a, b = trainable(plain.model), trainable(model)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
