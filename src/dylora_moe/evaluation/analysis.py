@@ -1,0 +1,214 @@
+"""Routing specialisation analysis: do the experts of a checkpoint specialise by domain?
+
+For a DyLoRA-MoE checkpoint and one or more domain datasets (registered names such as ``code_alpaca``
+and ``mbpp``, or JSON/JSONL instruction files), every held-out example is run through the model once
+(teacher forcing, formatted exactly as in training) and its routing is recorded::
+
+    report = analyze("runs/ckpt", ["code_alpaca", "mbpp"], output_dir="analysis", split="validation")
+    report["nmi"], report["share_matrix"], report["domains"]["mbpp"]["loss"]
+
+Written to ``output_dir``: ``analysis.json`` (below), ``expert_share.png`` (domain x expert share of the
+chosen expert) and ``router_probs.png`` (domain x expert mean router probability), both heatmaps.
+
+* ``domains[d]``: held-out ``loss`` (token-weighted cross-entropy on the response tokens), ``tokens``,
+  ``examples``, ``expert_share`` (share of the domain's examples whose chosen expert is e),
+  ``mean_router_probs`` and ``router_entropy`` (mean entropy of the router distribution, nats);
+* ``share_matrix`` / ``count_matrix``: the domain x expert matrix (rows = ``domain_names``);
+* ``nmi``: normalised mutual information between domain and chosen expert, ``I(D;E) / mean(H(D), H(E))``:
+  1 when each domain goes to its own expert(s) and no expert is shared, 0 when routing is independent
+  of the domain (see :func:`normalized_mutual_information`); ``null`` with a single domain;
+* ``router_entropy`` (overall mean; ``max_entropy`` = ln E) and ``expert_load`` (share of all examples
+  per expert) with ``mean_router_probs``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import DataCollator, DatasetSpec, get_spec, load_examples, tokenize_examples
+
+__all__ = ["analyze", "entropy", "load_domain_data", "normalized_mutual_information", "plot_heatmap"]
+
+
+def entropy(probs: Sequence[float]) -> float:
+    """Shannon entropy (nats) of a distribution; zero entries contribute nothing."""
+    return -sum(p * math.log(p) for p in probs if p > 0)
+
+
+def normalized_mutual_information(labels_a: Sequence[Any], labels_b: Sequence[Any]) -> float:
+    """NMI of two labelings of the same items, ``I(A;B) / ((H(A) + H(B)) / 2)``, in [0, 1].
+
+    1 when each labeling determines the other (e.g. every domain routed to its own expert), 0 when they
+    are independent. When one labeling is constant the information is 0, so NMI is 0, unless both are
+    constant (identical one-cluster partitions): then 1, as in scikit-learn.
+    """
+    if len(labels_a) != len(labels_b):
+        raise ValueError(f"NMI: labelings have different lengths ({len(labels_a)} and {len(labels_b)})")
+    n = len(labels_a)
+    if n == 0:
+        raise ValueError("NMI: no items")
+    joint: dict[tuple[Any, Any], int] = {}
+    count_a: dict[Any, int] = {}
+    count_b: dict[Any, int] = {}
+    for a, b in zip(labels_a, labels_b):
+        joint[(a, b)] = joint.get((a, b), 0) + 1
+        count_a[a] = count_a.get(a, 0) + 1
+        count_b[b] = count_b.get(b, 0) + 1
+    h_a = entropy([c / n for c in count_a.values()])
+    h_b = entropy([c / n for c in count_b.values()])
+    if h_a == 0 and h_b == 0:
+        return 1.0
+    if h_a == 0 or h_b == 0:
+        return 0.0
+    mutual = sum(c / n * math.log(c * n / (count_a[a] * count_b[b])) for (a, b), c in joint.items())
+    return max(0.0, min(1.0, mutual / ((h_a + h_b) / 2)))
+
+
+def load_domain_data(items: Sequence[str], split: str = "validation", limit: int | None = None,
+                     data_dir: str | Path | None = None) -> dict[str, list]:
+    """Examples per domain: a registered dataset name, or a JSON/JSONL instruction file (domain = its stem)."""
+    domains: dict[str, list] = {}
+    for item in items:
+        path = Path(item)
+        if path.suffix.lower() in (".json", ".jsonl", ".ndjson") or path.is_file():
+            spec = DatasetSpec(name=path.stem, loader="instruction", path=path.resolve(), split=split, limit=limit)
+        else:
+            spec = get_spec(item, split=split, limit=limit)
+        if spec.domain_label in domains:
+            raise ValueError(f"domain {spec.domain_label!r} is given twice")
+        domains[spec.domain_label] = load_examples(spec, data_dir)
+    if not domains:
+        raise ValueError("no datasets given")
+    return domains
+
+
+def plot_heatmap(matrix: Sequence[Sequence[float]], rows: Sequence[str], title: str, path: str | Path) -> None:
+    """A domain x expert heatmap with the values written in the cells (matplotlib, Agg canvas)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cols = len(matrix[0]) if matrix else 0
+    fig = Figure(figsize=(1.2 + 0.9 * max(cols, 1), 1.0 + 0.6 * max(len(rows), 1)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(cols), [f"e{j}" for j in range(cols)])
+    ax.set_yticks(range(len(rows)), list(rows))
+    ax.set_xlabel("expert")
+    ax.set_title(title, fontsize=10)
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black",
+                    fontsize=8)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+@torch.no_grad()
+def _run_domain(model: Any, batches: list[dict[str, torch.Tensor]], num_experts: int) -> dict[str, Any]:
+    device = next(model.parameters()).device
+    loss_sum, tokens, choices, probs = 0.0, 0, [], []
+    for batch in batches:
+        labels = batch["labels"].to(device)
+        out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                    labels=labels)
+        count = int((labels[:, 1:] != -100).sum())
+        if count:
+            loss_sum += float(out.lm_loss) * count
+            tokens += count
+        choices += [int(c) for c in out.expert_choice.tolist()]
+        probs += [[float(p) for p in row] for row in out.router_probs.float().tolist()]
+    n = len(choices)
+    share = [choices.count(e) / n for e in range(num_experts)]
+    mean_probs = [sum(row[e] for row in probs) / n for e in range(num_experts)]
+    return {"examples": n, "tokens": tokens, "loss": loss_sum / max(tokens, 1), "expert_share": share,
+            "counts": [choices.count(e) for e in range(num_experts)], "mean_router_probs": mean_probs,
+            "router_entropy": sum(entropy(row) for row in probs) / n, "_choices": choices, "_entropies":
+            [entropy(row) for row in probs]}
+
+
+def analyze(
+    model: Any,
+    data: Sequence[str] | dict[str, list],
+    *,
+    output_dir: str | Path,
+    tokenizer: Any = None,
+    split: str = "validation",
+    limit: int | None = None,
+    batch_size: int = 4,
+    max_seq_length: int = 512,
+    data_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Analyse routing of ``model`` (a checkpoint folder, or a loaded DyLoRA-MoE model with ``tokenizer``)
+    over ``data`` (dataset names / files, or ``{domain: [Example, ...]}``); write JSON and PNGs."""
+    from tqdm.auto import tqdm
+
+    from .harness import EvaluationError, load_for_eval
+
+    name = str(model) if isinstance(model, (str, Path)) else type(model).__name__
+    if isinstance(model, (str, Path)):
+        model, tokenizer = load_for_eval(model)
+    if not hasattr(model, "moe_config"):
+        raise EvaluationError("analyze needs a DyLoRA-MoE model (routing statistics); got a plain model")
+    if tokenizer is None:
+        raise EvaluationError("a tokenizer is needed with a loaded model")
+    by_domain = dict(data) if isinstance(data, dict) else load_domain_data(data, split, limit, data_dir)
+    names = list(by_domain)
+    examples = [dataclasses.replace(ex, domain=domain) for domain, exs in by_domain.items() for ex in exs]
+    tokenized, stats = tokenize_examples(examples, tokenizer, max_seq_length, domains=names)
+    collate = DataCollator.from_tokenizer(tokenizer)
+    num_experts = model.num_experts
+    was_training = model.training
+    model.eval()
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        for domain in tqdm(names, desc="analyze", unit="domain", disable=not progress):
+            items = [t for t in tokenized if t.domain == domain]
+            if not items:
+                raise EvaluationError(f"domain {domain!r}: no example fits max_seq_length={max_seq_length}")
+            batches = [collate(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
+            results[domain] = _run_domain(model, batches, num_experts)
+    finally:
+        model.train(was_training)
+    domain_labels = [d for d in names for _ in results[d]["_choices"]]
+    expert_labels = [c for d in names for c in results[d]["_choices"]]
+    entropies = [h for d in names for h in results[d].pop("_entropies")]
+    for d in names:
+        results[d].pop("_choices")
+        results[d]["dropped"] = stats.domains[d].dropped
+    total = len(expert_labels)
+    report = {
+        "checkpoint": name,
+        "split": split,
+        "num_experts": num_experts,
+        "routing": model.moe_config.routing,
+        "routing_mode": model.routing_mode,
+        "domain_names": names,
+        "domains": results,
+        "share_matrix": [results[d]["expert_share"] for d in names],
+        "count_matrix": [results[d]["counts"] for d in names],
+        "nmi": normalized_mutual_information(domain_labels, expert_labels) if len(names) > 1 else None,
+        "router_entropy": sum(entropies) / total,
+        "max_entropy": math.log(num_experts),
+        "expert_load": [expert_labels.count(e) / total for e in range(num_experts)],
+        "mean_router_probs": [sum(results[d]["mean_router_probs"][e] * results[d]["examples"] for d in names) / total
+                              for e in range(num_experts)],
+        "loss": sum(results[d]["loss"] * results[d]["tokens"] for d in names)
+        / max(sum(results[d]["tokens"] for d in names), 1),
+    }
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "analysis.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_heatmap(report["share_matrix"], names, "share of examples routed to each expert", out / "expert_share.png")
+    plot_heatmap([results[d]["mean_router_probs"] for d in names], names, "mean router probability",
+                 out / "router_probs.png")
+    return report

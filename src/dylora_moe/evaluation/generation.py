@@ -1,0 +1,332 @@
+"""Generating solutions for code problems: prompts, batched KV-cached decoding, stop sequences, code extraction.
+
+Two prompt styles (``prompt_style='auto'`` picks ``chat`` when the tokenizer has a chat template,
+``completion`` otherwise; ``instruction`` is the plain ``### Instruction`` template of the data layer):
+
+* ``completion``: the model continues :attr:`Problem.prompt`; the text is cut at the first stop sequence
+  and the solution is ``prompt + completion``, the prompt kept byte for byte.
+* ``chat`` / ``instruction``: the user message is :attr:`Problem.instruction`; the solution is extracted
+  from the reply by :func:`extract_code` (the fenced block defining the entry point, test and demo code
+  dropped). For HumanEval the problem's prompt comes first (its imports and helper functions), and the
+  extracted function redefines the entry point.
+
+Greedy decoding for pass@1 (``temperature=0``), sampling (temperature, top-p) for pass@k. For a
+DyLoRA-MoE model, one forward on each batch of prompts records the router's choice per prompt
+(``out.expert_choice`` / ``out.router_probs``); ``generate`` pins routing to the same prompt::
+
+    config = GenerationConfig(max_new_tokens=512, batch_size=8)
+    samples = generate_samples(model, tokenizer, problems, config)
+    samples[0].completion, samples[0].solution, samples[0].expert
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria
+
+from ..data import Example, build_prompt, use_chat_format
+from .benchmarks import Problem
+
+__all__ = [
+    "PROMPT_STYLES",
+    "STOP_SEQUENCES",
+    "GenerationConfig",
+    "Sample",
+    "extract_code",
+    "fenced_blocks",
+    "generate_samples",
+    "render_prompt",
+    "resolve_prompt_style",
+    "sanitize_code",
+    "solution_for",
+    "stops_for",
+    "truncate_at_stop",
+]
+
+PROMPT_STYLES = ("auto", "chat", "completion", "instruction")
+#: Completion-style stop sequences (a new top-level statement ends the function being written).
+STOP_SEQUENCES: dict[str, tuple[str, ...]] = {
+    "humaneval": ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert "),
+    "mbpp": ("\nassert ", '\n"""', "\nprint(", "\nif __name__", "\n```"),
+}
+_PYTHON_FENCES = {"", "python", "py", "python3", "py3"}
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings. ``temperature=0`` is greedy (then ``n_samples`` must be 1)."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 0.95
+    n_samples: int = 1
+    batch_size: int = 8
+    seed: int = 0
+    prompt_style: str = "auto"
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.n_samples < 1:
+            raise ValueError("max_new_tokens, batch_size and n_samples must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
+        if self.temperature == 0 and self.n_samples > 1:
+            raise ValueError("greedy decoding (temperature 0) gives identical samples: use temperature > 0 for n > 1")
+        if self.prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {self.prompt_style!r}")
+
+
+@dataclass
+class Sample:
+    """One generated sample: the raw reply, the code it yields, and the routing of its prompt."""
+
+    task_id: str
+    index: int
+    prompt: str
+    completion: str
+    solution: str
+    new_tokens: int
+    expert: int | None = None
+    router_probs: list[float] | None = None
+
+
+# ----------------------------------------------------------------------------- prompts
+def resolve_prompt_style(tokenizer: Any, style: str = "auto") -> str:
+    """``chat`` if ``style`` is auto and the tokenizer has a chat template, else ``completion``."""
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {style!r}")
+    if style == "auto":
+        return "chat" if use_chat_format(tokenizer) else "completion"
+    if style == "chat" and not use_chat_format(tokenizer):
+        raise ValueError("prompt_style 'chat' needs a tokenizer with a chat_template")
+    return style
+
+
+def render_prompt(problem: Problem, tokenizer: Any, style: str) -> str:
+    """The text fed to the model (special tokens included as text for chat/instruction styles)."""
+    if style == "completion":
+        return problem.prompt
+    example = Example(domain=problem.benchmark, instruction=problem.instruction)
+    return build_prompt(example, tokenizer, use_chat_template=style == "chat")
+
+
+# ----------------------------------------------------------------------------- post-processing
+def stops_for(benchmark: str) -> tuple[str, ...]:
+    """The completion-style stop sequences of ``benchmark`` (HumanEval's for unknown names)."""
+    return STOP_SEQUENCES.get(benchmark, STOP_SEQUENCES["humaneval"])
+
+
+def truncate_at_stop(text: str, stops: Sequence[str]) -> str:
+    """``text`` up to the earliest occurrence of any stop sequence."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def fenced_blocks(text: str) -> list[tuple[str, str]]:
+    """``(language, code)`` of every Markdown fenced block; an unclosed last block runs to the end."""
+    blocks: list[tuple[str, str]] = []
+    lang: str | None = None
+    lines: list[str] = []
+    for line in text.splitlines(keepends=True):
+        stripped = line.strip()
+        if lang is None:
+            if stripped.startswith("```"):
+                lang, lines = stripped[3:].strip().lower(), []
+        elif stripped.startswith("```"):
+            blocks.append((lang, "".join(lines)))
+            lang = None
+        else:
+            lines.append(line)
+    if lang is not None and lines:
+        blocks.append((lang, "".join(lines)))
+    return blocks
+
+
+def _defines(code: str, name: str) -> bool:
+    return bool(name) and re.search(rf"^\s*(?:async\s+)?def\s+{re.escape(name)}\s*\(", code, re.M) is not None
+
+
+def _parsable_prefix(code: str) -> str | None:
+    """The longest run of leading lines that parses (drops trailing prose or a cut-off statement)."""
+    lines = code.splitlines(keepends=True)
+    for end in range(len(lines), 0, -1):
+        candidate = "".join(lines[:end])
+        try:
+            ast.parse(candidate)
+        except (SyntaxError, ValueError):
+            continue
+        return candidate
+    return None
+
+
+def sanitize_code(code: str) -> str:
+    """Keep the top-level definitions of ``code``: drop expression statements (``print(...)``), asserts and
+    ``if __name__ == '__main__':`` blocks, which are demos or the model's own tests. Code that does not
+    parse is cut to its longest parsable prefix when that prefix defines something, else kept unchanged.
+    Kept statements are sliced from the original text, so their formatting and comments are preserved."""
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        prefix = _parsable_prefix(code)
+        if prefix is None or prefix.strip() == code.strip() or "def " not in prefix:
+            return code
+        return sanitize_code(prefix)
+    lines = code.splitlines(keepends=True)
+    kept: list[str] = []
+    for node in tree.body:
+        if isinstance(node, (ast.Expr, ast.Assert)):
+            continue
+        if isinstance(node, ast.If) and "__name__" in ast.unparse(node.test):
+            continue
+        start = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))])
+        kept.append("".join(lines[start - 1 : node.end_lineno]).rstrip() + "\n")
+    return "\n".join(kept)
+
+
+def extract_code(reply: str, entry_point: str = "") -> str:
+    """The solution code of a chat reply.
+
+    The fenced blocks marked python (or unmarked) are candidates, else all fenced blocks; the first one
+    that defines ``entry_point`` wins, else the first one. Without any fence, the reply from its first
+    line that starts like code (``def``, ``class``, ``import``, ``from``, ``@``) is used. The result goes
+    through :func:`sanitize_code`; code that is only an indented function body is returned as is.
+    """
+    blocks = fenced_blocks(reply)
+    candidates = [code for lang, code in blocks if lang in _PYTHON_FENCES] or [code for _, code in blocks]
+    if candidates:
+        code = next((c for c in candidates if _defines(c, entry_point)), candidates[0])
+    else:
+        match = re.search(r"^(?:def |class |import |from |@|async def )", reply, re.M)
+        code = reply[match.start() :] if match else reply
+    if code[:1] in (" ", "\t") and code.strip() and not _defines(code.lstrip(), entry_point):
+        return code  # a function body continuing the prompt
+    return sanitize_code(code)
+
+
+def solution_for(problem: Problem, completion: str, style: str) -> str:
+    """The complete code for ``completion`` (before the tests are appended)."""
+    if style == "completion":
+        return problem.prompt + completion
+    code = extract_code(completion, problem.entry_point)
+    if problem.benchmark != "humaneval":
+        return code
+    if code[:1] in (" ", "\t"):
+        return problem.prompt + code  # the body of the prompt's function
+    return problem.prompt + "\n\n" + code  # imports and helpers of the prompt, then the new definition
+
+
+# ----------------------------------------------------------------------------- decoding
+class _StopCriteria(StoppingCriteria):
+    """Per-row stopping: a completion stop sequence, or (chat) a closed fenced code block."""
+
+    def __init__(self, tokenizer: Any, prompt_length: int, done: Callable[[str], bool]) -> None:
+        super().__init__()
+        self.tokenizer, self.prompt_length, self.done = tokenizer, prompt_length, done
+        self.finished: list[bool] | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs: Any) -> torch.BoolTensor:
+        if self.finished is None:
+            self.finished = [False] * input_ids.shape[0]
+        for row in range(input_ids.shape[0]):
+            if not self.finished[row]:
+                text = self.tokenizer.decode(input_ids[row, self.prompt_length :], skip_special_tokens=True)
+                self.finished[row] = self.done(text)
+        return torch.tensor(self.finished, dtype=torch.bool, device=input_ids.device)
+
+
+def _stop_test(style: str, benchmark: str) -> Callable[[str], bool]:
+    if style == "completion":
+        stops = stops_for(benchmark)
+        return lambda text: any(s in text for s in stops)
+    return lambda text: sum(line.strip().startswith("```") for line in text.splitlines()) >= 2
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    config = getattr(model, "generation_config", None) or getattr(getattr(model, "base_model", None),
+                                                                  "generation_config", None)
+    configured = getattr(config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, (list, tuple)):
+        ids.update(int(i) for i in configured)
+    return sorted(ids)
+
+
+@torch.no_grad()
+def route_prompts(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[tuple[int, list[float]]]:
+    """``(expert, router_probs)`` per row for a DyLoRA-MoE model (one forward); ``[]`` for a plain model."""
+    if not hasattr(model, "moe_config"):
+        return []
+    out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1)
+    choice = out.expert_choice.tolist()
+    probs = out.router_probs.float().tolist()
+    return [(int(c), [round(p, 6) for p in row]) for c, row in zip(choice, probs)]
+
+
+def generate_samples(
+    model: Any,
+    tokenizer: Any,
+    problems: Sequence[Problem],
+    config: GenerationConfig | None = None,
+    *,
+    on_batch: Callable[[list[Sample]], None] | None = None,
+) -> list[Sample]:
+    """Generate ``config.n_samples`` samples per problem, in problem order then sample order.
+
+    Prompts are sorted by length and generated ``batch_size`` at a time (left padding, KV cache).
+    ``on_batch(samples)`` is called after each batch (e.g. to start executing them).
+    """
+    config = config or GenerationConfig()
+    config.validate()
+    style = resolve_prompt_style(tokenizer, config.prompt_style)
+    add_special = style == "completion"
+    prompts = [render_prompt(p, tokenizer, style) for p in problems]
+    lengths = [len(tokenizer(text, add_special_tokens=add_special)["input_ids"]) for text in prompts]
+    jobs = sorted(((i, s) for i in range(len(problems)) for s in range(config.n_samples)), key=lambda j: -lengths[j[0]])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_ids = _eos_ids(model, tokenizer)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    samples: dict[tuple[int, int], Sample] = {}
+    try:
+        for number, start in enumerate(range(0, len(jobs), config.batch_size)):
+            batch = jobs[start : start + config.batch_size]
+            enc = tokenizer([prompts[i] for i, _ in batch], add_special_tokens=add_special, padding=True,
+                            return_tensors="pt").to(device)
+            routes = route_prompts(model, enc["input_ids"], enc["attention_mask"])
+            width = enc["input_ids"].shape[1]
+            stop = _StopCriteria(tokenizer, width, _stop_test(style, problems[batch[0][0]].benchmark))
+            kwargs: dict[str, Any] = {"do_sample": False}
+            if config.temperature > 0:
+                kwargs = {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p, "top_k": 0}
+            torch.manual_seed(config.seed + number)
+            out = model.generate(
+                input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=config.max_new_tokens,
+                pad_token_id=pad_id, eos_token_id=eos_ids, stopping_criteria=[stop], use_cache=True, **kwargs,
+            )
+            made = []
+            for row, (i, s) in enumerate(batch):
+                new = out[row, width:]
+                keep = new[~torch.isin(new, torch.tensor([pad_id, *eos_ids], device=new.device))]
+                text = tokenizer.decode(new, skip_special_tokens=True)
+                completion = truncate_at_stop(text, stops_for(problems[i].benchmark)) if style == "completion" else text
+                expert, probs = routes[row] if routes else (None, None)
+                sample = Sample(problems[i].task_id, s, prompts[i], completion,
+                                solution_for(problems[i], completion, style), int(keep.numel()), expert, probs)
+                samples[(i, s)] = sample
+                made.append(sample)
+            if on_batch is not None:
+                on_batch(made)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return [samples[(i, s)] for i in range(len(problems)) for s in range(config.n_samples)]

@@ -1,0 +1,163 @@
+"""``evaluate`` end to end with a tiny random model and the real sandbox, and the ``eval`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from dylora_moe import DyLoRAMoEConfig, DyLoRAMoEForCausalLM
+from dylora_moe.evaluation import SandboxLimits, harness
+from dylora_moe.evaluation.benchmarks import load_problems
+from dylora_moe.evaluation.commands import add_commands, main
+from dylora_moe.evaluation.execution import STATUSES
+from dylora_moe.evaluation.generation import Sample
+from dylora_moe.evaluation.harness import EvaluationError, evaluate
+from tests.tiny import make_base, randomize_experts
+
+try:  # the tiny tokenizer lives in tests/tiny.py (it used to live in tests/data/conftest.py)
+    from tests.tiny import make_tokenizer
+except ImportError:  # pragma: no cover
+    from tests.data.conftest import make_tokenizer
+
+ROW_FIELDS = {"task_id", "sample", "prompt", "completion", "solution", "status", "reason", "expert", "router_probs",
+              "new_tokens", "duration_s"}
+LIMITS = SandboxLimits(timeout_s=20.0)
+
+
+def read_rows(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def moe():
+    model = DyLoRAMoEForCausalLM(make_base("llama"), DyLoRAMoEConfig(num_experts=3, r=4, alpha=8), mature=True)
+    randomize_experts(model)
+    return model.eval()
+
+
+def test_evaluate_writes_consistent_results_and_summary(moe, tmp_path):
+    summary = evaluate(moe, make_tokenizer(), benchmark="humaneval", limit=2, n_samples=2, temperature=1.0, k="1,2,5",
+                       max_new_tokens=6, batch_size=3, output_dir=tmp_path, workers=2, limits=LIMITS, progress=False)
+    rows = read_rows(tmp_path)
+    assert len(rows) == 4 and all(set(r) == ROW_FIELDS for r in rows)
+    assert [(r["task_id"], r["sample"]) for r in rows] == [
+        ("HumanEval/0", 0), ("HumanEval/0", 1), ("HumanEval/1", 0), ("HumanEval/1", 1)]
+    assert all(r["status"] in STATUSES and r["reason"] for r in rows)
+    assert all("def check(candidate)" not in r["completion"] for r in rows)  # no program stored
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert sum(summary["outcomes"].values()) == 4 and set(summary["outcomes"]) == set(STATUSES)
+    assert set(summary["pass@k"]) == {"pass@1", "pass@2", "pass@5"} and summary["pass@k"]["pass@5"] is None
+    passed = sum(r["status"] == "passed" for r in rows)
+    assert summary["pass@k"]["pass@1"] == pytest.approx(passed / 4) and summary["outcomes"]["passed"] == passed
+    assert summary["prompt_style"] == "completion" and summary["problems"] == 2 and summary["mode"] == "model"
+    # the router's choice is recorded per sample, identical across samples of one prompt
+    assert all(isinstance(r["expert"], int) and 0 <= r["expert"] < 3 for r in rows)
+    assert rows[0]["expert"] == rows[1]["expert"] and rows[0]["router_probs"] == rows[1]["router_probs"]
+    assert sum(e["problems"] for e in summary["experts"].values()) == 2
+
+
+def test_base_model_has_no_experts(tmp_path):
+    summary = evaluate(make_base("llama"), make_tokenizer(), benchmark="humaneval", limit=1, max_new_tokens=4,
+                       output_dir=tmp_path, limits=LIMITS, progress=False)
+    [row] = read_rows(tmp_path)
+    assert row["expert"] is None and row["router_probs"] is None and summary["experts"] is None
+
+
+def test_pass_at_1_counts_real_passes(monkeypatch, tmp_path):
+    """Scripted generation: the canonical solution for one problem, a 'pass' body for the other."""
+    problems = load_problems("humaneval", limit=2)
+    canonical = problems[0].reference[len(problems[0].prompt):]
+
+    def fake_generate(model, tokenizer, problems, config, on_batch=None):
+        samples = [Sample(p.task_id, 0, p.prompt, c, p.prompt + c, 3, expert=i, router_probs=[0.5, 0.5])
+                   for i, (p, c) in enumerate(zip(problems, [canonical, "    pass\n"]))]
+        on_batch(samples)
+        return samples
+
+    monkeypatch.setattr(harness, "generate_samples", fake_generate)
+    summary = evaluate(make_base("llama"), make_tokenizer(), benchmark="humaneval", limit=2, output_dir=tmp_path,
+                       limits=LIMITS, progress=False)
+    assert summary["pass@k"]["pass@1"] == 0.5 and summary["problems_solved"] == 1
+    assert summary["outcomes"]["passed"] == 1 and summary["outcomes"]["failed"] == 1
+    assert summary["experts"] == {"0": {"problems": 1, "pass@1": 1.0}, "1": {"problems": 1, "pass@1": 0.0}}
+    assert [r["status"] for r in read_rows(tmp_path)] == ["passed", "failed"]
+
+
+def test_references_mode(tmp_path):
+    summary = evaluate(None, benchmark="humaneval", limit=3, references=True, output_dir=tmp_path, limits=LIMITS,
+                       progress=False)
+    refs = summary["references"]
+    assert refs["passed"] == 3 and refs["pass_body"]["passed"] == 0 and summary["mode"] == "references"
+    assert len(read_rows(tmp_path)) == 6
+
+
+def test_invalid_settings(tmp_path):
+    with pytest.raises(EvaluationError, match="greedy"):
+        evaluate(make_base("llama"), make_tokenizer(), limit=1, n_samples=2, output_dir=tmp_path, progress=False)
+    with pytest.raises(EvaluationError, match="k must"):
+        evaluate(make_base("llama"), make_tokenizer(), limit=1, k="1,x", output_dir=tmp_path, progress=False)
+    with pytest.raises(EvaluationError, match="not a DyLoRA-MoE checkpoint"):
+        evaluate(str(tmp_path), limit=1, output_dir=tmp_path / "out", progress=False)
+
+
+# ----------------------------------------------------------------------------- command line
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, moe):
+    """A real checkpoint folder whose base model is a local folder (tiny llama + tiny tokenizer)."""
+    root = tmp_path_factory.mktemp("ckpt")
+    base = make_base("llama")
+    base.save_pretrained(root / "base")
+    make_tokenizer().save_pretrained(root / "base")
+    model = DyLoRAMoEForCausalLM(base, DyLoRAMoEConfig(num_experts=2, r=4, alpha=8), mature=True,
+                                 base_name_or_path=str(root / "base"))
+    randomize_experts(model)
+    model.save_pretrained(root / "ckpt")
+    return root / "ckpt"
+
+
+def test_eval_command_with_a_checkpoint(checkpoint, tmp_path, capsys):
+    out = tmp_path / "he"
+    code = main(["eval", str(checkpoint), "--benchmark", "humaneval", "--limit", "1", "--max-new-tokens", "4",
+                 "--output", str(out), "--no-progress", "--workers", "1"])
+    assert code == 0
+    assert "pass@1 = " in capsys.readouterr().out
+    [row] = read_rows(out)
+    assert row["expert"] in (0, 1)
+    assert json.loads((out / "summary.json").read_text())["model"] == str(checkpoint)
+
+
+def test_eval_command_references(tmp_path, capsys):
+    assert main(["eval", "--references", "--limit", "2", "--output", str(tmp_path), "--no-progress"]) == 0
+    assert "references: 2/2 pass; 'pass' bodies: 0/2 pass" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval"], "MODEL is required"),
+    (["eval", "{tmp}", "--limit", "1"], "not a DyLoRA-MoE checkpoint"),
+    (["eval", "{tmp}", "--n-samples", "3", "--limit", "1"], "greedy"),
+    (["eval", "x", "--benchmark", "mbpp", "--data-dir", "{tmp}/missing"], "does not exist"),
+    (["analyze", "{tmp}", "--data", "mbpp", "--output", "{tmp}/a"], "not a DyLoRA-MoE checkpoint"),
+])
+def test_command_errors_exit_2_without_traceback(argv, message, tmp_path, capsys):
+    code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("dylora-moe: error: ") and message in err and "Traceback" not in err
+
+
+def test_add_commands_registers_on_another_parser():
+    parser = argparse.ArgumentParser(prog="dylora-moe")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    ns = parser.parse_args(["eval", "ckpt", "--benchmark", "mbpp", "--k", "1,10", "--n-samples", "10",
+                            "--temperature", "0.8", "--base-only", "--workers", "2"])
+    assert (ns.model, ns.benchmark, ns.k, ns.n_samples, ns.temperature, ns.base_only) == (
+        "ckpt", "mbpp", "1,10", 10, 0.8, True)
+    assert callable(ns.func)
+    ns = parser.parse_args(["analyze", "ckpt", "--data", "code_alpaca", "x.jsonl", "--output", "o"])
+    assert ns.data == ["code_alpaca", "x.jsonl"]
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["eval", "ckpt", "--benchmark", "apps"])
+    assert exc.value.code == 2
