@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/dylora-moe report smollm2-135m
+.venv/bin/dylora-moe train --config configs/cpu-demo.yaml --overwrite-output-dir
