@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from .atomic import write_folder_atomically
 from .layer import ADAPTER_PARAMETER_NAMES
-from .serialization import _write_atomically
 
 
 def _check_index(model, index: int) -> None:
@@ -52,7 +52,7 @@ def export_expert(model, index: int, directory: str | Path) -> Path:
         peft_config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
 
-    return _write_atomically(Path(directory), write)
+    return write_folder_atomically(directory, write)
 
 
 def merge_expert(model, index: int) -> PreTrainedModel:

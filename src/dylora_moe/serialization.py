@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import write_folder_atomically
 from .config import DyLoRAMoEConfig
 
 FORMAT_VERSION = 1
@@ -80,28 +78,6 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def _write_atomically(directory: Path, write) -> Path:
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        write(tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = None
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return directory
-
-
 def save_model(model, directory: str | Path) -> Path:
     """Write the adapter checkpoint of ``model`` to ``directory`` (atomically)."""
     meta = {
@@ -119,7 +95,7 @@ def save_model(model, directory: str | Path) -> Path:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
-    return _write_atomically(Path(directory), write)
+    return write_folder_atomically(directory, write)
 
 
 def read_checkpoint_meta(directory: str | Path) -> dict[str, Any]:
