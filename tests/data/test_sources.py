@@ -314,7 +314,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 @pytest.mark.integration
 def test_real_shared_data_counts():
     if not (SHARED_DATA / "mbpp" / "mbpp.jsonl").is_file():
-        pytest.fail(f"real data not found at {SHARED_DATA}: integration tests need ../shared/data (deselect with -m \"not integration\")")
+        pytest.fail(f"real data not found at {SHARED_DATA}: deselect with -m \"not integration\"")
     counts = {
         s: len(load_examples("mbpp", SHARED_DATA, split=s)) for s in ("train", "test", "validation", "prompt", "all")
     }

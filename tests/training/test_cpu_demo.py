@@ -18,7 +18,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 @pytest.mark.integration
 def test_cpu_demo_config_two_steps(tmp_path, monkeypatch, capsys):
     if not (SHARED_DATA / "mbpp" / "mbpp.jsonl").is_file():
-        pytest.fail(f"real data not found at {SHARED_DATA}: integration tests need ../shared/data (deselect with -m \"not integration\")")
+        pytest.fail(f"real data not found at {SHARED_DATA}: deselect with -m \"not integration\"")
     isolate_data_registry(monkeypatch)
     out = tmp_path / "run"
     argv = ["train", "--config", str(ROOT / "configs" / "cpu-demo.yaml"),
