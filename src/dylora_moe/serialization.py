@@ -98,27 +98,40 @@ def save_model(model, directory: str | Path) -> Path:
     return write_folder_atomically(directory, write)
 
 
-def read_checkpoint_meta(directory: str | Path) -> dict[str, Any]:
-    """Read and validate ``dylora_moe_config.json`` of a checkpoint folder."""
-    path = Path(directory) / CONFIG_FILE
+def read_versioned_json(
+    directory: str | Path, filename: str, *, what: str, max_version: int, required: tuple[str, ...]
+) -> dict[str, Any]:
+    """Read ``directory/filename``: a JSON object with an integer ``format_version`` <= ``max_version``
+    and the ``required`` fields; a ``CheckpointError`` names the file, line or field otherwise."""
+    path = Path(directory) / filename
     if not path.is_file():
-        raise CheckpointError(f"{directory}: not a DyLoRA-MoE checkpoint ({CONFIG_FILE} not found)")
+        raise CheckpointError(f"{directory}: not a {what} ({filename} not found)")
     try:
-        meta = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from exc
-    version = meta.get("format_version")
+        raise CheckpointError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    version = data.get("format_version")
     if not isinstance(version, int):
         raise CheckpointError(f"{path}: field 'format_version' is missing or not an integer")
-    if version > FORMAT_VERSION:
+    if version > max_version:
         raise CheckpointError(
             f"{path}: format_version {version} was written by a newer dylora-moe (this one reads up to "
-            f"{FORMAT_VERSION}); upgrade dylora-moe"
+            f"{max_version}); upgrade dylora-moe"
         )
-    for key in ("moe_config", "expert_ranks", "expert_alphas", "maturity", "base_model"):
-        if key not in meta:
+    for key in required:
+        if key not in data:
             raise CheckpointError(f"{path}: field {key!r} is missing")
-    return meta
+    return data
+
+
+def read_checkpoint_meta(directory: str | Path) -> dict[str, Any]:
+    """Read and validate ``dylora_moe_config.json`` of a checkpoint folder."""
+    return read_versioned_json(
+        directory, CONFIG_FILE, what="DyLoRA-MoE checkpoint", max_version=FORMAT_VERSION,
+        required=("moe_config", "expert_ranks", "expert_alphas", "maturity", "base_model"),
+    )
 
 
 def load_model(directory: str | Path, base_model=None, *, dtype=None, device=None):

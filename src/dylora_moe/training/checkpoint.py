@@ -45,6 +45,7 @@ from ..serialization import (
     adapter_state_dict,
     check_fingerprint,
     read_checkpoint_meta,
+    read_versioned_json,
 )
 
 STATE_FORMAT_VERSION = 1
@@ -148,23 +149,10 @@ def save_checkpoint(
 
 def load_trainer_state(directory: str | Path) -> dict[str, Any]:
     """Read and check ``trainer_state.json`` of a checkpoint folder."""
-    path = Path(directory) / STATE_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{directory}: not a training checkpoint ({STATE_FILE} not found)")
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
-    version = state.get("format_version")
-    if not isinstance(version, int):
-        raise CheckpointError(f"{path}: field 'format_version' is missing or not an integer")
-    if version > STATE_FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version {version} was written by a newer dylora-moe "
-                              f"(this one reads up to {STATE_FORMAT_VERSION}); upgrade dylora-moe")
-    for key in ("global_step", "sampler", "eval_history", "world_size"):
-        if key not in state:
-            raise CheckpointError(f"{path}: field {key!r} is missing")
-    return state
+    return read_versioned_json(
+        directory, STATE_FILE, what="training checkpoint", max_version=STATE_FORMAT_VERSION,
+        required=("global_step", "sampler", "eval_history", "world_size"),
+    )
 
 
 def load_torch_file(directory: str | Path, name: str) -> Any:
