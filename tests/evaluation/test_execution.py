@@ -51,7 +51,11 @@ _PLAIN_PYTHON = _world_executable_python() if ROOT else None
 NO_NAMESPACES = SandboxLimits(
     timeout_s=5.0, memory_bytes=512 << 20, max_processes=16, namespaces=False, interpreter=_PLAIN_PYTHON
 )
-MODES = [pytest.param(FAST, id="full")] + ([pytest.param(NO_NAMESPACES, id="no-namespaces")] if _PLAIN_PYTHON else [])
+# Programs are forked from the server's pristine interpreter by default; FRESH executes a new one per program.
+FRESH = SandboxLimits(timeout_s=5.0, memory_bytes=512 << 20, max_processes=16, fresh_interpreter=True)
+MODES = [pytest.param(FAST, id="full"), pytest.param(FRESH, id="fresh-interpreter")] + (
+    [pytest.param(NO_NAMESPACES, id="no-namespaces")] if _PLAIN_PYTHON else []
+)
 FULL_LAYERS = {"pid-ns", "net-ns", "mount-ns", "readonly-root", "private-proc", "scratch-tmpfs", "uid", "rlimits"}
 
 root_only = pytest.mark.skipif(not ROOT, reason="the isolation layers checked here need root")
@@ -124,6 +128,7 @@ def run_checked(narrow_uid_range, private_tempdir):
     """run_program + the checks that the harness and the machine are unharmed."""
 
     def run(program: str, limits: SandboxLimits = FAST) -> ExecutionResult:
+        execution._server()  # the fork server is the harness's one long-lived child: started before counting
         children = _my_children()
         started = time.monotonic()
         result = run_program(textwrap.dedent(program), limits)
@@ -203,7 +208,100 @@ def test_runtime_syntax_error_is_a_failure(run_checked):
 def test_hash_seed_is_fixed(run_checked):
     first = run_checked("print(hash('dylora'))\n")
     second = run_checked("print(hash('dylora'))\n")
-    assert first.passed and first.stdout_tail == second.stdout_tail
+    fresh = run_checked("print(hash('dylora'))\n", FRESH)
+    assert first.passed and first.stdout_tail == second.stdout_tail == fresh.stdout_tail
+
+
+@pytest.mark.parametrize("limits", MODES)
+def test_program_holds_no_harness_descriptor(run_checked, limits):
+    """Only stdio and the proof descriptor are open: no control socket, no meta records, no other run's files."""
+    result = run_checked(
+        """
+        import os, stat
+        fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+        kinds = {}
+        for fd in fds:
+            try:
+                mode = os.fstat(fd).st_mode
+            except OSError:
+                continue  # the descriptor listdir itself used
+            kinds[fd] = "socket" if stat.S_ISSOCK(mode) else "file"
+        print(kinds)
+        assert "socket" not in kinds.values(), kinds
+        assert len(kinds) <= 4, kinds  # stdin, stdout, stderr, proof
+        """,
+        limits,
+    )
+    assert result.status == PASSED, result
+
+
+def test_program_sees_a_pristine_interpreter(run_checked):
+    """Forked from the server, a program sees what a fresh interpreter would: its own __main__, no package."""
+    result = run_checked(
+        """
+        import sys
+        assert __name__ == "__main__" and sys.modules["__main__"].__dict__ is globals()
+        assert not any(name.startswith("dylora_moe") for name in sys.modules), sorted(sys.modules)
+        assert all("site-packages" not in path for path in sys.path), sys.path
+        try:
+            import dylora_moe
+        except ImportError:
+            pass
+        else:
+            raise AssertionError("the harness's package is importable")
+        """
+    )
+    assert result.status == PASSED, result
+
+
+def test_server_restarts_after_being_killed(run_checked):
+    assert run_checked("x = 1\n").passed
+    old = execution.server_pid()
+    os.kill(old, 9)
+    for _ in range(100):
+        if execution._SERVER.process.poll() is not None:
+            break
+        time.sleep(0.01)
+    result = run_program("x = 1\n", FAST)
+    assert result.passed, result
+    assert execution.server_pid() not in (None, old)
+
+
+def test_harness_death_ends_the_server_and_its_runs(tmp_path):
+    """SIGKILL the harness in the middle of a run: the server, the supervisor and the program all go too."""
+    import subprocess
+
+    script = tmp_path / "harness.py"
+    script.write_text(textwrap.dedent(
+        """
+        import sys, threading, time
+        from dylora_moe.evaluation import SandboxLimits, execution, run_program
+        threading.Thread(target=run_program, args=("import time\\ntime.sleep(60)\\n", SandboxLimits(timeout_s=60)),
+                         daemon=True).start()
+        time.sleep(1.5)
+        print(execution.server_pid(), flush=True)
+        time.sleep(60)
+        """
+    ))
+    harness = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        server = int(harness.stdout.readline())
+        table = _live_processes()
+        family, grew = {server}, True
+        while grew:
+            grew = False
+            for pid, status in table.items():
+                if pid not in family and int(status.get("PPid", 0)) in family:
+                    family.add(pid)
+                    grew = True
+        assert len(family) >= 4, family  # server, supervisor, keeper, program
+    finally:
+        harness.kill()
+        harness.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and set(_live_processes()) & family:
+        time.sleep(0.05)
+    assert not set(_live_processes()) & family
 
 
 # --- resource exhaustion ------------------------------------------------------------------------------------

@@ -122,12 +122,30 @@ def checkpoint(tmp_path_factory, moe):
 def test_eval_command_with_a_checkpoint(checkpoint, tmp_path, capsys):
     out = tmp_path / "he"
     code = main(["eval", str(checkpoint), "--benchmark", "humaneval", "--limit", "1", "--max-new-tokens", "4",
-                 "--output", str(out), "--no-progress", "--workers", "1"])
+                 "--output", str(out), "--no-progress", "--workers", "1", "--dtype", "bfloat16", "--device", "cpu"])
     assert code == 0
     assert "pass@1 = " in capsys.readouterr().out
     [row] = read_rows(out)
     assert row["expert"] in (0, 1)
-    assert json.loads((out / "summary.json").read_text())["model"] == str(checkpoint)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == str(checkpoint)
+    assert (summary["device"], summary["dtype"]) == ("cpu", "bfloat16")
+
+
+def test_device_and_dtype_resolution():
+    import torch
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert harness.resolve_device("auto").type == expected and harness.resolve_device(None).type == expected
+    assert harness.resolve_device("cpu") == torch.device("cpu")
+    assert harness.resolve_dtype(None) is torch.float32 and harness.resolve_dtype("bf16") is torch.bfloat16
+    with pytest.raises(EvaluationError, match="dtype must be one of"):
+        harness.resolve_dtype("int3")
+    with pytest.raises(EvaluationError, match="device must be"):
+        harness.resolve_device("gpu-please")
+    if not torch.cuda.is_available():
+        with pytest.raises(EvaluationError, match="no CUDA device"):
+            harness.resolve_device("cuda")
 
 
 def test_eval_command_references(tmp_path, capsys):
@@ -140,6 +158,7 @@ def test_eval_command_references(tmp_path, capsys):
     (["eval", "{tmp}", "--limit", "1"], "not a DyLoRA-MoE checkpoint"),
     (["eval", "{tmp}", "--n-samples", "3", "--limit", "1"], "greedy"),
     (["eval", "x", "--benchmark", "mbpp", "--data-dir", "{tmp}/missing"], "does not exist"),
+    (["eval", "x", "--base-only", "--limit", "1", "--device", "tpu:7"], "device must be"),
     (["analyze", "{tmp}", "--data", "mbpp", "--output", "{tmp}/a"], "not a DyLoRA-MoE checkpoint"),
 ])
 def test_command_errors_exit_2_without_traceback(argv, message, tmp_path, capsys):

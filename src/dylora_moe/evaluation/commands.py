@@ -57,6 +57,9 @@ def _add_eval(sub: Any) -> None:
     p.add_argument("--timeout", type=float, default=20.0, help="wall-clock seconds per program (default 20)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None, help="data folder holding mbpp/mbpp.jsonl")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available, default), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="weights and activations while generating (default float32)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_guarded(_cmd_eval))
@@ -126,7 +129,7 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
         n_samples=ns.n_samples, temperature=ns.temperature, top_p=ns.top_p, k=ns.k, batch_size=ns.batch_size,
         max_new_tokens=ns.max_new_tokens, prompt_style=ns.prompt_style, seed=ns.seed, workers=ns.workers,
         timeout_s=ns.timeout, data_dir=ns.data_dir, references=ns.references, base_only=ns.base_only,
-        progress=not ns.no_progress,
+        progress=not ns.no_progress, device=ns.device, dtype=ns.dtype,
     )
     if ns.references:
         refs = summary["references"]

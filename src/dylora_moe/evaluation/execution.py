@@ -17,8 +17,9 @@ program's code returned -- and then exited with status 0. Nothing the program pr
 
 Process layout when the harness runs as root (the normal case for evaluation containers)::
 
-    harness --Popen--> supervisor: this file run as a script; root, own session, PR_SET_PDEATHSIG,
-      |                enforces the wall-clock limit
+    harness --Popen, once--> fork server: this file run as a script (``--serve``), single-threaded
+      |   (one request per program over a socket pair: config + file descriptors)
+      --fork--> supervisor: root, own session, PR_SET_PDEATHSIG, enforces the wall-clock limit
       --unshare(pid, net, ipc, uts) + fork--> keeper: pid 1 of the new namespaces, root; own mount
       |     namespace: read-only root file system, a private size-capped tmpfs behind the program's
       |     directory, /tmp, /var/tmp and /dev/shm, a fresh /proc
@@ -76,6 +77,19 @@ _UID_BASE = 1_800_000_000
 _UID_SPAN = 100_000_000
 _GRACE_S = 5.0  # the harness's own backstop fires this long after the supervisor should have finished
 _PROGRAM_PATH = "/usr/local/bin:/usr/bin:/bin"
+# The environment of the fork server and of every program (which also gets HOME and TMPDIR = its directory).
+_PROGRAM_ENV = {
+    "PATH": _PROGRAM_PATH,
+    "LANG": "C.UTF-8",
+    "LC_ALL": "C.UTF-8",
+    "PYTHONHASHSEED": "0",
+    "PYTHONIOENCODING": "utf-8",
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "PYTHONNOUSERSITE": "1",
+    "PYTHONSAFEPATH": "1",
+    "OMP_NUM_THREADS": "1",
+}
 _SCRATCH_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/run/shm")
 
 # Linux constants (include/uapi/linux/sched.h, mount.h, prctl.h, fcntl.h).
@@ -119,7 +133,10 @@ class SandboxLimits:
     (RLIMIT_NPROC, effective per run only when the harness is root); ``max_output_bytes`` is how much of
     the end of stdout and stderr is kept in the result; ``scratch_bytes`` is the size of the private tmpfs
     behind the program's directory, /tmp, /var/tmp and /dev/shm. ``interpreter`` is the Python that runs
-    the programs (default ``sys.executable``; only its standard library is importable). ``namespaces`` and
+    the programs (default ``sys.executable``; only its standard library is importable). By default each
+    program's process is forked from the sandbox's pre-started, pristine interpreter (one that never ran
+    any program and holds no other run's data); ``fresh_interpreter=True`` (implied by ``interpreter``)
+    executes a new interpreter for every program instead, about 16 ms more per program. ``namespaces`` and
     ``drop_privileges`` exist to run without those layers (tests, exotic hosts); leave them on.
     """
 
@@ -131,6 +148,7 @@ class SandboxLimits:
     max_output_bytes: int = 8 << 10
     scratch_bytes: int = 64 << 20
     interpreter: str | None = None
+    fresh_interpreter: bool = False
     namespaces: bool = True
     drop_privileges: bool = True
 
@@ -230,11 +248,7 @@ def _dylora_sandbox_runner(job_fd, proof_fd):
     except BaseException as exc:
         record("error", "%s while compiling", describe(exc))
         exit_(4)
-    import linecache, types
-    linecache.cache["<program>"] = (
-        len(source), None, source.decode("utf-8", "replace").splitlines(True), "<program>")
-    del source
-    module = types.ModuleType("__main__")
+    module = type(sys)("__main__")
     sys.modules["__main__"] = module
     try:
         exec(code, module.__dict__)
@@ -247,7 +261,9 @@ def _dylora_sandbox_runner(job_fd, proof_fd):
         module.__dict__.clear()
         flush()
         try:
-            import traceback
+            import linecache, traceback  # only now: importing linecache costs more than most programs
+            linecache.cache["<program>"] = (
+                len(source), None, source.decode("utf-8", "replace").splitlines(True), "<program>")
             text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next))
             write(2, text.encode("utf-8", "replace"))
         except BaseException:
@@ -268,7 +284,6 @@ def run_program(program: str, limits: SandboxLimits | None = None) -> ExecutionR
     """Run one program (solution + tests) in a fresh sandboxed interpreter and return its verdict."""
     import secrets
     import shutil
-    import subprocess
     import tempfile
 
     limits = limits or SandboxLimits()
@@ -291,8 +306,8 @@ def run_program(program: str, limits: SandboxLimits | None = None) -> ExecutionR
         else:
             prefixes = {os.path.dirname(os.path.dirname(exe))}
         config = {
-            "harness_pid": os.getpid(),
             "exe": exe,
+            "fork": limits.interpreter is None and not limits.fresh_interpreter,
             "prefixes": sorted(prefixes),
             "workdir": os.path.realpath(workdir),
             "uid": uid,
@@ -308,29 +323,23 @@ def run_program(program: str, limits: SandboxLimits | None = None) -> ExecutionR
             "namespaces": limits.namespaces,
             "runner": _RUNNER,
         }
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), "--supervise", json.dumps(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=err,
-            pass_fds=(job.fileno(), proof.fileno(), meta.fileno()),
-            env={"PATH": _PROGRAM_PATH, "LANG": "C.UTF-8"},
-            cwd=workdir,
-            start_new_session=True,
-        )
+        reply = _server().submit(config, (job.fileno(), proof.fileno(), meta.fileno(), out.fileno(), err.fileno()))
         job.close()  # the harness no longer needs the nonce where anyone could find it
-        backstop = not _wait_for_exit(proc.pid, limits.timeout_s + _GRACE_S)
+        try:
+            supervisor, finished = _await_supervisor(reply, limits.timeout_s + _GRACE_S)
+        finally:
+            reply.close()
+        backstop = not finished
         if backstop:
-            _backstop_kill(proc.pid, _read_records(meta), uid)
-        _killpg(proc.pid)  # the supervisor's group; the supervisor itself is still unreaped here
-        proc.wait()
+            if supervisor is not None:
+                _killpg(supervisor)  # still alive (its end of the reply socket is open): its pid is its own
+            _backstop_kill(_read_records(meta), uid)
         return _verdict(
             meta=_read_records(meta),
             proofs=_read_proofs(proof),
             nonce=nonce,
             limits=limits,
             backstop=backstop,
-            supervisor_rc=proc.returncode,
             harness_s=time.monotonic() - started,
             stdout_tail=_tail(out, limits.max_output_bytes),
             stderr_tail=_tail(err, limits.max_output_bytes),
@@ -383,7 +392,6 @@ def _verdict(
     nonce: str,
     limits: SandboxLimits,
     backstop: bool,
-    supervisor_rc: int | None,
     harness_s: float,
     stdout_tail: str,
     stderr_tail: str,
@@ -403,7 +411,7 @@ def _verdict(
     if finished is None:
         if backstop:
             return result(TIMEOUT, f"wall-clock limit of {limits.timeout_s:g}s exceeded (harness backstop)")
-        return result(ERROR, f"sandbox supervisor ended with status {supervisor_rc} before reporting")
+        return result(ERROR, "the sandbox supervisor ended before reporting")
     if finished.get("timed_out"):  # SIGKILLed, with its whole namespace / session / uid
         return result(TIMEOUT, f"wall-clock limit of {limits.timeout_s:g}s exceeded", -signal.SIGKILL)
     if ended is None:
@@ -440,11 +448,10 @@ def _verdict(
     return result(FAILED, f"exit status {returncode}", returncode)
 
 
-def _backstop_kill(supervisor_pid: int, meta: list[dict[str, Any]], uid: int | None) -> None:
-    """The supervisor missed its own deadline: kill it, its program and every process of the sandbox uid."""
+def _backstop_kill(meta: list[dict[str, Any]], uid: int | None) -> None:
+    """The supervisor missed its own deadline: kill its program and every process of the sandbox uid."""
     import subprocess
 
-    _killpg(supervisor_pid)
     for record in meta:
         if record.get("event") == "spawned" and record.get("pid") is not None:
             _killpg(int(record["pid"]))
@@ -459,6 +466,120 @@ def _backstop_kill(supervisor_pid: int, meta: list[dict[str, Any]], uid: int | N
             timeout=30,
             check=False,
         )
+
+
+class _ForkServer:
+    """Client side of the sandbox's fork server: one pre-started supervisor process per harness process.
+
+    Starting a Python interpreter per program only to supervise it cost more than the program itself, so
+    the supervisor interpreter is started once (``execution.py --serve FD``, single-threaded, isolated mode)
+    and forks one supervisor per program. Requests go over a ``SOCK_SEQPACKET`` socket pair: the config
+    (marshalled) and, as ``SCM_RIGHTS``, the run's job, proof, meta, stdout and stderr files plus one end of
+    a fresh reply socket. The forked supervisor writes its pid to the reply socket and exits when the run is
+    over, which the harness sees as end of file. The server exits when the harness closes (or loses) its
+    end of the control socket; its supervisors die with it (``PR_SET_PDEATHSIG``), and their namespaces
+    with them.
+    """
+
+    def __init__(self) -> None:
+        import socket
+        import subprocess
+        import threading
+
+        self._socket = socket
+        self.owner = os.getpid()
+        self.lock = threading.Lock()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.process = subprocess.Popen(
+                # Not -I: its -E would ignore PYTHONHASHSEED, which the programs forked from it must share.
+                [sys.executable, "-s", "-S", "-B", "-u", os.path.abspath(__file__), "--serve", str(theirs.fileno())],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+                env=dict(_PROGRAM_ENV),
+                cwd="/",
+                start_new_session=True,
+            )
+        finally:
+            theirs.close()
+        self.control = ours
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.owner == os.getpid() and self.process.poll() is None
+
+    def submit(self, config: dict[str, Any], fds: Sequence[int]) -> Any:
+        """Start one run; returns the harness's end of its reply socket."""
+        import array
+        import marshal
+
+        socket = self._socket
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [*fds, theirs.fileno()]))]
+            with self.lock:
+                self.control.sendmsg([marshal.dumps(config)], rights)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return ours
+
+    def close(self) -> None:
+        self.control.close()
+        try:
+            self.process.wait(timeout=5)
+        except Exception:
+            self.process.kill()
+            self.process.wait()
+
+
+_SERVER: _ForkServer | None = None
+_SERVER_LOCK = __import__("threading").Lock()
+
+
+def _server() -> _ForkServer:
+    """The harness's fork server, started on first use and again if it died (or after a fork of the harness)."""
+    global _SERVER
+    with _SERVER_LOCK:
+        if _SERVER is None or not _SERVER.alive():
+            if _SERVER is not None and _SERVER.owner == os.getpid():
+                _SERVER.close()
+            _SERVER = _ForkServer()
+            import atexit
+
+            atexit.register(_SERVER.close)
+        return _SERVER
+
+
+def server_pid() -> int | None:
+    """The pid of this process's sandbox fork server (a child of this process), or None before first use."""
+    return _SERVER.pid if _SERVER is not None and _SERVER.alive() else None
+
+
+def _await_supervisor(reply: Any, timeout: float) -> tuple[int | None, bool]:
+    """``(supervisor pid, finished)``: wait up to ``timeout`` s for the run's supervisor to end (end of file)."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    poller = select.poll()
+    poller.register(reply.fileno(), select.POLLIN | select.POLLHUP)
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not poller.poll(math.ceil(remaining * 1000)):
+            break
+        chunk = reply.recv(64)
+        if not chunk:
+            head = data.split(b"\n", 1)[0]
+            return (int(head) if head.isdigit() else None), True
+        data += chunk
+    head = data.split(b"\n", 1)[0]
+    return (int(head) if head.isdigit() and b"\n" in data else None), False
 
 
 def _read_all(handle: Any) -> bytes:
@@ -553,8 +674,8 @@ def _wait_for_exit(pid: int, timeout: float) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Supervisor side: this file run as ``python -I -S -B execution.py --supervise CONFIG`` by run_program
-# (single-threaded, so forking here is safe, unlike in the harness). Everything below only needs the
+# Supervisor side: this file run once per harness process as ``python -I -S -B execution.py --serve FD``
+# (the fork server; single-threaded, so forking here is safe, unlike in the harness). Everything below only needs the
 # standard library and never imports the dylora_moe package.
 # ---------------------------------------------------------------------------------------------------------
 class _Libc:
@@ -605,23 +726,109 @@ class _Libc:
         self._check(ret, "mount_setattr")
 
 
-def _supervise(cfg: dict[str, Any]) -> int:
+def _serve(control_fd: int) -> int:
+    """The fork server (``execution.py --serve FD``): one forked supervisor per request, until end of file."""
+    import array
+    import marshal
+    import socket
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [path for path in sys.path if path and path != here]  # forked programs import no neighbours
+    import resource  # noqa: F401  (imported once here rather than in every forked supervisor)
+
+    control = socket.socket(fileno=control_fd)
+    libc = _Libc()
+    server = os.getpid()
+    fd_size = array.array("i").itemsize
+    while True:
+        _reap_children()
+        if not select.select([control], [], [], 0.5)[0]:
+            continue
+        try:
+            space = socket.CMSG_SPACE(16 * fd_size)
+            message, ancillary, _, _ = control.recvmsg(1 << 20, space, socket.MSG_CMSG_CLOEXEC)
+        except InterruptedError:
+            continue
+        except OSError:
+            return 0
+        fds = array.array("i")
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[: len(data) - len(data) % fd_size])
+        if not message:  # the harness closed its end, or died
+            return 0
+        try:
+            cfg = marshal.loads(message) if len(fds) == 6 else None
+        except (EOFError, ValueError, TypeError):
+            cfg = None
+        if isinstance(cfg, dict):
+            pid = os.fork()
+            if pid == 0:
+                code = 127
+                try:
+                    control.close()
+                    code = _supervisor(cfg, list(fds), libc, server)
+                finally:
+                    os._exit(code)
+        for fd in fds:
+            os.close(fd)
+
+
+def _reap_children() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _supervisor(cfg: dict[str, Any], fds: list[int], libc: _Libc, server: int) -> int:
+    """A forked supervisor: own session, dies with the server, the run's stdout/stderr, then :func:`_supervise`."""
+    job, proof, meta, out, err, reply = fds
+    os.setsid()
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != server:
+        return 3  # the server is already gone
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    for source, target in ((devnull, 0), (out, 1), (err, 2)):
+        os.dup2(source, target)
+        os.close(source)
+    os.chdir(str(cfg["workdir"]))
+    os.write(reply, b"%d\n" % os.getpid())
+    cfg.update(job_fd=job, proof_fd=proof, meta_fd=meta, reply_fd=reply)
+    _supervise(cfg, libc)
+    os.close(reply)  # the verdict is complete: the harness goes on while this process tears the namespaces down
+    _killpg(os.getpid())  # whatever is left in this session's group, this process last
+    return 0
+
+
+def _supervise(cfg: dict[str, Any], libc: _Libc) -> int:
     """Supervisor: namespaces, then a keeper process (pid 1 there) that runs the program; wall-clock limit."""
     meta_fd = int(cfg["meta_fd"])
 
     def emit(event: str, **fields: Any) -> None:
         os.write(meta_fd, (json.dumps({"event": event, **fields}) + "\n").encode())
 
-    libc = _Libc()
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != cfg["harness_pid"]:
-        return 3  # the harness is already gone
     layers = _enter_namespaces(libc) if cfg["namespaces"] else []
+    if cfg["namespaces"]:
+        # The run's mount namespace, private propagation so that no mount below can leak to the host. The
+        # supervisor enters it too, rather than only the keeper, so that it holds the last reference: a
+        # mount namespace's teardown waits for an RCU grace period (10-50 ms), which then happens as the
+        # supervisor exits, after the harness has its verdict, not while the keeper's exit is awaited.
+        try:
+            libc.unshare(_CLONE_NEWNS)
+            libc.mount(None, "/", None, _MS_REC | _MS_PRIVATE, None)
+            layers.append("mount-ns")
+        except OSError:
+            pass
     started = time.monotonic()
     keeper = os.fork()
     if keeper == 0:
         code = 127
         try:
+            os.close(int(cfg["reply_fd"]))  # the harness sees end of file when the supervisor alone is gone
             code = _keeper(cfg, libc, layers, emit)
         except BaseException as exc:  # report anything, never return into the supervisor
             try:
@@ -664,17 +871,8 @@ def _keeper(cfg: dict[str, Any], libc: _Libc, layers: list[str], emit: Callable[
     SIGKILL)`` would be a no-op) and would have to reap orphans.
     """
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if cfg["namespaces"]:
-        # A mount namespace of its own (not shared with the supervisor, which must keep seeing the host's
-        # file system), with private propagation so that no mount below can leak to the host.
-        try:
-            libc.unshare(_CLONE_NEWNS)
-            libc.mount(None, "/", None, _MS_REC | _MS_PRIVATE, None)
-        except OSError:
-            pass
-        else:
-            layers.append("mount-ns")
-            layers += _setup_mounts(cfg, libc, in_pid_ns="pid-ns" in layers)
+    if "mount-ns" in layers:
+        layers += _setup_mounts(cfg, libc, in_pid_ns="pid-ns" in layers)
     libc.prctl(_PR_SET_DUMPABLE, 0)  # /proc/1/* (fds, memory) out of reach even for a same-uid program
     program = os.fork()
     if program == 0:
@@ -756,21 +954,12 @@ def _exec_program(cfg: dict[str, Any], libc: _Libc, layers: list[str], emit: Cal
     os.set_inheritable(int(cfg["job_fd"]), True)
     os.set_inheritable(int(cfg["proof_fd"]), True)
     os.set_inheritable(int(cfg["meta_fd"]), False)
-    env = {
-        "PATH": _PROGRAM_PATH,
-        "HOME": workdir,
-        "TMPDIR": workdir,
-        "LANG": "C.UTF-8",
-        "LC_ALL": "C.UTF-8",
-        "PYTHONHASHSEED": "0",
-        "PYTHONIOENCODING": "utf-8",
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "PYTHONNOUSERSITE": "1",
-        "PYTHONSAFEPATH": "1",
-        "OMP_NUM_THREADS": "1",
-    }
+    env = {**_PROGRAM_ENV, "HOME": workdir, "TMPDIR": workdir}
     exe = str(cfg["exe"])
+    if cfg["fork"] and ("mount-ns" in layers or uid is None):
+        # The pristine interpreter this process was forked from runs the program (see _run_forked).
+        emit("ready", pid=os.getpid(), layers=layers)
+        _run_forked(cfg, env)
     if not os.access(exe, os.X_OK):
         raise PermissionError(
             f"{exe} cannot be executed by uid {os.getuid()} (without a mount namespace the "
@@ -779,6 +968,27 @@ def _exec_program(cfg: dict[str, Any], libc: _Libc, layers: list[str], emit: Cal
     argv = [exe, "-s", "-S", "-B", "-c", str(cfg["runner"]), str(cfg["job_fd"]), str(cfg["proof_fd"])]
     emit("ready", pid=os.getpid(), layers=layers)
     os.execve(exe, argv, env)
+
+
+def _run_forked(cfg: dict[str, Any], env: dict[str, str]) -> None:
+    """Run the program in this process: a fork of the server, whose interpreter never ran untrusted code.
+
+    Equivalent to executing ``python -s -S -B -c RUNNER`` here: every descriptor but stdio, the job and the
+    proof is closed, the environment is replaced, and the same runner compiles and executes the program
+    as a fresh ``__main__`` module and ends the process with ``os._exit``.
+    """
+    keep = sorted({0, 1, 2, int(cfg["job_fd"]), int(cfg["proof_fd"])})
+    low = 0
+    for fd in keep:
+        if fd > low:
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)
+    os.environ.clear()
+    os.environ.update(env)
+    sys.argv[:] = ["-c", str(cfg["job_fd"]), str(cfg["proof_fd"])]
+    exec(compile(str(cfg["runner"]), "<sandbox-runner>", "exec"), {"__name__": "__sandbox_runner__"})
+    os._exit(4)  # not reached: the runner always ends the process
 
 
 def _setup_mounts(cfg: dict[str, Any], libc: _Libc, *, in_pid_ns: bool) -> list[str]:
@@ -904,12 +1114,12 @@ def _sweep_uid(uid: int) -> None:
 
 
 def _main(argv: list[str]) -> int:
-    if len(argv) == 2 and argv[0] == "--supervise":
-        return _supervise(json.loads(argv[1]))
+    if len(argv) == 2 and argv[0] == "--serve" and argv[1].isdigit():
+        return _serve(int(argv[1]))
     if len(argv) == 2 and argv[0] == "--sweep" and os.geteuid() == 0:
         _sweep_uid(int(argv[1]))
         return 0
-    print("usage: execution.py --supervise CONFIG_JSON | --sweep UID (internal to run_program)", file=sys.stderr)
+    print("usage: execution.py --serve FD | --sweep UID (internal to run_program)", file=sys.stderr)
     return 2
 
 

@@ -35,7 +35,8 @@ from .execution import ERROR, STATUSES, ExecutionResult, SandboxLimits, run_prog
 from .generation import GenerationConfig, Sample, generate_samples, resolve_prompt_style
 from .passk import pass_at_k_table
 
-__all__ = ["MBPP_KNOWN_REFERENCE_FAILURES", "EvaluationError", "evaluate", "load_for_eval", "run_references"]
+__all__ = ["MBPP_KNOWN_REFERENCE_FAILURES", "EvaluationError", "evaluate", "load_for_eval", "resolve_device",
+           "resolve_dtype", "run_references"]
 
 #: Reference solutions of the original MBPP that fail their own tests (shared/data/README.md); only 341 is
 #: in the test split (596 and 642 are in the training split).
@@ -141,8 +142,48 @@ def run_references(
 
 
 # ----------------------------------------------------------------------------- models
-def load_for_eval(name_or_path: str | Path, base_only: bool = False, dtype: Any = None) -> tuple[Any, Any]:
-    """``(model, tokenizer)``: a DyLoRA-MoE checkpoint folder, or (``base_only``) a plain base model."""
+def resolve_device(device: str | None = "auto") -> Any:
+    """``"auto"`` (or None): the first CUDA device if there is one, else the CPU; otherwise ``torch.device(device)``."""
+    import torch
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise EvaluationError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise EvaluationError(f"device {device!r} was asked for, but torch sees no CUDA device here")
+    return resolved
+
+
+def resolve_dtype(dtype: Any = None) -> Any:
+    """None / ``"float32"`` (default), ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``."""
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype or torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if str(dtype).lower() not in names:
+        raise EvaluationError(f"dtype must be one of float32, bfloat16, float16, got {dtype!r}")
+    return names[str(dtype).lower()]
+
+
+def load_for_eval(name_or_path: str | Path, base_only: bool = False, dtype: Any = None,
+                  device: Any = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)``: a DyLoRA-MoE checkpoint folder, or (``base_only``) a plain base model.
+
+    ``dtype`` (default float32) and ``device`` (default: stay on the CPU) as in :func:`resolve_dtype` and
+    :func:`resolve_device`.
+    """
+    model, tokenizer = _load_for_eval(name_or_path, base_only, resolve_dtype(dtype))
+    if device is not None:
+        model.to(resolve_device(device))
+    return model, tokenizer
+
+
+def _load_for_eval(name_or_path: str | Path, base_only: bool, dtype: Any) -> tuple[Any, Any]:
     from ..loading import load_base_model, resolve_model_path
     from ..serialization import CONFIG_FILE, read_checkpoint_meta
 
@@ -207,11 +248,15 @@ def evaluate(
     references: bool = False,
     base_only: bool = False,
     progress: bool = True,
+    device: str | None = "auto",
+    dtype: Any = None,
 ) -> dict[str, Any]:
     """Evaluate and write ``results.jsonl`` and ``summary.json`` to ``output_dir``; return the summary.
 
     ``model`` is a loaded model (with ``tokenizer``), or a checkpoint folder, or with ``base_only`` a base
-    model name, path or alias; it is not needed with ``references=True``.
+    model name, path or alias; it is not needed with ``references=True``. A model given by name is loaded in
+    ``dtype`` (default float32) on ``device`` (``"auto"``: CUDA when available); a loaded model is used where
+    it is.
     """
     started = time.monotonic()
     ks = _parse_ks(k)
@@ -240,7 +285,7 @@ def evaluate(
     ks_note = f"pass@k for k > n_samples={n_samples} is undefined: reported as null" if max(ks) > n_samples else None
     model_name = str(model) if isinstance(model, (str, Path)) else type(model).__name__
     if isinstance(model, (str, Path)):
-        model, tokenizer = load_for_eval(model, base_only)
+        model, tokenizer = load_for_eval(model, base_only, dtype=dtype, device=resolve_device(device))
     elif tokenizer is None:
         raise EvaluationError("a tokenizer is needed with a loaded model")
     loaded = time.monotonic()
@@ -277,7 +322,9 @@ def evaluate(
     summary = {
         **settings, "mode": "base-only" if base_only else "model", "model": model_name, "prompt_style": style,
         "n_samples": n_samples, "temperature": temperature, "top_p": top_p if temperature > 0 else None,
-        "max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": seed, **summary,
+        "max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": seed,
+        "device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype).replace(
+            "torch.", ""), **summary,
         "note": ks_note,
         "timing": {"load_s": round(loaded - started, 2), "generation_s": round(generated - loaded, 2),
                    "execution_tail_s": round(finished - generated, 2), "total_s": round(finished - started, 2),
