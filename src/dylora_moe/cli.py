@@ -9,6 +9,7 @@ help text; ``train`` reads a YAML ``TrainConfig`` plus ``KEY=VALUE`` overrides (
                      [--resume] [--data-dir DIR] [--output-dir DIR] [--overwrite-output-dir]
     dylora-moe generate runs/cpu-demo/final --prompt "Write a function that reverses a string."
     dylora-moe inspect runs/cpu-demo/final
+    dylora-moe study --config configs/study.yaml [--parallel 4] [seeds=[0,1] eval_limit=20 ...]
 
 Errors in configs, data, checkpoints or base models print ``dylora-moe: error: ...`` on stderr and
 exit with status 2, without a traceback.
@@ -183,6 +184,20 @@ def _cmd_inspect(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(ns: argparse.Namespace) -> int:
+    from .study import StudyConfig, run_study
+
+    overrides = list(ns.overrides) + ([f"parallel={ns.parallel}"] if ns.parallel is not None else [])
+    study = (StudyConfig.from_yaml(ns.config, overrides) if ns.config
+             else StudyConfig.from_dict({}, "the built-in study", overrides))
+    quality = run_study(study, progress=not ns.no_progress, report_only=ns.report_only)
+    from .study import results_table
+
+    print(results_table(quality))
+    print(f"wrote {study.output_dir}/quality.json, results_table.md and plots")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dylora-moe", description="Dynamic LoRA Mixture-of-Experts")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -217,6 +232,18 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("checkpoint", help="adapter folder, checkpoint-<step> folder, or run directory")
     inspect.add_argument("--base-model", help="load this base model instead of the one recorded in the adapter")
     inspect.set_defaults(func=_cmd_inspect)
+
+    study = sub.add_parser(
+        "study", help="quality study: the mixture against single-LoRA baselines (same data, steps and seed)",
+        description="Train and evaluate every (variant, seed) of a study config, then write quality.json, "
+        "plots and results_table.md. Complete units are skipped, so a study resumes. Overrides use the study "
+        "config's dotted keys: seeds=[0,1,2], eval_limit=20, overrides=[train.max_steps=50], parallel=4.")
+    study.add_argument("--config", default=None, help="YAML study config (default: the built-in study)")
+    study.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="study config overrides (dotted keys)")
+    study.add_argument("--parallel", type=int, default=None, help="units at once, each in its own process")
+    study.add_argument("--report-only", action="store_true", help="only aggregate the complete units")
+    study.add_argument("--no-progress", action="store_true", help="no progress bars")
+    study.set_defaults(func=_cmd_study)
 
     from .evaluation.commands import add_commands
 

@@ -291,8 +291,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...],
-                    origins: dict[str, str] | None = None) -> dict[str, Any]:
-    """Return a copy of ``data`` with each ``key=value`` applied (keys checked against ``TrainConfig``).
+                    origins: dict[str, str] | None = None, root: Any = None) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``key=value`` applied (keys checked against ``root``, a config
+    dataclass, by default ``TrainConfig``).
 
     ``origins`` (if given) records, for each overridden dotted key, the override text (for errors).
     """
@@ -300,7 +301,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
     for text in overrides:
         path, value = parse_override(text)
         where = f"override {text!r}"
-        annotation: Any = TrainConfig
+        annotation: Any = root or TrainConfig
         node: Any = data
         for depth, part in enumerate(path):
             parent = _strip_optional(annotation)

@@ -1,0 +1,135 @@
+"""The quality study (dylora_moe.study) end to end on a tiny llama saved to disk and tiny data files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dylora_moe.cli import main
+from dylora_moe.config import ConfigError
+from dylora_moe.study import StudyConfig, VariantConfig, default_variants, run_study
+from tests.tiny import make_base, make_tokenizer
+from tests.training import isolate_data_registry, write_data_dir
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    isolate_data_registry(monkeypatch)
+    data_dir = write_data_dir(tmp_path / "data")
+    base = tmp_path / "base"
+    make_base("llama").save_pretrained(base)
+    make_tokenizer().save_pretrained(base)
+    train = {
+        "model": str(base), "output_dir": "unused", "seed": 0,
+        "moe": {"num_experts": 2, "r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"data_dir": str(data_dir), "max_seq_length": 96, "eval_examples_per_domain": 4,
+                 "eval_batch_size": 4},
+        "train": {"lr": 1e-2, "per_device_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 3,
+                  "warmup_steps": 1, "eval_every": 2, "save_every": 0, "log_every": 1,
+                  "router_calibration_examples": 8},
+    }
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(train))
+    study = {
+        "train_config": str(path), "output_dir": str(tmp_path / "study"), "seeds": [0, 1],
+        "variants": [
+            {"name": "moe2", "description": "2 x r=4"},
+            {"name": "lora_r8", "overrides": ["moe.num_experts=1", "moe.r=8", "moe.alpha=16"]},
+            {"name": "coef_0", "overrides": ["moe.balance_coef=0.0"], "group": "balance_coef", "seeds": [0],
+             "pass_at_1": False},
+        ],
+        "baseline": "lora_r8", "benchmarks": ["humaneval"], "eval_limit": 2, "max_new_tokens": 4,
+        "eval_workers": 1, "analysis_examples": 4, "device": "cpu",
+    }
+    study_path = tmp_path / "study.yaml"
+    study_path.write_text(yaml.safe_dump(study))
+    return study_path, tmp_path / "study"
+
+
+def test_study_runs_every_unit_and_aggregates(setup, capsys):
+    study_path, out = setup
+    assert main(["study", "--config", str(study_path), "--no-progress"]) == 0
+    quality = json.loads((out / "quality.json").read_text())
+    variants = quality["variants"]
+    assert list(variants) == ["moe2", "lora_r8", "coef_0"]
+    moe, lora, coef = variants["moe2"], variants["lora_r8"], variants["coef_0"]
+    # equal adapter budgets: 2 experts x r=4 and one LoRA r=8
+    assert moe["trainable_parameters"] == lora["trainable_parameters"] > 0
+    assert (moe["num_experts"], lora["num_experts"]) == (2, 1)
+    assert moe["seeds"] == [0, 1] and coef["seeds"] == [0]
+    for v in (moe, lora):
+        assert v["pass_at_1"]["humaneval"]["n"] == 2 and 0.0 <= v["pass_at_1"]["humaneval"]["mean"] <= 1.0
+        assert v["steps"] == 3
+        for domain in ("code_alpaca", "mbpp"):
+            assert v["eval_loss"][domain]["n"] == 2 and v["eval_loss"][domain]["mean"] > 0
+        assert [row["step"] for row in v["eval_curve"]] == [0, 2, 3]
+    assert coef["pass_at_1"] == {}
+    # the two seeds differ (data order, init), so the spread is real
+    assert moe["eval_loss"]["mbpp"]["std"] > 0
+    assert lora["nmi"]["mean"] == 0.0 and lora["load_imbalance"]["mean"] == 1.0  # one expert takes all
+    assert set(quality["vs_baseline"]) == {"moe2", "coef_0"}
+    assert "pass@1.humaneval" in quality["vs_baseline"]["moe2"]
+    unit = json.loads((out / "moe2" / "seed1" / "unit.json").read_text())
+    assert unit["overrides"] == [] and len(unit["share_matrix"]) == 2 and len(unit["share_matrix"][0]) == 2
+    rows = [json.loads(line) for line in (out / "moe2" / "seed0" / "eval" / "humaneval" / "results.jsonl").open()]
+    assert len(rows) == 2 and all(r["expert"] in (0, 1) for r in rows)
+    for name in ("loss_curves.png", "share_matrices.png", "pass_at_1.png", "results_table.md"):
+        assert (out / name).stat().st_size > 0
+    table = (out / "results_table.md").read_text()
+    assert "### main" in table and "### balance_coef" in table and "`lora_r8`" in table
+    assert "| `moe2` | 2 |" in capsys.readouterr().out
+
+    # a second run resumes: complete units are not run again
+    stamp = (out / "moe2" / "seed0" / "unit.json").stat().st_mtime_ns
+    assert main(["study", "--config", str(study_path), "--no-progress"]) == 0
+    assert (out / "moe2" / "seed0" / "unit.json").stat().st_mtime_ns == stamp
+
+
+def test_parallel_units_run_in_their_own_processes(setup):
+    study_path, out = setup
+    study = StudyConfig.from_yaml(study_path, ["variants=[{name: moe2}, {name: lora_r8, overrides: "
+                                               "[moe.num_experts=1, moe.r=8, moe.alpha=16]}]",
+                                               "seeds=[0]", "parallel=2", "benchmarks=[]"])
+    quality = run_study(study, progress=False)
+    assert set(quality["variants"]) == {"moe2", "lora_r8"}
+    assert (out / "moe2" / "seed0" / "unit.log").is_file()
+    assert quality["variants"]["moe2"]["pass_at_1"] == {}
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"variants": [{"name": "a"}, {"name": "a"}], "baseline": "a"}, "unique"),
+    ({"variants": [{"name": "a"}], "baseline": "b"}, "baseline 'b' is not a variant"),
+    ({"benchmarks": ["humaneval", "apps"]}, "unknown benchmark"),
+    ({"seeds": []}, "'seeds' is empty"),
+    ({"parallel": 0}, "'parallel' must be >= 1"),
+    ({"variants": [{"name": "../x"}], "baseline": "../x"}, "plain folder name"),
+    ({"colour": "blue"}, "unknown key"),
+    ({"variants": [{"overrides": []}]}, "'variants.0.name' is required"),
+])
+def test_bad_study_configs_name_the_problem(changes, message, tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(changes))
+    with pytest.raises(ConfigError, match=message):
+        StudyConfig.from_yaml(path)
+
+
+def test_cli_reports_bad_study_config_without_traceback(tmp_path, capsys):
+    path = tmp_path / "study.yaml"
+    path.write_text("seeds: [0]\nparallel: -1\n")
+    assert main(["study", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dylora-moe: error: ") and "parallel" in err and "Traceback" not in err
+
+
+def test_default_study_is_the_issue_design():
+    study = StudyConfig()
+    study.validate()
+    names = [v.name for v in default_variants()]
+    assert names[:4] == ["moe4_seq", "moe4_token", "lora_r16", "lora_r64"]
+    assert study.baseline == "lora_r64" and Path(study.train_config).name == "cpu-demo.yaml"
+    groups = {v.group for v in study.variants}
+    assert groups == {"main", "balance_coef", "temperature", "mixing"}
+    assert isinstance(study.variants[0], VariantConfig)
