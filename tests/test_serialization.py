@@ -57,6 +57,33 @@ def test_other_base_model_is_refused(tmp_path):
         DyLoRAMoEForCausalLM.from_pretrained(tmp_path / "ckpt", base_model=make_base("llama", seed=7))
 
 
+def test_config_defaults_of_another_transformers_release_do_not_matter(tmp_path):
+    """Only the architecture is compared: extra or changed non-architectural config keys still load."""
+    model = trained_model()
+    model.save_pretrained(tmp_path / "ckpt")
+    base = make_base("llama")
+    base.config.some_new_default_of_a_later_release = 42
+    base.config.rope_theta = 12345.0
+    loaded = DyLoRAMoEForCausalLM.from_pretrained(tmp_path / "ckpt", base_model=base)
+    assert loaded.num_experts == model.num_experts
+    wider = make_base("llama")
+    wider.config.num_key_value_heads = 1
+    with pytest.raises(CheckpointError, match=r"different configuration \(num_key_value_heads: \d+ vs 1\)"):
+        DyLoRAMoEForCausalLM.from_pretrained(tmp_path / "ckpt", base_model=wider)
+
+
+def test_checkpoints_without_recorded_architecture_still_load(tmp_path):
+    trained_model().save_pretrained(tmp_path / "ckpt")
+    cfg = tmp_path / "ckpt" / CONFIG_FILE
+    meta = json.loads(cfg.read_text())
+    del meta["base_model"]["architecture"]
+    meta["base_model"]["config_sha256"] = "0" * 64  # written by an older release with other defaults
+    cfg.write_text(json.dumps(meta))
+    assert DyLoRAMoEForCausalLM.from_pretrained(tmp_path / "ckpt", base_model=make_base("llama")).num_experts
+    with pytest.raises(CheckpointError, match="different configuration"):
+        DyLoRAMoEForCausalLM.from_pretrained(tmp_path / "ckpt", base_model=make_base("qwen2"))
+
+
 def test_newer_format_and_malformed_files(tmp_path):
     trained_model().save_pretrained(tmp_path / "ckpt")
     cfg = tmp_path / "ckpt" / CONFIG_FILE

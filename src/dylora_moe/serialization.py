@@ -40,26 +40,53 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, malformed, from a newer format, or for another base model."""
 
 
+# The configuration keys that fix a base model's architecture (shapes and layer count), across families.
+# Compared key by key rather than hashing the whole config, whose defaults change between transformers
+# releases: a checkpoint must stay loadable after an upgrade.
+ARCHITECTURE_KEYS = (
+    "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "intermediate_size", "head_dim", "tie_word_embeddings",
+    "n_embd", "n_layer", "n_head", "n_inner",  # gpt2-style names
+)
+
+
+def base_architecture(config: Any) -> dict[str, Any]:
+    """The architecture-defining values of a transformers config (keys it does not have are left out)."""
+    values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return {k: values[k] for k in ARCHITECTURE_KEYS if k in values and values[k] is not None}
+
+
 def base_fingerprint(base_model: torch.nn.Module, name_or_path: str) -> dict[str, Any]:
-    """Identify a base model: its name, a hash of its architecture config, an embedding checksum."""
+    """Identify a base model: its name, its architecture (:data:`ARCHITECTURE_KEYS`), a hash of its
+    whole config (informative only) and an embedding checksum."""
     config = {k: v for k, v in base_model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
     emb = base_model.get_input_embeddings().weight.detach()
     return {
         "name_or_path": name_or_path,
         "model_type": getattr(base_model.config, "model_type", None),
+        "architecture": base_architecture(base_model.config),
         "config_sha256": digest,
         "embedding_sq_sum": float(emb.double().pow(2).sum()),
     }
 
 
 def check_fingerprint(saved: dict[str, Any], base_model: torch.nn.Module, where: str) -> None:
-    current = base_fingerprint(base_model, saved.get("name_or_path", ""))
-    if saved.get("config_sha256") != current["config_sha256"]:
+    """Refuse a base model whose architecture or embedding weights differ from the one the checkpoint was
+    trained on. (Checkpoints written before ``architecture`` was recorded are checked by model type.)"""
+    current = base_fingerprint(base_model, "")
+    if "architecture" in saved:
+        ours, theirs = saved["architecture"], current["architecture"]
+        differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    else:
+        differ = [] if saved.get("model_type") == current["model_type"] else ["model_type"]
+    if differ:
+        details = ", ".join(f"{k}: {saved.get('architecture', saved).get(k)!r} vs {current['architecture'].get(k)!r}"
+                            for k in differ)
         raise CheckpointError(
             f"{where}: checkpoint was trained on base model {saved.get('name_or_path')!r} "
             f"(model_type={saved.get('model_type')!r}); the given base model "
-            f"(model_type={current['model_type']!r}) has a different configuration"
+            f"(model_type={current['model_type']!r}) has a different configuration ({details})"
         )
     a, b = saved.get("embedding_sq_sum", 0.0), current["embedding_sq_sum"]
     if abs(a - b) > 1e-3 * max(abs(a), abs(b), 1e-12):
