@@ -172,7 +172,10 @@ class StudyConfig:
         raise ConfigError(f"no variant {name!r} in the study (variants: {[v.name for v in self.variants]})")
 
     def units(self) -> list[tuple[VariantConfig, int]]:
-        return [(v, seed) for v in self.variants for seed in (v.seeds or self.seeds)]
+        """Every (variant, seed), first seeds first: a study cut short still covers every variant once."""
+        seeds = {v.name: list(v.seeds or self.seeds) for v in self.variants}
+        rounds = max(len(s) for s in seeds.values())
+        return [(v, seeds[v.name][i]) for i in range(rounds) for v in self.variants if i < len(seeds[v.name])]
 
     def unit_dir(self, variant: str, seed: int) -> Path:
         return Path(self.output_dir) / variant / f"seed{seed}"
