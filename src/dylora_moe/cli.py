@@ -10,6 +10,8 @@ help text; ``train`` reads a YAML ``TrainConfig`` plus ``KEY=VALUE`` overrides (
     dylora-moe generate runs/cpu-demo/final --prompt "Write a function that reverses a string."
     dylora-moe inspect runs/cpu-demo/final
     dylora-moe study --config configs/study.yaml [--parallel 4] [seeds=[0,1] eval_limit=20 ...]
+    dylora-moe learn-skill runs/cpu-demo/final --data sql.jsonl --name sql
+    dylora-moe continual [--config run.yaml] [train_examples=128 ...]
 
 Errors in configs, data, checkpoints or base models print ``dylora-moe: error: ...`` on stderr and
 exit with status 2, without a traceback.
@@ -245,9 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--no-progress", action="store_true", help="no progress bars")
     study.set_defaults(func=_cmd_study)
 
+    from .continual.commands import add_commands as add_continual_commands
     from .evaluation.commands import add_commands
 
     add_commands(sub)  # eval, analyze
+    add_continual_commands(sub)  # learn-skill, continual
     return parser
 
 
@@ -257,7 +261,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .serialization import CheckpointError
     from .targets import TargetError
 
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns, extra = parser.parse_known_args(argv)
+    if extra:  # KEY=VALUE overrides given after options (argparse only takes the first run of positionals)
+        if hasattr(ns, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            ns.overrides = list(ns.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return ns.func(ns)
     except (ConfigError, DataError, TargetError, CheckpointError, BaseModelError) as exc:

@@ -38,6 +38,8 @@ class RoutingContext:
     #: True inside ``generate``: the first sequence decision is pinned for the whole generation.
     generating: bool = False
     pinned: RoutingDecision | None = None
+    #: True inside ``model.disable_adapters()``: expert layers return the frozen base layer's output.
+    adapters_disabled: bool = False
 
     def begin_pass(self) -> None:
         self.sequence = None

@@ -83,6 +83,8 @@ class MoELoRALayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        if self.context.adapters_disabled:
+            return result
         decision = self.context.decision_for(self.layer_index)
         x = self.lora_dropout(x.to(self.lora_A[0].dtype))
         delta = mixture_delta(x, decision, list(self.lora_A), list(self.lora_B), self.scales())

@@ -92,6 +92,9 @@ class DyLoRAMoEForCausalLM(nn.Module):
         self.expert_ranks: list[int] = []
         self.expert_alphas: list[float] = []
         self.maturity: list[bool] = []
+        #: continual learning: one embedding per learned skill (``dylora_moe.continual.SkillLibrary``),
+        #: saved and loaded with the checkpoint; ``None`` until a skill is learned.
+        self.skill_library = None
 
         layers = []
         for target in self.targets:
@@ -217,6 +220,22 @@ class DyLoRAMoEForCausalLM(nn.Module):
             yield self
         finally:
             self.context.forced_expert = previous
+
+    @contextlib.contextmanager
+    def disable_adapters(self):
+        """Within the block the wrapped model computes exactly the frozen base model (no expert deltas)."""
+        previous, self.context.adapters_disabled = self.context.adapters_disabled, True
+        try:
+            yield self
+        finally:
+            self.context.adapters_disabled = previous
+
+    def add_new_skill(self, examples, tokenizer, name: str, config=None, progress: bool = False) -> bool:
+        """Continual learning (the seed's API): learn skill ``name`` from ``examples``; True if a new expert
+        was created, False if the data matched a known skill. See ``dylora_moe.continual.learn_skill``."""
+        from .continual.learner import learn_skill
+
+        return learn_skill(self, tokenizer, examples, name, config, progress=progress).created
 
     # ------------------------------------------------------------------ routing hooks
     def _decide(self, logits: torch.Tensor, mask: torch.Tensor) -> RoutingDecision:

@@ -131,13 +131,14 @@ def router_entropy(decision: RoutingDecision) -> torch.Tensor:
 
 
 def per_sequence_probs(decision: RoutingDecision) -> torch.Tensor:
-    """Router probabilities per sequence ``[B, E]`` (averaged over valid tokens for token routing)."""
-    with torch.no_grad():
-        p = decision.probs
-        if p.dim() == 2:
-            return p
-        m = decision.mask.to(p.dtype).unsqueeze(-1)
-        return (p * m).sum(1) / m.sum(1).clamp_min(1.0)
+    """Router probabilities per sequence ``[B, E]`` (averaged over valid tokens for token routing).
+
+    Differentiable: a routing-supervision loss (continual learning) can use them directly."""
+    p = decision.probs
+    if p.dim() == 2:
+        return p
+    m = decision.mask.to(p.dtype).unsqueeze(-1)
+    return (p * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
 def per_sequence_choice_counts(decision: RoutingDecision) -> torch.Tensor:

@@ -118,9 +118,13 @@ def save_model(model, directory: str | Path) -> Path:
     }
     tensors = adapter_state_dict(model)
 
+    library = getattr(model, "skill_library", None)
+
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if library is not None:
+            library.save(tmp)
 
     return write_folder_atomically(directory, write)
 
@@ -206,4 +210,9 @@ def load_model(directory: str | Path, base_model=None, *, dtype=None, device=Non
                     f"expected {tuple(params[name].shape)}"
                 )
             params[name].copy_(tensor)
+    from .continual.library import SkillLibrary
+
+    if SkillLibrary.exists(directory):
+        model.skill_library = SkillLibrary.load(directory)
+        model.skill_library.check_against(model, str(directory))
     return model

@@ -163,3 +163,20 @@ def test_gradient_checkpointing_keeps_gradients_flowing(tmp_path, data_dir):
     a, b = trainable(plain.model), trainable(model)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("threshold,experts,skills", [(1.0, 2, ["code_alpaca", "mbpp"]), (-1.0, 1, ["code_alpaca"])])
+def test_expert_growth_gives_novel_domains_their_own_expert(tmp_path, data_dir, capsys, threshold, experts, skills):
+    from dylora_moe.continual import SkillLibrary
+
+    config = tiny_config(tmp_path / "run", data_dir, **{
+        "moe.num_experts": 1, "train.allow_expert_growth": True,
+        "train.growth_threshold": threshold, "train.max_steps": 2, "train.save_every": 0, "train.eval_every": 0})
+    result = run(config)
+    printed = capsys.readouterr().out
+    assert printed.count("growth: domain") == 2
+    library = SkillLibrary.load(result.final_dir)
+    assert library.names == skills and sorted(library.expert_of().values()) == list(range(experts))
+    loaded = DyLoRAMoEForCausalLM.from_pretrained(result.final_dir, base_model=make_base("llama"))
+    assert loaded.num_experts == experts and loaded.maturity == [True] * experts
+    assert loaded.skill_library.names == skills

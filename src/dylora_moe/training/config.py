@@ -115,6 +115,12 @@ class TrainingArgs:
         "'bfloat16', 'float16'. Experts and router always stay float32."))
     gradient_checkpointing: bool = field(default=False, metadata=_help(
         "Recompute the base model's activations in backward (less memory; the forward runs twice)."))
+    allow_expert_growth: bool = field(default=False, metadata=_help(
+        "Before training, embed each training domain and give every novel one (cosine similarity below "
+        "growth_threshold to the domains seen before) an expert of its own, adding experts when the pool is "
+        "exhausted; the resulting skill library is saved with the checkpoints (docs/continual.md)."))
+    growth_threshold: float = field(default=0.75, metadata=_help("Novelty threshold of allow_expert_growth."))
+    growth_examples: int = field(default=64, metadata=_help("Examples per domain embedded for the growth test."))
     router_calibration_examples: int = field(default=256, metadata=_help(
         "Set the router's feature standardisation (model.calibrate_router) from this many training examples "
         "(the start of the training stream) before the first step; 0 = skip."))
@@ -253,7 +259,9 @@ class TrainConfig:
             raise fail("data.eval_batch_size", "must be >= 1")
         if not t.lr > 0:
             raise fail("train.lr", "must be > 0")
-        for key in ("per_device_batch_size", "gradient_accumulation_steps", "log_every"):
+        if not -1.0 <= t.growth_threshold <= 1.0:
+            raise fail("train.growth_threshold", "is a cosine similarity in [-1, 1]")
+        for key in ("per_device_batch_size", "gradient_accumulation_steps", "log_every", "growth_examples"):
             if getattr(t, key) < 1:
                 raise fail(f"train.{key}", "must be an integer >= 1")
         for key in ("max_steps", "warmup_steps", "eval_every", "save_every", "save_total_limit",

@@ -216,6 +216,28 @@ class JointTrainer:
             model.gradient_checkpointing_enable()
         return model, tokenizer
 
+    def _grow_experts(self, model, tokenizer, train_raw: dict[str, list[Example]]) -> None:
+        """``allow_expert_growth``: one expert per novel domain (continual learning's detector and library)."""
+        from ..continual import NoveltyDetector, SkillLibrary, embed_examples
+
+        t = self.config.train
+        library, detector, claimed = SkillLibrary(), NoveltyDetector(t.growth_threshold), 0
+        for domain, examples in train_raw.items():
+            vec = embed_examples(model, tokenizer, examples[: t.growth_examples],
+                                 max_seq_length=self.config.data.max_seq_length)
+            decision = detector.decide(vec, library)
+            if decision.novel:
+                expert = claimed if claimed < model.num_experts else model.add_expert()
+                claimed += 1
+                library.add(domain, vec, expert, len(examples))
+                self.accelerator.print(f"growth: domain {domain!r} is novel ({decision.reason}): expert {expert}")
+            else:
+                library.update(decision.best_skill, vec, len(examples))
+                self.accelerator.print(f"growth: domain {domain!r} is not novel ({decision.reason}): shares "
+                                       f"expert {library.get(decision.best_skill).expert}")
+        model.set_all_mature()
+        model.skill_library = library
+
     def _tokenize(self, by_domain: dict[str, list[Example]], tokenizer, what: str):
         domains = [ds.domain_label for ds in self.config.data.datasets]
         examples = [ex for name in domains for ex in by_domain.get(name, [])]
@@ -256,6 +278,8 @@ class JointTrainer:
         resume_from = self._prepare_output_dir()
         train_raw, eval_raw = self._load("train"), self._load("validation")  # data errors before model loading
         model, tokenizer = self._build_model()
+        if t.allow_expert_growth:
+            self._grow_experts(model, tokenizer, train_raw)
         self.model = model
         train_set, stats = self._tokenize(train_raw, tokenizer, "training")
         eval_tokenized, eval_stats = self._tokenize(eval_raw, tokenizer, "held-out")

@@ -1,0 +1,102 @@
+"""``ContinualConfig``: how a new skill is detected, which expert it gets and how that expert is trained.
+
+Read from YAML (``dylora-moe learn-skill --config continual.yaml``) or built in code; every field has
+help text, and ``KEY=VALUE`` overrides use the field names (``seed_steps=20 protection=both``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..config import ConfigError
+
+__all__ = ["PROTECTIONS", "ContinualConfig"]
+
+PROTECTIONS = ("replay", "freeze_rows", "both", "none")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class ContinualConfig:
+    """Settings of the skill lifecycle (:func:`dylora_moe.continual.learner.learn_skill`)."""
+
+    threshold: float = field(default=0.75, metadata=_help(
+        "Novel when the (max or median) cosine similarity to every known skill is below this."))
+    reduction: str = field(default="max", metadata=_help("'max' or 'median' similarity over the library."))
+    entropy_threshold: float | None = field(default=None, metadata=_help(
+        "Also novel when the router's mean entropy on the new data exceeds this (nats); None = off."))
+    force: bool = field(default=False, metadata=_help("Create a new expert even if the data are not novel."))
+    fine_tune_existing: bool = field(default=True, metadata=_help(
+        "Not novel: fine-tune the matched skill's expert (consolidation phase); False = leave it as is."))
+    rank_schedule: list[int] = field(default_factory=lambda: [16], metadata=_help(
+        "Rank of the expert of the k-th skill (k = skills already in the library); the last value repeats, "
+        "e.g. [8, 16, 32]."))
+    alpha_ratio: float = field(default=2.0, metadata=_help("alpha = alpha_ratio x rank for a new expert."))
+    seed_steps: int = field(default=10, metadata=_help("Steps of the high-rate seeding phase."))
+    seed_lr: float = field(default=1e-3, metadata=_help("Learning rate of the seeding phase (constant)."))
+    consolidate_steps: int = field(default=20, metadata=_help("Steps of the low-rate consolidation phase."))
+    consolidate_lr: float = field(default=1e-4, metadata=_help(
+        "Peak learning rate of the consolidation phase (cosine decay to 0)."))
+    batch_size: int = field(default=4, metadata=_help("Sequences per step (new skill and replay together)."))
+    max_seq_length: int = field(default=512, metadata=_help("Longer examples are dropped."))
+    protection: str = field(default="replay", metadata=_help(
+        "How the router keeps routing old skills: 'replay' (replayed examples of earlier skills in every "
+        "batch, with routing supervision), 'freeze_rows' (the router outputs of earlier experts are frozen), "
+        "'both' or 'none'."))
+    router_loss_coef: float = field(default=1.0, metadata=_help(
+        "Weight of the routing supervision: cross-entropy of the router towards the skill's expert."))
+    replay_fraction: float = field(default=0.25, metadata=_help(
+        "Share of each batch taken from the replay buffer (when there are earlier skills and replay is on)."))
+    replay_per_skill: int = field(default=32, metadata=_help(
+        "Examples of each skill kept in the checkpoint's replay buffer."))
+    embed_examples: int = field(default=256, metadata=_help("Examples used for a skill's embedding."))
+    seed: int = field(default=0, metadata=_help("Seed of data order, dropout and replay sampling."))
+
+    def validate(self, source: str = "continual config") -> None:
+        def fail(key: str, message: str) -> ConfigError:
+            return ConfigError(f"{source}: '{key}' {message}")
+
+        if self.reduction not in ("max", "median"):
+            raise fail("reduction", f"must be 'max' or 'median', got {self.reduction!r}")
+        if not -1.0 <= self.threshold <= 1.0:
+            raise fail("threshold", f"is a cosine similarity in [-1, 1], got {self.threshold}")
+        if self.protection not in PROTECTIONS:
+            raise fail("protection", f"must be one of {PROTECTIONS}, got {self.protection!r}")
+        if not self.rank_schedule or any(r < 1 for r in self.rank_schedule):
+            raise fail("rank_schedule", f"must be a non-empty list of ranks >= 1, got {self.rank_schedule}")
+        for key in ("seed_steps", "consolidate_steps", "replay_per_skill"):
+            if getattr(self, key) < 0:
+                raise fail(key, f"must be >= 0, got {getattr(self, key)}")
+        if self.seed_steps + self.consolidate_steps < 1:
+            raise fail("seed_steps", "and consolidate_steps must add up to at least one step")
+        for key in ("batch_size", "max_seq_length", "embed_examples"):
+            if getattr(self, key) < 1:
+                raise fail(key, f"must be >= 1, got {getattr(self, key)}")
+        for key in ("seed_lr", "consolidate_lr", "alpha_ratio"):
+            if not getattr(self, key) > 0:
+                raise fail(key, f"must be > 0, got {getattr(self, key)}")
+        if not 0.0 <= self.replay_fraction < 1.0:
+            raise fail("replay_fraction", f"must be in [0, 1), got {self.replay_fraction}")
+        if self.router_loss_coef < 0:
+            raise fail("router_loss_coef", f"must be >= 0, got {self.router_loss_coef}")
+
+    def rank_for(self, skill_number: int) -> int:
+        return self.rank_schedule[min(skill_number, len(self.rank_schedule) - 1)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "continual config",
+                  overrides: list[str] | tuple[str, ...] = ()) -> ContinualConfig:
+        from ..training.config import _build, apply_overrides
+
+        origins: dict[str, str] = {}
+        data = apply_overrides(data, list(overrides), origins, root=cls)
+        config = _build(cls, data, "", source, origins)
+        config.validate(source)
+        return config

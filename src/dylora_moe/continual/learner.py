@@ -1,0 +1,243 @@
+"""The lifecycle of one skill: detect, grow (or reuse) an expert, train it in two phases, mature, record.
+
+``learn_skill(model, tokenizer, examples, name, config)``:
+
+1. Embed the examples (:func:`.library.embed_examples`) and ask the :class:`.novelty.NoveltyDetector`.
+   Not novel (and not ``config.force``): the matched skill's expert is fine-tuned at the consolidation
+   rate (``fine_tune_existing``), with every other expert and the router frozen, and the skill's
+   embedding absorbs the new data. Nothing new is created.
+2. Novel: an immature expert nobody owns is claimed (a fresh model), else ``model.add_expert`` adds one
+   with the rank of ``config.rank_schedule``. While it is immature the router is dense.
+3. Training: only the new expert and the router learn; earlier experts are frozen (their outputs stay
+   bit-exact). Seeding phase at ``seed_lr`` (constant), then consolidation at ``consolidate_lr``
+   (cosine decay). The router is protected (``config.protection``): replayed examples of earlier skills
+   in every batch, with the routing supervision sending them to their experts, and/or the router rows of
+   earlier experts frozen. The routing supervision also sends the new data to the new expert.
+4. The expert is marked mature (the router returns to sparse top-k) and the skill enters the library with
+   its embedding and ``replay_per_skill`` examples for later replay.
+
+Returns a :class:`LearnSkillResult`; the model is changed in place (save it with ``save_pretrained``,
+which writes the library too). ``DyLoRAMoEForCausalLM.add_new_skill`` is the same call returning whether an
+expert was created.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..data import DataCollator, Example, tokenize_examples
+from .config import ContinualConfig
+from .library import SkillLibrary, embed_examples
+from .novelty import NoveltyDecision, NoveltyDetector
+
+__all__ = ["LearnSkillResult", "learn_skill", "router_entropy_on", "train_expert"]
+
+
+@dataclass
+class LearnSkillResult:
+    """What :func:`learn_skill` did: ``created`` a new expert, or matched ``decision.best_skill``."""
+
+    name: str
+    created: bool
+    expert: int
+    rank: int
+    decision: NoveltyDecision
+    steps: int
+    losses: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        if self.created:
+            return (f"skill {self.name!r} is novel ({self.decision.reason}): expert {self.expert} (rank {self.rank}) "
+                    f"trained for {self.steps} steps and marked mature")
+        what = f"fine-tuned for {self.steps} steps" if self.steps else "left unchanged"
+        return (f"skill {self.name!r} is not novel ({self.decision.reason}): it matches skill "
+                f"{self.decision.best_skill!r}, whose expert {self.expert} was {what}")
+
+
+@torch.no_grad()
+def router_entropy_on(model: Any, tokenizer: Any, examples: Sequence[Example], *, batch_size: int = 8,
+                      max_seq_length: int = 512) -> float:
+    """Mean router entropy (nats) of ``model`` on ``examples``."""
+    items, _ = tokenize_examples(list(examples), tokenizer, max_seq_length)
+    collate = DataCollator.from_tokenizer(tokenizer)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(items), batch_size):
+            batch = {k: v.to(model.device) for k, v in collate(items[start : start + batch_size]).items()
+                     if k in ("input_ids", "attention_mask", "labels")}
+            out = model(**batch)
+            total += float(out.router_entropy) * batch["input_ids"].shape[0]
+            count += batch["input_ids"].shape[0]
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+def learn_skill(model: Any, tokenizer: Any, examples: Sequence[Example], name: str,
+                config: ContinualConfig | None = None, progress: bool = True) -> LearnSkillResult:
+    """Run the lifecycle of one skill on ``model`` (in place); see the module docstring."""
+    config = config or ContinualConfig()
+    config.validate()
+    started = time.monotonic()
+    library = model.skill_library if model.skill_library is not None else SkillLibrary()
+    if not name:
+        raise ValueError("a skill needs a name")
+    if name in library.names:
+        raise ValueError(f"skill {name!r} is already in the library (skills: {library.names}); choose a new name")
+    examples = list(examples)
+    if not examples:
+        raise ValueError(f"skill {name!r}: no examples")
+    rng = random.Random(config.seed)
+    embedding = embed_examples(model, tokenizer, examples[: config.embed_examples],
+                               max_seq_length=config.max_seq_length)
+    entropy = None
+    if config.entropy_threshold is not None and len(library):
+        entropy = router_entropy_on(model, tokenizer, examples[: config.embed_examples],
+                                    max_seq_length=config.max_seq_length)
+    detector = NoveltyDetector(config.threshold, config.reduction, config.entropy_threshold)
+    decision = detector.decide(embedding, library, entropy)
+    if not decision.novel and not config.force:
+        skill = library.get(decision.best_skill)
+        losses: list[dict[str, float]] = []
+        if config.fine_tune_existing and config.consolidate_steps:
+            losses = train_expert(model, tokenizer, examples, skill.expert, library, config,
+                                  phases=[("consolidate", config.consolidate_steps, config.consolidate_lr)],
+                                  fine_tune=True, rng=rng, progress=progress)
+        library.update(skill.name, embedding, len(examples))
+        model.skill_library = library
+        return LearnSkillResult(name, False, skill.expert, model.expert_ranks[skill.expert], decision,
+                                len(losses), losses, time.monotonic() - started)
+    if config.force and not decision.novel:
+        decision.reason += "; a new expert is forced"
+    owned = {s.expert for s in library.skills}
+    free = [i for i in range(model.num_experts) if not model.maturity[i] and i not in owned]
+    if free:
+        expert = free[0]
+    else:
+        rank = config.rank_for(len(library))
+        expert = model.add_expert(rank, config.alpha_ratio * rank)
+    model.set_maturity(expert, False)  # dense routing while the new expert learns
+    phases = [("seed", config.seed_steps, config.seed_lr), ("consolidate", config.consolidate_steps,
+                                                             config.consolidate_lr)]
+    losses = train_expert(model, tokenizer, examples, expert, library, config, phases=phases, rng=rng,
+                          progress=progress)
+    model.set_maturity(expert, True)
+    replay = rng.sample(examples, min(config.replay_per_skill, len(examples)))
+    library.add(name, embedding, expert, len(examples), replay=replay)
+    model.skill_library = library
+    return LearnSkillResult(name, True, expert, model.expert_ranks[expert], decision, len(losses), losses,
+                            time.monotonic() - started)
+
+
+def _router_row_mask(param: torch.nn.Parameter, expert: int, num_experts: int) -> torch.Tensor | None:
+    """A gradient mask keeping only ``expert``'s output row of a router parameter (None: not per-expert)."""
+    if param.dim() >= 1 and param.shape[0] == num_experts:
+        mask = torch.zeros_like(param)
+        mask[expert] = 1
+        return mask
+    return None
+
+
+def train_expert(model: Any, tokenizer: Any, examples: Sequence[Example], expert: int, library: SkillLibrary,
+                 config: ContinualConfig, *, phases: Sequence[tuple[str, int, float]], fine_tune: bool = False,
+                 rng: random.Random | None = None, progress: bool = True) -> list[dict[str, float]]:
+    """Train expert ``expert`` (and the router, protected) on ``examples``; returns one log row per step.
+
+    ``fine_tune=True``: the data go to ``expert`` directly (forced), and the router stays frozen.
+    """
+    from tqdm.auto import tqdm
+
+    rng = rng or random.Random(config.seed)
+    torch.manual_seed(config.seed)
+    new_items, stats = tokenize_examples(list(examples), tokenizer, config.max_seq_length)
+    if not new_items:
+        raise ValueError(f"no example fits max_seq_length={config.max_seq_length} "
+                         f"({stats.total.dropped} dropped as too long)")
+    replay_on = config.protection in ("replay", "both") and not fine_tune
+    replay_items: list[tuple[Any, int]] = []
+    if replay_on and library.skills:
+        experts = library.expert_of()
+        pairs = library.replay_examples()
+        if pairs:
+            tokenized, _ = tokenize_examples([e for e, _ in pairs], tokenizer, config.max_seq_length,
+                                             domains=list(experts))
+            replay_items = [(item, experts[item.domain]) for item in tokenized]
+    collate = DataCollator.from_tokenizer(tokenizer)
+
+    params = dict(model.named_parameters())
+    saved_flags = {n: p.requires_grad for n, p in params.items()}
+    for p in model.expert_parameters():
+        p.requires_grad_(False)
+    for p in model.expert_parameters(expert):
+        p.requires_grad_(True)
+    hooks = []
+    train_router = not fine_tune
+    for p in model.router_parameters():
+        p.requires_grad_(train_router)
+        if train_router and config.protection in ("freeze_rows", "both"):
+            mask = _router_row_mask(p, expert, model.num_experts)
+            if mask is None:
+                p.requires_grad_(False)  # shared router layers (MLP hidden) stay as they are
+            else:
+                hooks.append(p.register_hook(lambda g, m=mask: g * m))
+    trainable = [p for p in [*model.expert_parameters(expert), *model.router_parameters()] if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=phases[0][2] if phases else 0.0, weight_decay=0.0)
+    n_replay = round(config.batch_size * config.replay_fraction) if replay_items else 0
+    n_new = config.batch_size - n_replay
+    order: list[int] = []
+    log: list[dict[str, float]] = []
+    total_steps = sum(steps for _, steps, _ in phases)
+    bar = tqdm(total=total_steps, desc=f"expert {expert}", disable=not progress, leave=False)
+    was_training = model.training
+    model.train()
+    try:
+        for phase, steps, peak in phases:
+            for k in range(steps):
+                lr = peak if phase == "seed" else peak * 0.5 * (1 + math.cos(math.pi * k / max(steps, 1)))
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                picked = []
+                for _ in range(n_new):
+                    if not order:
+                        order = list(range(len(new_items)))
+                        rng.shuffle(order)
+                    picked.append((new_items[order.pop()], expert))
+                picked += [replay_items[rng.randrange(len(replay_items))] for _ in range(n_replay)]
+                batch = collate([item for item, _ in picked])
+                targets = torch.tensor([t for _, t in picked], device=model.device)
+                inputs = {k: v.to(model.device) for k, v in batch.items()
+                          if k in ("input_ids", "attention_mask", "labels")}
+                out = model(**inputs, forced_expert=expert if fine_tune else None)
+                loss = out.lm_loss
+                route = torch.zeros((), device=model.device)
+                if train_router and config.router_loss_coef > 0:
+                    probs = out.router_probs.float().clamp_min(1e-9)
+                    route = -probs.log().gather(1, targets[:, None]).mean()
+                    loss = loss + config.router_loss_coef * route
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+                optimizer.step()
+                log.append({"phase": phase, "lr": lr, "lm_loss": float(out.lm_loss.detach()),
+                            "route_loss": float(route.detach())})
+                bar.update(1)
+                bar.set_postfix(phase=phase, loss=f"{log[-1]['lm_loss']:.4f}")
+    finally:
+        bar.close()
+        for hook in hooks:
+            hook.remove()
+        for n, p in params.items():
+            p.requires_grad_(saved_flags[n])
+        model.train(was_training)
+    return log
+
