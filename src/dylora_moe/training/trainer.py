@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -57,8 +58,10 @@ from .evaluation import EvalResult, evaluate
 from .summary import build_metrics, plot_routing, summary_table, write_metrics
 
 # config keys that must not change when resuming (everything that decides the computation)
+# Keys a resumed run must share with its checkpoint. The batch shape may change with the number of
+# processes as long as the global batch (processes x per-device batch x accumulation) stays the same.
 _RESUME_FIXED = ("model", "seed", "moe", "data.datasets", "data.max_seq_length", "data.mixing",
-                 "data.use_chat_template", "train.per_device_batch_size", "train.gradient_accumulation_steps")
+                 "data.use_chat_template")
 
 
 @dataclass
@@ -142,10 +145,17 @@ class JointTrainer:
         self.precision = precision
         plugin = GradientAccumulationPlugin(num_steps=self.config.train.gradient_accumulation_steps,
                                             sync_with_dataloader=False)
+        # Under torchrun / accelerate launch without a GPU, several CPU processes (gloo): Accelerate only
+        # takes that route when asked for the CPU explicitly.
+        multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         return Accelerator(
+            cpu=multi_cpu,
             mixed_precision="no" if precision == "fp32" else precision,
             gradient_accumulation_plugin=plugin,
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+            # Sparse top-1 routing leaves the unchosen experts without gradient in a step: DDP must look for
+            # unused parameters (their gradients then stay None, exactly as in one process; see
+            # docs/distributed.md). Router buffers are identical everywhere: no per-step broadcast.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)],
         )
 
     def _prepare_output_dir(self) -> Path | None:
@@ -304,9 +314,19 @@ class JointTrainer:
         rng_states = None
         if resume_from is not None:
             state = ckpt.load_trainer_state(resume_from)
+            saved_global = state.get("samples_per_step")
+            if saved_global is None:  # written before the global batch was recorded: same world size only
+                saved_global = samples_per_step if state["world_size"] == world else None
+            if saved_global != samples_per_step:
+                hint = max(1, (state.get("samples_per_step") or samples_per_step) // (per_device * world))
+                raise CheckpointError(
+                    f"{resume_from}: written with {state.get('samples_per_step', '?')} sequences per optimizer step "
+                    f"({state['world_size']} processes); now {samples_per_step} ({world} x per_device_batch_size "
+                    f"{per_device} x gradient_accumulation_steps {accum}): keep the global batch the same, e.g. "
+                    f"train.gradient_accumulation_steps={hint}")
             if state["world_size"] != world:
-                raise CheckpointError(f"{resume_from}: written by {state['world_size']} processes, resuming with "
-                                      f"{world}: the data order would differ")
+                acc.print(f"resuming a {state['world_size']}-process checkpoint with {world} process(es): same "
+                          "global batch and data order; dropout random streams restart per process")
             ckpt.load_adapter_weights(model, resume_from / ckpt.ADAPTER_DIR)
             try:
                 stream.load_state_dict(state["sampler"])
@@ -335,7 +355,9 @@ class JointTrainer:
             return step * samples_per_step / stream.num_samples
 
         def run_eval(step: int) -> None:
-            result = evaluate(prepared, eval_sets, collate, cfg.data.eval_batch_size, model.num_experts,
+            # The bare model, not the DDP wrapper: each process runs its own share of the held-out batches,
+            # and a DDP forward would start collectives (buffer broadcast) the other processes never join.
+            result = evaluate(model, eval_sets, collate, cfg.data.eval_batch_size, model.num_experts,
                               step=step, epoch=epoch_at(step), accelerator=acc)
             history.append(result)
             if acc.is_main_process:
@@ -356,7 +378,7 @@ class JointTrainer:
             states = gather_object([ckpt.capture_rng_state()])
             if acc.is_main_process:
                 payload = {"global_step": step, "total_steps": total_steps, "epoch": epoch_at(step),
-                           "sampler": sampler_state, "world_size": world,
+                           "sampler": sampler_state, "world_size": world, "samples_per_step": samples_per_step,
                            "eval_history": [h.to_dict() for h in history], "train_log": train_log,
                            "train_time_s": state["train_time_s"] + loop_time}
                 ckpt.save_checkpoint(ckpt.checkpoint_dir(self.output_dir, step), model=acc.unwrap_model(prepared),
@@ -381,8 +403,8 @@ class JointTrainer:
             prepared.train()
             iterator = iter(loader)
             first = next(iterator, None)
-            if rng_states is not None:  # after the loader started: nothing random may happen in between
-                ckpt.restore_rng_state(rng_states[acc.process_index])
+            if rng_states is not None and len(rng_states) == world:  # after the loader started: nothing random
+                ckpt.restore_rng_state(rng_states[acc.process_index])   # may happen in between
             window = torch.zeros(4, dtype=torch.float64, device=acc.device)  # loss, aux, tokens, micro-batches
             window_start, grad_norm = time.perf_counter(), None
             for batch in itertools.chain([first] if first is not None else [], iterator):
