@@ -39,8 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .config import ConfigError
 
 __all__ = ["StudyConfig", "VariantConfig", "default_variants", "report", "run_study", "run_unit"]
@@ -152,18 +150,9 @@ class StudyConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> StudyConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: study config file not found")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-            raise ConfigError(f"{where}: malformed YAML ({getattr(exc, 'problem', None) or exc})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
-        return cls.from_dict(data, str(path), overrides)
+        from .training.config import read_yaml_mapping
+
+        return cls.from_dict(read_yaml_mapping(path, "study config file"), str(path), overrides)
 
     def variant(self, name: str) -> VariantConfig:
         for v in self.variants:

@@ -28,12 +28,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..config import DyLoRAMoEConfig
-from ..data import DataCollator, Example, tokenize_examples
+from ..data import Example
 from .config import ContinualConfig
-from .learner import learn_skill, train_expert
+from .learner import batched_outputs, learn_skill, train_expert
 from .library import SkillLibrary, embed_examples
 from .novelty import NoveltyDetector
 from .skills import load_skill_examples
@@ -74,26 +72,15 @@ def _split(source: str, split: str, limit: int | None, data_dir: str | None) -> 
                                data_dir=data_dir)
 
 
-@torch.no_grad()
 def skill_loss(model: Any, tokenizer: Any, examples: list[Example], batch_size: int = 8,
                max_seq_length: int = 512) -> float:
     """Token-weighted cross-entropy on the response tokens of ``examples`` (normal routing, eval mode)."""
-    items, _ = tokenize_examples(examples, tokenizer, max_seq_length)
-    collate = DataCollator.from_tokenizer(tokenizer)
-    was_training = model.training
-    model.eval()
     total, tokens = 0.0, 0
-    try:
-        for start in range(0, len(items), batch_size):
-            batch = collate(items[start : start + batch_size])
-            labels = batch["labels"].to(model.device)
-            out = model(input_ids=batch["input_ids"].to(model.device),
-                        attention_mask=batch["attention_mask"].to(model.device), labels=labels)
-            count = int((labels[:, 1:] != -100).sum())
-            total += float(out.lm_loss) * count
-            tokens += count
-    finally:
-        model.train(was_training)
+    for inputs, out in batched_outputs(model, tokenizer, examples, batch_size=batch_size,
+                                       max_seq_length=max_seq_length):
+        count = int((inputs["labels"][:, 1:] != -100).sum())
+        total += float(out.lm_loss) * count
+        tokens += count
     return total / max(tokens, 1)
 
 
@@ -121,14 +108,15 @@ def _fresh_model(run: ContinualRunConfig, mature: bool):
 
 
 def _run_dylora(run: ContinualRunConfig, config: ContinualConfig, train: list[list[Example]],
-                held_out: list[list[Example]], names: list[str], progress: bool) -> dict[str, Any]:
+                held_out: list[list[Example]], names: list[str], progress: bool,
+                detector_stream: bool = True) -> dict[str, Any]:
     model, tokenizer = _fresh_model(run, mature=False)
     matrix, stages, stream = [], [], {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
     rng = random.Random(config.seed)
     detector = NoveltyDetector(config.threshold, config.reduction)
     for i, (name, examples) in enumerate(zip(names, train)):
         library = model.skill_library or SkillLibrary()
-        if len(library):  # the detector's labelled stream: known skills' held-out batches, then the new skill's
+        if detector_stream and len(library):  # labelled stream: known skills' held-out batches, then the new skill's
             for j in range(i):
                 for _ in range(run.detector_batches):
                     batch = rng.sample(held_out[j], min(run.detector_batch_size, len(held_out[j])))
@@ -149,13 +137,10 @@ def _run_dylora(run: ContinualRunConfig, config: ContinualConfig, train: list[li
         print(f"[{config.protection}] stage {i} {name}: {result.summary()}; held-out losses "
               f"{[round(x, 4) for x in losses]}", flush=True)
     routing = {}
-    for j, name in enumerate(names):
-        items, _ = tokenize_examples(held_out[j], tokenizer, config.max_seq_length)
-        batch = DataCollator.from_tokenizer(tokenizer)(items)
-        inputs = {k: batch[k].to(model.device) for k in ("input_ids", "attention_mask", "labels")}
-        with torch.no_grad():
-            out = model(**inputs)
-        choices = out.expert_choice.tolist()
+    for name, examples in zip(names, held_out):
+        choices = [c for _, out in batched_outputs(model, tokenizer, examples, batch_size=run.eval_batch_size,
+                                                   max_seq_length=config.max_seq_length)
+                   for c in out.expert_choice.tolist()]
         routing[name] = [choices.count(e) / len(choices) for e in range(model.num_experts)]
     tp, fp, fn = stream["tp"], stream["fp"], stream["fn"]
     return {"loss": matrix, **forgetting_metrics(matrix), "stages": stages, "routing_share": routing,
@@ -200,7 +185,8 @@ def run_continual(run: ContinualRunConfig, progress: bool = True) -> dict[str, A
     for protection in run.protections:
         if protection != run.continual.protection:
             variant = ContinualConfig(**{**asdict(run.continual), "protection": protection})
-            report["methods"][f"dylora_{protection}"] = _run_dylora(run, variant, train, held_out, names, progress)
+            report["methods"][f"dylora_{protection}"] = _run_dylora(run, variant, train, held_out, names, progress,
+                                                                    detector_stream=False)
     if run.baseline:
         report["methods"]["baseline"] = _run_baseline(run, run.continual, train, held_out, names, progress)
     dylora = report["methods"]["dylora"]

@@ -15,27 +15,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..config import ConfigError
-
 __all__ = ["add_commands"]
 
 
 def _read_yaml(path: str | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise ConfigError(f"{path}{f':{mark.line + 1}' if mark else ''}: malformed YAML") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys")
-    return data
+    from ..training.config import read_yaml_mapping
+
+    return {} if path is None else read_yaml_mapping(path)
 
 
 def _cmd_learn_skill(ns: argparse.Namespace) -> int:

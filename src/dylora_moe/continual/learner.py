@@ -37,7 +37,7 @@ from .config import ContinualConfig
 from .library import SkillLibrary, embed_examples
 from .novelty import NoveltyDecision, NoveltyDetector
 
-__all__ = ["LearnSkillResult", "learn_skill", "router_entropy_on", "train_expert"]
+__all__ = ["LearnSkillResult", "batched_outputs", "learn_skill", "router_entropy_on", "train_expert"]
 
 
 @dataclass
@@ -62,24 +62,31 @@ class LearnSkillResult:
                 f"{self.decision.best_skill!r}, whose expert {self.expert} was {what}")
 
 
-@torch.no_grad()
-def router_entropy_on(model: Any, tokenizer: Any, examples: Sequence[Example], *, batch_size: int = 8,
-                      max_seq_length: int = 512) -> float:
-    """Mean router entropy (nats) of ``model`` on ``examples``."""
+def batched_outputs(model: Any, tokenizer: Any, examples: Sequence[Example], *, batch_size: int = 8,
+                    max_seq_length: int = 512):
+    """Yield ``(inputs, output)`` for ``examples`` formatted as in training, in batches, eval mode, no grad."""
     items, _ = tokenize_examples(list(examples), tokenizer, max_seq_length)
     collate = DataCollator.from_tokenizer(tokenizer)
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
     try:
-        for start in range(0, len(items), batch_size):
-            batch = {k: v.to(model.device) for k, v in collate(items[start : start + batch_size]).items()
-                     if k in ("input_ids", "attention_mask", "labels")}
-            out = model(**batch)
-            total += float(out.router_entropy) * batch["input_ids"].shape[0]
-            count += batch["input_ids"].shape[0]
+        with torch.no_grad():
+            for start in range(0, len(items), batch_size):
+                batch = collate(items[start : start + batch_size])
+                inputs = {k: batch[k].to(model.device) for k in ("input_ids", "attention_mask", "labels")}
+                yield inputs, model(**inputs)
     finally:
         model.train(was_training)
+
+
+def router_entropy_on(model: Any, tokenizer: Any, examples: Sequence[Example], *, batch_size: int = 8,
+                      max_seq_length: int = 512) -> float:
+    """Mean router entropy (nats) of ``model`` on ``examples``."""
+    total, count = 0.0, 0
+    for inputs, out in batched_outputs(model, tokenizer, examples, batch_size=batch_size,
+                                       max_seq_length=max_seq_length):
+        total += float(out.router_entropy) * inputs["input_ids"].shape[0]
+        count += inputs["input_ids"].shape[0]
     return total / max(count, 1)
 
 

@@ -162,21 +162,8 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
         """Read a YAML file and apply ``key=value`` overrides (see the module docstring)."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-            raise ConfigError(f"{where}: malformed YAML ({getattr(exc, 'problem', None) or exc})") from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
         origins: dict[str, str] = {}
-        data = apply_overrides(data, overrides, origins)
+        data = apply_overrides(read_yaml_mapping(path), overrides, origins)
         return cls.from_dict(data, str(path), origins)
 
     @classmethod
@@ -285,6 +272,25 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------- overrides
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """The top-level mapping of a YAML file (``{}`` for an empty file); a ``ConfigError`` names the file and
+    line of malformed YAML, a missing file, or a top level that is not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: malformed YAML ({getattr(exc, 'problem', None) or exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``'a.b.c=value'`` into ``(['a', 'b', 'c'], parsed value)``; the value is read as YAML."""
     key, sep, raw = text.partition("=")
