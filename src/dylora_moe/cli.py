@@ -113,9 +113,10 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         changes["output_dir"] = ns.output_dir
     if changes:
         config = config.replace(**changes)
-    result = JointTrainer(config).train()
-    print(f"done: {result.global_step} optimizer steps in {result.train_time_s:.1f}s; "
-          f"final adapter in {result.final_dir}")
+    trainer = JointTrainer(config)
+    result = trainer.train()
+    trainer.accelerator.print(f"done: {result.global_step} optimizer steps in {result.train_time_s:.1f}s; "
+                              f"final adapter in {result.final_dir}")  # once, on the main process
     return 0
 
 

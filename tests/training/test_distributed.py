@@ -132,7 +132,7 @@ def test_resume_with_another_global_batch_is_refused(tmp_path, data_dir):
 
 
 @pytest.mark.parametrize("name,kind,processes", [("ddp", "MULTI_GPU", 4), ("fsdp", "FSDP", 4),
-                                                 ("deepspeed_zero2", "DEEPSPEED", 4), ("cpu-2proc", "MULTI_CPU", 2)])
+                                                 ("deepspeed_zero2", "DEEPSPEED", 4)])
 def test_example_accelerate_configs_are_valid(name, kind, processes):
     from accelerate.commands.config.config_args import load_config_from_file
 
