@@ -12,6 +12,7 @@ its final name) holds::
       rng_state.pt          python / numpy / torch (/ cuda) RNG states, one entry per process
       trainer_state.json    format_version, global_step, epoch, sampler position, eval history, ...
       train_config.json     the run's TrainConfig
+      manifest.json         size and SHA-256 of every other file (written last; verify_checkpoint)
 
 Usage::
 
@@ -19,11 +20,14 @@ Usage::
                     rng_states=[capture_rng_state()], state={...}, config=cfg)
     prune_checkpoints(out, keep=2)
     latest = latest_checkpoint(out)                 # Path or None
+    verify_checkpoint(latest)                       # CheckpointError naming a truncated or corrupt file
+    good, skipped = newest_valid_checkpoint(out)    # what --resume uses
     state = load_trainer_state(latest)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -57,6 +61,8 @@ SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng_state.pt"
 STATE_FILE = "trainer_state.json"
 TRAIN_CONFIG_FILE = "train_config.json"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT_VERSION = 1
 _NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
@@ -143,8 +149,61 @@ def save_checkpoint(
         torch.save(rng_states, tmp / RNG_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
         config.to_json_file(tmp / TRAIN_CONFIG_FILE)
+        write_manifest(tmp)
 
     return write_folder_atomically(directory, write)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: str | Path) -> None:
+    """Record the size and SHA-256 of every file below ``directory`` in its ``manifest.json``."""
+    directory = Path(directory)
+    files = {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE}
+    (directory / MANIFEST_FILE).write_text(json.dumps({"format_version": MANIFEST_FORMAT_VERSION, "files": files},
+                                                      indent=1) + "\n")
+
+
+def verify_checkpoint(directory: str | Path) -> None:
+    """Check every file of a checkpoint against its manifest; a ``CheckpointError`` names the first file that
+    is missing, truncated or corrupt. (A checkpoint from before manifests has nothing to check against.)"""
+    directory = Path(directory)
+    if not (directory / MANIFEST_FILE).is_file():
+        if (directory / STATE_FILE).is_file():
+            return
+        raise CheckpointError(f"{directory}: no {MANIFEST_FILE} and no {STATE_FILE}: not a checkpoint")
+    manifest = read_versioned_json(directory, MANIFEST_FILE, what="checkpoint manifest",
+                                   max_version=MANIFEST_FORMAT_VERSION, required=("files",))
+    for name, entry in manifest["files"].items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (listed in {MANIFEST_FILE})")
+        size = path.stat().st_size
+        if size != entry["size"]:
+            raise CheckpointError(f"{path}: {size} bytes, the manifest says {entry['size']} (truncated or "
+                                  "overwritten)")
+        if _sha256(path) != entry["sha256"]:
+            raise CheckpointError(f"{path}: contents differ from the manifest's SHA-256 (corrupt)")
+
+
+def newest_valid_checkpoint(output_dir: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest ``checkpoint-<step>`` that passes :func:`verify_checkpoint`, and the newer ones skipped
+    (with why)."""
+    skipped: list[tuple[Path, str]] = []
+    for path in reversed(list_checkpoints(output_dir)):
+        try:
+            verify_checkpoint(path)
+            return path, skipped
+        except CheckpointError as exc:
+            skipped.append((path, str(exc)))
+    return None, skipped
 
 
 def load_trainer_state(directory: str | Path) -> dict[str, Any]:

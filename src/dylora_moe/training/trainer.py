@@ -166,7 +166,12 @@ class JointTrainer:
             if not existing:
                 raise CheckpointError(f"{out}: resume requested but there is no {ckpt.CHECKPOINT_PREFIX}<step> "
                                       "folder to resume from (run without --resume to start)")
-            latest = existing[-1]
+            latest, skipped = ckpt.newest_valid_checkpoint(out)
+            for path, why in skipped:
+                self.accelerator.print(f"warning: skipping {path.name}, it fails its integrity check: {why}")
+            if latest is None:
+                raise CheckpointError(f"{out}: no checkpoint passes its integrity check (" +
+                                      "; ".join(why for _, why in skipped) + ")")
             saved = ckpt.TRAIN_CONFIG_FILE
             self._check_resume_config(TrainConfig.from_json_file(latest / saved), latest)
             return latest

@@ -1,0 +1,89 @@
+"""Checkpoint manifests: truncated or corrupt files are detected by name, and --resume falls back to the
+newest checkpoint that is intact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dylora_moe import CheckpointError
+from dylora_moe.training import JointTrainer
+from dylora_moe.training.checkpoint import (
+    ADAPTER_DIR,
+    MANIFEST_FILE,
+    OPTIMIZER_FILE,
+    newest_valid_checkpoint,
+    verify_checkpoint,
+)
+
+from . import isolate_data_registry, tiny_config, tiny_model_and_tokenizer, write_data_dir
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    isolate_data_registry(monkeypatch)
+    data = write_data_dir(tmp_path / "data")
+    config = tiny_config(tmp_path / "run", data, **{"train.max_steps": 6, "train.save_every": 2,
+                                                    "train.save_total_limit": 0, "train.eval_every": 0})
+    trainer = JointTrainer(config, *tiny_model_and_tokenizer())
+    trainer.train()
+    return tmp_path / "run", data, trained(trainer)
+
+
+def trained(trainer):
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+def test_manifest_lists_every_file_and_detects_damage(run_dir):
+    out, _, _ = run_dir
+    ckpt = out / "checkpoint-4"
+    manifest = json.loads((ckpt / MANIFEST_FILE).read_text())["files"]
+    assert OPTIMIZER_FILE in manifest and f"{ADAPTER_DIR}/dylora_moe_weights.safetensors" in manifest
+    verify_checkpoint(ckpt)
+    weights = ckpt / ADAPTER_DIR / "dylora_moe_weights.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(CheckpointError, match="dylora_moe_weights.safetensors: .* bytes, the manifest says"):
+        verify_checkpoint(ckpt)
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # same size, one bit pattern changed
+    with pytest.raises(CheckpointError, match="contents differ from the manifest"):
+        verify_checkpoint(ckpt)
+    weights.write_bytes(data)
+    verify_checkpoint(ckpt)
+    (ckpt / OPTIMIZER_FILE).unlink()
+    with pytest.raises(CheckpointError, match="optimizer.pt: missing"):
+        verify_checkpoint(ckpt)
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint(run_dir, capsys):
+    out, data, uninterrupted = run_dir
+    import shutil
+
+    shutil.rmtree(out / "checkpoint-6")  # as if killed after step 4 was saved ...
+    shutil.rmtree(out / "final")
+    optimizer = out / "checkpoint-4" / OPTIMIZER_FILE
+    optimizer.write_bytes(optimizer.read_bytes()[:100])  # ... with checkpoint-4 damaged: resume from checkpoint-2
+    good, skipped = newest_valid_checkpoint(out)
+    assert good.name == "checkpoint-2" and [p.name for p, _ in skipped] == ["checkpoint-4"]
+    resumed = JointTrainer(tiny_config(out, data, resume=True, **{"train.max_steps": 6, "train.save_every": 2,
+                                                                   "train.save_total_limit": 0,
+                                                                   "train.eval_every": 0}),
+                           *tiny_model_and_tokenizer())
+    resumed.train()
+    printed = capsys.readouterr().out
+    assert "skipping checkpoint-4, it fails its integrity check" in printed
+    assert "resuming from" in printed and "checkpoint-2" in printed
+    ours = trained(resumed)
+    assert all(torch.equal(ours[k], uninterrupted[k]) for k in ours)  # exactly the uninterrupted run
+    verify_checkpoint(out / "checkpoint-4")  # rewritten, intact again
+
+
+def test_resume_with_no_intact_checkpoint_says_why(run_dir):
+    out, data, _ = run_dir
+    for step in (2, 4, 6):
+        (out / f"checkpoint-{step}" / OPTIMIZER_FILE).write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="no checkpoint passes its integrity check"):
+        JointTrainer(tiny_config(out, data, resume=True, **{"train.max_steps": 6}),
+                     *tiny_model_and_tokenizer()).train()
