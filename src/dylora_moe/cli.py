@@ -261,6 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .loading import BaseModelError
     from .serialization import CheckpointError
     from .targets import TargetError
+    from .training.trainer import TrainingError
 
     parser = build_parser()
     ns, extra = parser.parse_known_args(argv)
@@ -271,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return ns.func(ns)
-    except (ConfigError, DataError, TargetError, CheckpointError, BaseModelError) as exc:
+    except (ConfigError, DataError, TargetError, CheckpointError, BaseModelError, TrainingError) as exc:
         print(f"dylora-moe: error: {exc}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:

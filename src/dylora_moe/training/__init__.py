@@ -32,7 +32,7 @@ from .config import (
 )
 from .evaluation import DomainEval, EvalResult, evaluate
 from .summary import build_metrics, plot_routing, summary_table, write_metrics
-from .trainer import JointTrainer, TrainResult
+from .trainer import JointTrainer, TrainingError, TrainResult
 
 __all__ = [
     "CONFIG_FORMAT_VERSION",
@@ -41,6 +41,7 @@ __all__ = [
     "DomainEval",
     "EvalResult",
     "JointTrainer",
+    "TrainingError",
     "TrainConfig",
     "TrainResult",
     "TrainingArgs",

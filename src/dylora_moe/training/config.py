@@ -108,6 +108,9 @@ class TrainingArgs:
     warmup_steps: int = field(default=0, metadata=_help("If > 0: warmup steps (overrides warmup_ratio)."))
     weight_decay: float = field(default=0.01, metadata=_help("AdamW weight decay (not applied to 1-D tensors)."))
     max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping norm (0 = no clipping)."))
+    max_bad_steps: int = field(default=5, metadata=_help(
+        "A step with a non-finite loss or gradient is skipped with a warning; after this many in a row training "
+        "stops with an error, leaving the last good checkpoint (0 = never stop)."))
     precision: str = field(default="auto", metadata=_help(
         "'auto' (bf16 on a GPU that supports it, else fp32), 'fp32', 'bf16' or 'fp16' mixed precision."))
     base_dtype: str = field(default="auto", metadata=_help(
@@ -252,7 +255,7 @@ class TrainConfig:
             if getattr(t, key) < 1:
                 raise fail(f"train.{key}", "must be an integer >= 1")
         for key in ("max_steps", "warmup_steps", "eval_every", "save_every", "save_total_limit",
-                    "router_calibration_examples"):
+                    "router_calibration_examples", "max_bad_steps"):
             if getattr(t, key) < 0:
                 raise fail(f"train.{key}", "must be an integer >= 0")
         if t.max_steps == 0 and not t.num_epochs > 0:

@@ -411,24 +411,47 @@ class JointTrainer:
             if rng_states is not None and len(rng_states) == world:  # after the loader started: nothing random
                 ckpt.restore_rng_state(rng_states[acc.process_index])   # may happen in between
             window = torch.zeros(4, dtype=torch.float64, device=acc.device)  # loss, aux, tokens, micro-batches
-            window_start, grad_norm = time.perf_counter(), None
+            pending = torch.zeros_like(window)  # the optimizer step in progress, added once it proves finite
+            window_start, grad_norm, bad_run = time.perf_counter(), None, 0
             for batch in itertools.chain([first] if first is not None else [], iterator):
                 batch.pop("domain_ids", None)
+                bad = False
                 with acc.accumulate(prepared):
                     out = prepared(**batch)
                     acc.backward(out.loss)
-                    if acc.sync_gradients and t.max_grad_norm > 0:
-                        grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm)
+                    if acc.sync_gradients:
+                        # The gradients are reduced across processes here, so every process sees the same norm
+                        # and takes the same decision; a non-finite loss makes non-finite gradients.
+                        grad_norm = (acc.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0
+                                     else _grad_norm(params))
+                        bad = not math.isfinite(float(grad_norm))
+                        if bad:
+                            optimizer.zero_grad(set_to_none=True)  # the step below then changes nothing
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                window += torch.stack([out.lm_loss.detach().double(), out.aux_loss.detach().double(),
-                                       batch["attention_mask"].sum().double(), torch.ones((), dtype=torch.float64,
-                                       device=acc.device)])
+                pending += torch.stack([out.lm_loss.detach().double(), out.aux_loss.detach().double(),
+                                        batch["attention_mask"].sum().double(), torch.ones((), dtype=torch.float64,
+                                        device=acc.device)])
                 if not acc.sync_gradients:
                     continue
                 if not acc.optimizer_step_was_skipped:
                     scheduler.step()
                 step += 1
+                if bad:
+                    bad_run += 1
+                    acc.print(f"warning: step {step}: non-finite loss or gradient (grad norm {float(grad_norm)}): "
+                              f"skipped, parameters unchanged ({bad_run} in a row)")
+                    if t.max_bad_steps and bad_run >= t.max_bad_steps:
+                        good = ckpt.latest_checkpoint(self.output_dir)
+                        raise TrainingError(
+                            f"stopping at step {step}: {bad_run} consecutive steps with a non-finite loss or "
+                            f"gradient (train.max_bad_steps={t.max_bad_steps}); the last good checkpoint is "
+                            f"{good if good is not None else 'none (no checkpoint was written yet)'}. Lower "
+                            "train.lr, check the data, or train in fp32 (train.precision=fp32)")
+                else:
+                    bad_run = 0
+                    window += pending
+                pending.zero_()
                 if step % t.log_every == 0 or step == total_steps:
                     row = self._log_row(window, window_start, step, epoch_at(step), scheduler, grad_norm)
                     train_log.append(row)
@@ -508,6 +531,15 @@ class JointTrainer:
         acc.wait_for_everyone()
         return TrainResult(out, final_dir, step, total_steps, epoch, train_time, history, metrics, metrics_path,
                            plot_path, ckpt.list_checkpoints(out), resume_from, stats)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many consecutive non-finite steps); the message says what to do."""
+
+
+def _grad_norm(params) -> torch.Tensor:
+    grads = [p.grad.detach().norm() for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros(())
 
 
 def _dataset_spec(ds: DatasetConfig, index: int, split: str, limit: int | None) -> DatasetSpec:
