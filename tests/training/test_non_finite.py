@@ -64,3 +64,46 @@ def test_too_many_bad_steps_stop_with_a_clear_error(tmp_path, data_dir):
         JointTrainer(config, *poisoned(set(range(2, 100)))).train()
     assert not (out / "checkpoint-3").exists() and not (out / "final").exists()
     assert (out / "checkpoint-1").is_dir()
+
+
+SCRIPT = '''
+import resource, sys
+from dylora_moe.training import JointTrainer, TrainConfig, checkpoint
+from tests.training import tiny_model_and_tokenizer
+
+original, calls = checkpoint.save_checkpoint, []
+
+def limited(directory, **kwargs):  # the disk "fills up" before the second checkpoint
+    calls.append(directory)
+    if len(calls) == 2:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+    return original(directory, **kwargs)
+
+checkpoint.save_checkpoint = limited
+JointTrainer(TrainConfig.from_json_file(sys.argv[1]), *tiny_model_and_tokenizer()).train()
+'''
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, data_dir):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dylora_moe.training.checkpoint import verify_checkpoint
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "run"
+    config = tiny_config(out, data_dir, **{"train.save_every": 1, "train.save_total_limit": 0,
+                                           "train.eval_every": 0})
+    config.to_json_file(tmp_path / "config.json")
+    (tmp_path / "run_full.py").write_text(SCRIPT)
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, str(tmp_path / "run_full.py"), str(tmp_path / "config.json")],
+                          env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "TrainingError: could not write" in done.stderr and "disk full or a file size limit" in done.stderr
+    assert "checkpoint-1 is intact" in done.stderr
+    verify_checkpoint(out / "checkpoint-1")
+    assert not (out / "checkpoint-2").exists()
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no half-written leftovers

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 
 from ..config import ConfigError
@@ -386,9 +387,17 @@ class JointTrainer:
                            "sampler": sampler_state, "world_size": world, "samples_per_step": samples_per_step,
                            "eval_history": [h.to_dict() for h in history], "train_log": train_log,
                            "train_time_s": state["train_time_s"] + loop_time}
-                ckpt.save_checkpoint(ckpt.checkpoint_dir(self.output_dir, step), model=acc.unwrap_model(prepared),
-                                     optimizer=optimizer, scheduler=scheduler, rng_states=states, state=payload,
-                                     config=cfg)
+                target = ckpt.checkpoint_dir(self.output_dir, step)
+                try:
+                    ckpt.save_checkpoint(target, model=acc.unwrap_model(prepared), optimizer=optimizer,
+                                         scheduler=scheduler, rng_states=states, state=payload, config=cfg)
+                except (OSError, SafetensorError) as exc:  # disk full, size limit: nothing half-written is left
+                    good = ckpt.latest_checkpoint(self.output_dir)
+                    why = getattr(exc, "strerror", None) or str(exc)
+                    raise TrainingError(
+                        f"could not write {target}: {why} (disk full or a file size limit?); "
+                        f"nothing of it was kept, and the previous checkpoint "
+                        f"{good if good is not None else '(none yet)'} is intact: free space, then resume") from exc
                 ckpt.prune_checkpoints(self.output_dir, t.save_total_limit)
             acc.wait_for_everyone()
 
