@@ -182,13 +182,13 @@ def run_continual(run: ContinualRunConfig, progress: bool = True) -> dict[str, A
                               "train_examples": [len(t) for t in train],
                               "held_out_examples": [len(h) for h in held_out], "methods": {}}
     report["methods"]["dylora"] = _run_dylora(run, run.continual, train, held_out, names, progress)
+    if run.baseline:  # before the protection variants: the comparison that matters most comes first
+        report["methods"]["baseline"] = _run_baseline(run, run.continual, train, held_out, names, progress)
     for protection in run.protections:
         if protection != run.continual.protection:
             variant = ContinualConfig(**{**asdict(run.continual), "protection": protection})
             report["methods"][f"dylora_{protection}"] = _run_dylora(run, variant, train, held_out, names, progress,
                                                                     detector_stream=False)
-    if run.baseline:
-        report["methods"]["baseline"] = _run_baseline(run, run.continual, train, held_out, names, progress)
     dylora = report["methods"]["dylora"]
     report["max_forgetting"] = {m: r["max_forgetting"] for m, r in report["methods"].items()}
     report["bar"] = {"max_forgetting_at_most": 0.02, "met": dylora["max_forgetting"] is not None

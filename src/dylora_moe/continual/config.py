@@ -47,9 +47,12 @@ class ContinualConfig:
         "How the router keeps routing old skills: 'replay' (replayed examples of earlier skills in every "
         "batch, with routing supervision), 'freeze_rows' (the router outputs of earlier experts are frozen), "
         "'both' or 'none'."))
+    router_lr: float = field(default=1e-2, metadata=_help(
+        "Learning rate of the router (constant, both phases): it is tiny and must re-learn where every skill "
+        "goes within a few dozen steps."))
     router_loss_coef: float = field(default=1.0, metadata=_help(
         "Weight of the routing supervision: cross-entropy of the router towards the skill's expert."))
-    replay_fraction: float = field(default=0.25, metadata=_help(
+    replay_fraction: float = field(default=0.5, metadata=_help(
         "Share of each batch taken from the replay buffer (when there are earlier skills and replay is on)."))
     replay_per_skill: int = field(default=32, metadata=_help(
         "Examples of each skill kept in the checkpoint's replay buffer."))
@@ -76,7 +79,7 @@ class ContinualConfig:
         for key in ("batch_size", "max_seq_length", "embed_examples"):
             if getattr(self, key) < 1:
                 raise fail(key, f"must be >= 1, got {getattr(self, key)}")
-        for key in ("seed_lr", "consolidate_lr", "alpha_ratio"):
+        for key in ("seed_lr", "consolidate_lr", "alpha_ratio", "router_lr"):
             if not getattr(self, key) > 0:
                 raise fail(key, f"must be > 0, got {getattr(self, key)}")
         if not 0.0 <= self.replay_fraction < 1.0:

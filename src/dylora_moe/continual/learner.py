@@ -126,6 +126,9 @@ def learn_skill(model: Any, tokenizer: Any, examples: Sequence[Example], name: s
                                 len(losses), losses, time.monotonic() - started)
     if config.force and not decision.novel:
         decision.reason += "; a new expert is forced"
+    if len(library) and _router_uncalibrated(model):  # the router is about to separate skills for the first time
+        mixture = [e for e, _ in library.replay_examples()] + examples[: config.replay_per_skill]
+        _calibrate_on(model, tokenizer, mixture, config.max_seq_length)
     owned = {s.expert for s in library.skills}
     free = [i for i in range(model.num_experts) if not model.maturity[i] and i not in owned]
     if free:
@@ -144,6 +147,26 @@ def learn_skill(model: Any, tokenizer: Any, examples: Sequence[Example], name: s
     model.skill_library = library
     return LearnSkillResult(name, True, expert, model.expert_ranks[expert], decision, len(losses), losses,
                             time.monotonic() - started)
+
+
+def _router_uncalibrated(model: Any) -> bool:
+    """True while every router still has the identity feature standardisation (never calibrated)."""
+    return all(bool((r.feature_mean == 0).all() and (r.feature_std == 1).all()) for r in model.routers)
+
+
+def _calibrate_on(model: Any, tokenizer: Any, examples: Sequence[Example], max_seq_length: int) -> None:
+    """Set the router's feature standardisation from a mixture of skills (the replay buffer and the new data),
+    once, when the router first has to tell skills apart: without it, pooled embeddings of all inputs share
+    one large component and look alike to the router. Later skills keep these statistics."""
+    items, _ = tokenize_examples(list(examples), tokenizer, max_seq_length)
+    collate = DataCollator.from_tokenizer(tokenizer)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model.calibrate_router(collate(items[i : i + 8]) for i in range(0, len(items), 8))
+    finally:
+        model.train(was_training)
 
 
 def _router_row_mask(param: torch.nn.Parameter, expert: int, num_experts: int) -> torch.Tensor | None:
@@ -197,8 +220,13 @@ def train_expert(model: Any, tokenizer: Any, examples: Sequence[Example], expert
                 p.requires_grad_(False)  # shared router layers (MLP hidden) stay as they are
             else:
                 hooks.append(p.register_hook(lambda g, m=mask: g * m))
-    trainable = [p for p in [*model.expert_parameters(expert), *model.router_parameters()] if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=phases[0][2] if phases else 0.0, weight_decay=0.0)
+    expert_params = [p for p in model.expert_parameters(expert) if p.requires_grad]
+    router_params = [p for p in model.router_parameters() if p.requires_grad]
+    trainable = expert_params + router_params
+    groups = [{"params": expert_params, "lr": phases[0][2] if phases else 0.0, "phase_lr": True}]
+    if router_params:
+        groups.append({"params": router_params, "lr": config.router_lr, "phase_lr": False})
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     n_replay = round(config.batch_size * config.replay_fraction) if replay_items else 0
     n_new = config.batch_size - n_replay
     order: list[int] = []
@@ -212,7 +240,8 @@ def train_expert(model: Any, tokenizer: Any, examples: Sequence[Example], expert
             for k in range(steps):
                 lr = peak if phase == "seed" else peak * 0.5 * (1 + math.cos(math.pi * k / max(steps, 1)))
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    if group["phase_lr"]:
+                        group["lr"] = lr
                 picked = []
                 for _ in range(n_new):
                     if not order:
