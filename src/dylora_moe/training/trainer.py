@@ -162,6 +162,15 @@ class JointTrainer:
     def _prepare_output_dir(self) -> Path | None:
         """Return the checkpoint to resume from (or None); refuse to mix with an earlier run's files."""
         cfg, out = self.config, self.output_dir
+        if self.accelerator.is_main_process:  # fail now, not after an hour of training at the first save
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                probe = out / f".write-test-{os.getpid()}"
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as exc:
+                raise ConfigError(f"output_dir {out}: cannot be created or written to "
+                                  f"({exc.strerror or exc}); choose another --output-dir") from None
         existing = ckpt.list_checkpoints(out)
         if cfg.resume:
             if not existing:
