@@ -254,6 +254,27 @@ def test_program_sees_a_pristine_interpreter(run_checked):
     assert result.status == PASSED, result
 
 
+@pytest.mark.parametrize("limits", MODES)
+def test_sys_executable_is_runnable_even_from_a_hidden_venv(run_checked, limits, tmp_path, monkeypatch):
+    """The harness's interpreter may be a venv symlink under /tmp, which the sandbox hides: a program must
+    still be able to run ``sys.executable`` (the detached-child test does)."""
+    link = tmp_path / "venv-python"
+    link.symlink_to(os.path.realpath(sys.executable))
+    monkeypatch.setattr(sys, "executable", str(link))
+    monkeypatch.setattr(execution, "_SERVER", None)  # a fresh fork server, started from the link
+    result = run_checked(
+        """
+        import os, subprocess, sys
+        assert os.access(sys.executable, os.X_OK), sys.executable
+        done = subprocess.run([sys.executable, "-S", "-c", "print('child ok')"], capture_output=True, text=True)
+        assert done.returncode == 0 and "child ok" in done.stdout, done
+        """,
+        limits,
+    )
+    assert result.status == PASSED, result
+    execution._SERVER.close()
+
+
 def test_server_restarts_after_being_killed(run_checked):
     assert run_checked("x = 1\n").passed
     old = execution.server_pid()

@@ -493,7 +493,10 @@ class _ForkServer:
         try:
             self.process = subprocess.Popen(
                 # Not -I: its -E would ignore PYTHONHASHSEED, which the programs forked from it must share.
-                [sys.executable, "-s", "-S", "-B", "-u", os.path.abspath(__file__), "--serve", str(theirs.fileno())],
+                # The real interpreter, not a venv symlink that may live in a folder the sandbox hides (/tmp):
+                # programs forked from the server see it as their sys.executable.
+                [os.path.realpath(sys.executable), "-s", "-S", "-B", "-u", os.path.abspath(__file__), "--serve",
+                 str(theirs.fileno())],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -986,6 +989,7 @@ def _run_forked(cfg: dict[str, Any], env: dict[str, str]) -> None:
     os.closerange(low, 1 << 20)
     os.environ.clear()
     os.environ.update(env)
+    sys.executable = str(cfg["exe"])  # the interpreter the sandbox exposes, as after an execve of it
     sys.argv[:] = ["-c", str(cfg["job_fd"]), str(cfg["proof_fd"])]
     exec(compile(str(cfg["runner"]), "<sandbox-runner>", "exec"), {"__name__": "__sandbox_runner__"})
     os._exit(4)  # not reached: the runner always ends the process
