@@ -23,6 +23,7 @@ expert was created.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -62,21 +63,33 @@ class LearnSkillResult:
                 f"{self.decision.best_skill!r}, whose expert {self.expert} was {what}")
 
 
-def batched_outputs(model: Any, tokenizer: Any, examples: Sequence[Example], *, batch_size: int = 8,
-                    max_seq_length: int = 512):
-    """Yield ``(inputs, output)`` for ``examples`` formatted as in training, in batches, eval mode, no grad."""
-    items, _ = tokenize_examples(list(examples), tokenizer, max_seq_length)
-    collate = DataCollator.from_tokenizer(tokenizer)
+@contextlib.contextmanager
+def _eval_mode(model: Any):
+    """Eval mode and no gradients inside the block; the model's training flag is restored after."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for start in range(0, len(items), batch_size):
-                batch = collate(items[start : start + batch_size])
-                inputs = {k: batch[k].to(model.device) for k in ("input_ids", "attention_mask", "labels")}
-                yield inputs, model(**inputs)
+            yield
     finally:
         model.train(was_training)
+
+
+def _collated(tokenizer: Any, examples: Sequence[Example], batch_size: int, max_seq_length: int):
+    """Batches of ``examples`` formatted and tokenized as in training (too-long examples dropped)."""
+    items, _ = tokenize_examples(list(examples), tokenizer, max_seq_length)
+    collate = DataCollator.from_tokenizer(tokenizer)
+    for start in range(0, len(items), batch_size):
+        yield collate(items[start : start + batch_size])
+
+
+def batched_outputs(model: Any, tokenizer: Any, examples: Sequence[Example], *, batch_size: int = 8,
+                    max_seq_length: int = 512):
+    """Yield ``(inputs, output)`` for ``examples`` formatted as in training, in batches, eval mode, no grad."""
+    with _eval_mode(model):
+        for batch in _collated(tokenizer, examples, batch_size, max_seq_length):
+            inputs = {k: batch[k].to(model.device) for k in ("input_ids", "attention_mask", "labels")}
+            yield inputs, model(**inputs)
 
 
 def router_entropy_on(model: Any, tokenizer: Any, examples: Sequence[Example], *, batch_size: int = 8,
@@ -158,15 +171,8 @@ def _calibrate_on(model: Any, tokenizer: Any, examples: Sequence[Example], max_s
     """Set the router's feature standardisation from a mixture of skills (the replay buffer and the new data),
     once, when the router first has to tell skills apart: without it, pooled embeddings of all inputs share
     one large component and look alike to the router. Later skills keep these statistics."""
-    items, _ = tokenize_examples(list(examples), tokenizer, max_seq_length)
-    collate = DataCollator.from_tokenizer(tokenizer)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model.calibrate_router(collate(items[i : i + 8]) for i in range(0, len(items), 8))
-    finally:
-        model.train(was_training)
+    with _eval_mode(model):
+        model.calibrate_router(_collated(tokenizer, examples, 8, max_seq_length))
 
 
 def _router_row_mask(param: torch.nn.Parameter, expert: int, num_experts: int) -> torch.Tensor | None:
