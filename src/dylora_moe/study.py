@@ -140,11 +140,9 @@ class StudyConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "study config",
                   overrides: Sequence[str] = ()) -> StudyConfig:
-        from .training.config import _build, apply_overrides
+        from .training.config import build_config
 
-        origins: dict[str, str] = {}
-        data = apply_overrides(data, list(overrides), origins, root=cls)
-        config = _build(cls, data, "", source, origins)
+        config = build_config(cls, data, source, list(overrides))
         config.validate(source)
         return config
 

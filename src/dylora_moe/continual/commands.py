@@ -48,13 +48,11 @@ def _cmd_learn_skill(ns: argparse.Namespace) -> int:
 
 
 def _cmd_continual(ns: argparse.Namespace) -> int:
-    from ..training.config import _build, apply_overrides
+    from ..training.config import build_config
     from .benchmark import ContinualRunConfig, run_continual
 
     source = ns.config or "continual run config"
-    origins: dict[str, str] = {}
-    data = apply_overrides(_read_yaml(ns.config), list(ns.overrides), origins, root=ContinualRunConfig)
-    run = _build(ContinualRunConfig, data, "", source, origins)
+    run = build_config(ContinualRunConfig, _read_yaml(ns.config), source, list(ns.overrides))
     run.continual.validate(source)
     report = run_continual(run, progress=not ns.no_progress)
     for method, r in report["methods"].items():

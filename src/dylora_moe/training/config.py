@@ -294,6 +294,14 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, 
     return data
 
 
+def build_config(cls: type, data: dict[str, Any], source: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """Any config dataclass ``cls`` (nested dataclasses included) from plain data plus dotted ``KEY=VALUE``
+    overrides; errors name ``source`` or the override. The caller validates the result."""
+    origins: dict[str, str] = {}
+    data = apply_overrides(data, overrides, origins, root=cls)
+    return _build(cls, data, "", source, origins)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``'a.b.c=value'`` into ``(['a', 'b', 'c'], parsed value)``; the value is read as YAML."""
     key, sep, raw = text.partition("=")
