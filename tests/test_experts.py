@@ -71,3 +71,25 @@ def test_rejects_flat_inputs():
     d = decide(torch.zeros(2, E), torch.ones(2, dtype=torch.bool), mode="dense", top_k=1, temperature=1.0)
     with pytest.raises(ValueError, match="batch, seq, features"):
         mixture_delta(torch.zeros(2, D_IN), d, *experts([4] * E), torch.ones(E))
+
+
+def test_sequence_routing_inference_path_equals_training_path_and_training_leaves_unchosen_experts_alone():
+    """Without autograd, sequence routing runs the dense kernel with the sparse gates (fast generation); with
+    autograd it gathers only the chosen experts, so an expert no sequence chose gets no gradient at all."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 5, D_IN, generator=gen)
+    logits = torch.full((4, E), -5.0)
+    logits[[0, 1, 2, 3], [0, 2, 0, 2]] = 5.0  # experts 1 and 3 unchosen
+    decision = decide(logits, torch.ones(4, dtype=torch.bool), mode="sparse", top_k=1, temperature=2.0)
+    a_list, b_list = experts([4, 4, 4, 4])
+    a_list = [a.requires_grad_() for a in a_list]
+    b_list = [b.requires_grad_() for b in b_list]
+    scale = torch.tensor([2.0, 1.0, 0.5, 3.0])
+    with torch.no_grad():
+        fast = mixture_delta(x, decision, a_list, b_list, scale)
+    trained = mixture_delta(x, decision, a_list, b_list, scale)
+    assert torch.allclose(fast, trained.detach(), atol=1e-5)
+    assert torch.allclose(fast, naive(x, decision.dense_weights(), a_list, b_list, scale).detach(), atol=1e-5)
+    trained.sum().backward()
+    assert [a.grad is None for a in a_list] == [False, True, False, True]
+    assert [b.grad is None for b in b_list] == [False, True, False, True]

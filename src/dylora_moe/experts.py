@@ -9,7 +9,10 @@ computation, never with one base-model pass or a Python loop per expert:
   mixing weight, then ``@ B_cat^T`` (``A_cat = A.reshape(E*R, d_in)``).
 * sparse, sequence routing: each sequence gathers only its k experts' A and B and runs two
   ``bmm``; the cost equals one LoRA of rank k*R whatever the pool size, and experts no sequence
-  chose get no gradient (and so no optimizer work).
+  chose get no gradient (and so no optimizer work). Without autograd (evaluation, ``generate``) and
+  with a small pool (E*R <= ``DENSE_TOKEN_MAX_RANK``) the dense kernel runs with the sparse gates
+  instead: the same result, without gathering a copy of A and B per sequence, which dominated the
+  step time of batched generation on a GPU (a few hundred small copies per layer per token).
 * sparse, token routing: with a small pool (total rank E*R <= ``DENSE_TOKEN_MAX_RANK``) the
   dense kernel runs with the sparse gates (zero for unchosen experts, which then get exactly zero
   gradient): measured faster than sorting tokens for small pools. With a larger pool, tokens are
@@ -119,12 +122,16 @@ def mixture_delta(
         a, b = stack_experts(a_list, b_list)
         w = decision.probs * scale
         return _dense(x, w.unsqueeze(1) if per_sequence else w, a, b)
-    gates = decision.gates * scale[decision.indices]
-    if per_sequence:
+    small_pool = len(a_list) * max(a.shape[0] for a in a_list) <= DENSE_TOKEN_MAX_RANK
+    autograd = torch.is_grad_enabled() and a_list[0].requires_grad
+    if per_sequence and (autograd or not small_pool):
+        gates = decision.gates * scale[decision.indices]
         return _sparse_per_sequence(x, decision.chosen(), gates, a_list, b_list)
     a, b = stack_experts(a_list, b_list)
-    if a.shape[0] * a.shape[1] <= DENSE_TOKEN_MAX_RANK:
-        return _dense(x, decision.dense_weights() * scale, a, b)
+    if small_pool:  # token routing, or sequence routing without autograd: the sparse gates, dense kernel
+        w = decision.dense_weights() * scale
+        return _dense(x, w.unsqueeze(1) if per_sequence else w, a, b)
+    gates = decision.gates * scale[decision.indices]
     batch, seq, _ = x.shape
     k = decision.indices.shape[-1]
     out = _sparse_per_token(

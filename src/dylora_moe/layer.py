@@ -72,9 +72,14 @@ class MoELoRALayer(nn.Module):
         self.alphas.append(float(alpha))
 
     def scales(self) -> torch.Tensor:
-        """``[E]`` alpha_e / r_e."""
-        values = [a / r for a, r in zip(self.alphas, self.ranks)]
-        return torch.tensor(values, dtype=torch.float32, device=self.lora_A[0].device)
+        """``[E]`` alpha_e / r_e (built once per expert set and device, not per forward)."""
+        key = (tuple(self.ranks), tuple(self.alphas), self.lora_A[0].device)
+        cached = self.__dict__.get("_scales")
+        if cached is None or cached[0] != key:
+            values = [a / r for a, r in zip(self.alphas, self.ranks)]
+            cached = (key, torch.tensor(values, dtype=torch.float32, device=key[2]))
+            self.__dict__["_scales"] = cached
+        return cached[1]
 
     def expert_delta_weight(self, index: int) -> torch.Tensor:
         """Dense weight update of expert ``index`` in the base layer's own layout."""

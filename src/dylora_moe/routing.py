@@ -52,14 +52,6 @@ class RoutingDecision:
         out = torch.zeros_like(self.probs)
         return out.scatter_add(-1, self.indices, self.gates.to(out.dtype))
 
-    def select_rows(self, rows: torch.Tensor) -> RoutingDecision:
-        """The decision restricted to batch rows ``rows`` (used when a generation batch shrinks)."""
-
-        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t[rows]
-
-        return RoutingDecision(pick(self.probs), pick(self.indices), pick(self.gates), self.mode, pick(self.mask))
-
 
 def decide(
     logits: torch.Tensor,

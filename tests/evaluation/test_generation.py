@@ -11,6 +11,8 @@ from dylora_moe import DyLoRAMoEConfig, DyLoRAMoEForCausalLM
 from dylora_moe.evaluation.benchmarks import Problem
 from dylora_moe.evaluation.generation import (
     GenerationConfig,
+    _stop_test,
+    _StopCriteria,
     extract_code,
     fenced_blocks,
     generate_samples,
@@ -232,3 +234,33 @@ def test_stop_sequences_end_generation_early(problem, expected):
     [sample] = generate_samples(model, tok, [problem], GenerationConfig(max_new_tokens=200))
     assert sample.new_tokens < 30  # stopped by the stop sequence, not by max_new_tokens
     assert sample.completion == expected
+
+
+@pytest.mark.parametrize("style,benchmark", [("chat", "humaneval"), ("completion", "humaneval"),
+                                             ("completion", "mbpp")])
+def test_stop_criteria_decoding_only_the_tail_stops_at_the_same_step_as_decoding_everything(style, benchmark):
+    """Random replies over an alphabet dense in stop sequences and fences: the windowed check finishes every
+    row at exactly the step where the whole-reply check first says done."""
+    tok = byte_tokenizer()
+    done, triggers = _stop_test(style, benchmark)
+    rng = torch.Generator().manual_seed(0)
+    pieces = ["`", "```", "\n", " ", "def ", "assert ", "print(", "#", "x", "python", "\n```", '"""', "class "]
+    prompt = tok("p:", add_special_tokens=False)["input_ids"]
+    rows = []
+    for _ in range(24):
+        text = "".join(pieces[int(i)] for i in torch.randint(len(pieces), (60,), generator=rng))
+        rows.append(prompt + tok(text, add_special_tokens=False)["input_ids"][:150])
+    width = min(len(r) for r in rows)
+    ids = torch.tensor([r[:width] for r in rows])
+    criteria = _StopCriteria(tok, len(prompt), done, triggers)
+    expected_done = [None] * len(rows)
+    stopped_at = [None] * len(rows)
+    for length in range(len(prompt) + 1, width + 1):
+        flags = criteria(ids[:, :length]).tolist()
+        for row in range(len(rows)):
+            if expected_done[row] is None and done(tok.decode(ids[row, len(prompt) : length])):
+                expected_done[row] = length
+            if flags[row] and stopped_at[row] is None:
+                stopped_at[row] = length
+    assert stopped_at == expected_done
+    assert sum(s is not None for s in stopped_at) >= len(rows) // 2  # the alphabet really makes rows stop
