@@ -99,6 +99,26 @@ def test_parallel_units_run_in_their_own_processes(setup):
     assert quality["variants"]["moe2"]["pass_at_1"] == {}
 
 
+def test_a_unit_without_pass_at_1_resumes_from_its_adapter_and_only_evaluates(setup):
+    """Losses first (benchmarks: []), pass@1 later: the second run does not train again, it evaluates the saved
+    adapter and adds pass@1 to unit.json, keeping the losses and analysis of the first run."""
+    study_path, out = setup
+    one = ["variants=[{name: moe2}]", "seeds=[0]", "baseline=moe2"]
+    run_study(StudyConfig.from_yaml(study_path, [*one, "benchmarks=[]"]), progress=False)
+    unit_path = out / "moe2" / "seed0" / "unit.json"
+    first = json.loads(unit_path.read_text())
+    weights = out / "moe2" / "seed0" / "train" / "final" / "dylora_moe_weights.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert first["pass_at_1"] == {} and not (out / "moe2" / "seed0" / "eval").exists()
+    quality = run_study(StudyConfig.from_yaml(study_path, one), progress=False)
+    second = json.loads(unit_path.read_text())
+    assert weights.stat().st_mtime_ns == stamp  # not trained again
+    assert second["pass_at_1"]["humaneval"]["problems"] == 2 and second["pass_at_1"]["humaneval"]["eval_time_s"] > 0
+    assert {k: v for k, v in second.items() if k != "pass_at_1"} == {k: v for k, v in first.items() if k != "pass_at_1"}
+    assert quality["variants"]["moe2"]["pass_at_1"]["humaneval"]["n"] == 1
+    assert (out / "moe2" / "seed0" / "eval" / "humaneval" / "results.jsonl").is_file()
+
+
 @pytest.mark.parametrize("changes,message", [
     ({"variants": [{"name": "a"}, {"name": "a"}], "baseline": "a"}, "unique"),
     ({"variants": [{"name": "a"}], "baseline": "b"}, "baseline 'b' is not a variant"),

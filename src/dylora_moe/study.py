@@ -183,33 +183,64 @@ class StudyConfig:
 
 # ----------------------------------------------------------------------------- one unit
 def run_unit(study: StudyConfig, variant: VariantConfig, seed: int, progress: bool = True) -> dict[str, Any]:
-    """Train, evaluate and analyse one (variant, seed); returns (and writes) the unit's ``unit.json``."""
+    """Train, analyse and evaluate one (variant, seed); returns (and writes) the unit's ``unit.json``.
+
+    ``unit.json`` is written after training and the routing analysis, then rewritten after each benchmark's
+    pass@1, so a unit cut short keeps what it measured. A unit whose ``unit.json`` lacks a pass@1 the study
+    asks for (cut short, or run earlier with fewer benchmarks) resumes from its saved adapter and only
+    evaluates what is missing.
+    """
+    from .evaluation.harness import load_for_eval
+
+    done = study.unit_dir(variant.name, seed) / UNIT_FILE
+    unit = json.loads(done.read_text()) if done.is_file() else None
+    if unit is not None and not _missing_benchmarks(study, variant, unit):
+        return unit
+    config = study.unit_train_config(variant, seed)
+    if unit is None:
+        unit, model, tokenizer = _train_and_analyse(study, variant, seed, config, progress)
+    else:
+        model, tokenizer = load_for_eval(done.parent / "train" / "final", device=study.device)
+        model.eval()
+    for benchmark in _missing_benchmarks(study, variant, unit):
+        unit["pass_at_1"][benchmark] = _pass_at_1(study, model, tokenizer, benchmark, done.parent, config, progress)
+        _write_json(done, unit)
+    return unit
+
+
+def _missing_benchmarks(study: StudyConfig, variant: VariantConfig, unit: dict[str, Any]) -> list[str]:
+    return [b for b in study.benchmarks if variant.pass_at_1 and b not in unit["pass_at_1"]]
+
+
+def _pass_at_1(study: StudyConfig, model: Any, tokenizer: Any, benchmark: str, unit_dir: Path, config: Any,
+               progress: bool) -> dict[str, Any]:
+    from .evaluation import evaluate
+
+    summary = evaluate(model, tokenizer, benchmark=benchmark, output_dir=unit_dir / "eval" / benchmark,
+                       limit=study.eval_limit, batch_size=study.eval_batch_size,
+                       max_new_tokens=study.max_new_tokens, workers=study.eval_workers,
+                       data_dir=config.data.data_dir, progress=progress)
+    return {"pass@1": summary["pass@k"]["pass@1"], "problems": summary["problems"],
+            "outcomes": summary["outcomes"], "experts": summary["experts"],
+            "eval_time_s": summary["timing"]["total_s"]}
+
+
+def _train_and_analyse(study: StudyConfig, variant: VariantConfig, seed: int, config: Any,
+                       progress: bool) -> tuple[dict[str, Any], Any, Any]:
+    """Train the unit, run the routing analysis, write ``unit.json`` (no pass@1 yet); ``(unit, model, tok)``."""
     import torch
 
-    from .evaluation import analyze, evaluate
+    from .evaluation import analyze
     from .evaluation.harness import load_for_eval
     from .training import JointTrainer
 
     unit_dir = study.unit_dir(variant.name, seed)
-    done = unit_dir / UNIT_FILE
-    if done.is_file():
-        return json.loads(done.read_text())
-    config = study.unit_train_config(variant, seed)
     started = time.monotonic()
     result = JointTrainer(config).train()
     metrics = result.metrics
     del result
     model, tokenizer = load_for_eval(unit_dir / "train" / "final", device=study.device)
     model.eval()
-    pass_at_1: dict[str, Any] = {}
-    if variant.pass_at_1:
-        for benchmark in study.benchmarks:
-            summary = evaluate(model, tokenizer, benchmark=benchmark, output_dir=unit_dir / "eval" / benchmark,
-                               limit=study.eval_limit, batch_size=study.eval_batch_size,
-                               max_new_tokens=study.max_new_tokens, workers=study.eval_workers,
-                               data_dir=config.data.data_dir, progress=progress)
-            pass_at_1[benchmark] = {"pass@1": summary["pass@k"]["pass@1"], "problems": summary["problems"],
-                                    "outcomes": summary["outcomes"], "experts": summary["experts"]}
     domains = [d.domain or d.name for d in config.data.datasets]
     data = [d.path or d.name for d in config.data.datasets]
     with torch.inference_mode():
@@ -237,7 +268,7 @@ def run_unit(study: StudyConfig, variant: VariantConfig, seed: int, progress: bo
         "eval_curve": [{"step": h["step"], **{d: h["domains"][d]["loss"] for d in h["domains"]}}
                        for h in metrics["eval_history"]],
         "train_curve": [{"step": r["step"], "loss": r.get("lm_loss", r.get("loss"))} for r in metrics["train_log"]],
-        "pass_at_1": pass_at_1,
+        "pass_at_1": {},
         "domains": domains,
         "share_matrix": analysis["share_matrix"],
         "nmi": analysis["nmi"],
@@ -246,9 +277,8 @@ def run_unit(study: StudyConfig, variant: VariantConfig, seed: int, progress: bo
         "load_imbalance": max(load) / (1.0 / len(load)) if load else None,
         "analysis_loss": {d: analysis["domains"][d]["loss"] for d in analysis["domain_names"]},
     }
-    del model
-    _write_json(done, unit)
-    return unit
+    _write_json(unit_dir / UNIT_FILE, unit)
+    return unit, model, tokenizer
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -262,6 +292,11 @@ def _write_json(path: Path, payload: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- the study
+def _unit_complete(study: StudyConfig, variant: VariantConfig, seed: int) -> bool:
+    path = study.unit_dir(variant.name, seed) / UNIT_FILE
+    return path.is_file() and not _missing_benchmarks(study, variant, json.loads(path.read_text()))
+
+
 def run_study(study: StudyConfig, progress: bool = True, report_only: bool = False) -> dict[str, Any]:
     """Run every unit not yet complete (``parallel`` at a time, each in its own process when > 1), then
     :func:`report`. A failing unit is reported by name at the end; the others still run."""
@@ -269,7 +304,7 @@ def run_study(study: StudyConfig, progress: bool = True, report_only: bool = Fal
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "study_config.json"
     _write_json(config_path, {"format_version": STUDY_FORMAT_VERSION, "config": study.to_dict()})
-    pending = [(v, s) for v, s in study.units() if not (study.unit_dir(v.name, s) / UNIT_FILE).is_file()]
+    pending = [(v, s) for v, s in study.units() if not _unit_complete(study, v, s)]
     failures: list[str] = []
     if not report_only and pending:
         if study.parallel == 1:
