@@ -78,6 +78,16 @@ def test_extract_prefers_the_block_that_defines_the_entry_point():
     assert extract_code(reply, "missing") == "import math\n"  # no block defines it: the first one
 
 
+@pytest.mark.parametrize("reply", [
+    "def add(a, b):\n    return a + b\n\nprint(add(1, 2))\n```\n\nThe output of this code will be `3`.",
+    "def add(a, b):\n    return a + b\n```\nThe function `add` adds. ```python\nadd(1, 2)\n```",
+    "Sure:\ndef add(a, b):\n    return a + b\n  ```\nIt returns the sum.",
+])
+def test_extract_code_written_before_a_lone_closing_fence(reply):
+    """A reply that never opens a fence but closes its code with one: the prose after the fence is not code."""
+    assert extract_code(reply, "add") == "def add(a, b):\n    return a + b\n"
+
+
 def test_extract_skips_non_python_blocks():
     reply = "```bash\npip install x\n```\n```python\ndef add(a, b):\n    return a + b\n```"
     assert extract_code(reply, "") == "def add(a, b):\n    return a + b\n"

@@ -180,3 +180,60 @@ def test_add_commands_registers_on_another_parser():
     with pytest.raises(SystemExit) as exc:
         parser.parse_args(["eval", "ckpt", "--benchmark", "apps"])
     assert exc.value.code == 2
+
+
+# ----------------------------------------------------------------------------- rescore
+@pytest.fixture
+def stored_run(monkeypatch, tmp_path):
+    """A stored chat-style run whose solutions came from a broken extraction (the prose after a lone closing
+    fence), as an older harness would have written them: the replies are right, the stored verdicts wrong."""
+    from tests.tiny import CHAT_TEMPLATE
+
+    problems = load_problems("humaneval", limit=2)
+    replies = [problems[0].reference + "```\n\nThis function checks the distances.",
+               f"def {problems[1].entry_point}(x):\n    return []\n```\nIt returns an empty list."]
+
+    def fake_generate(model, tokenizer, problems, config, on_batch=None):
+        samples = [Sample(p.task_id, 0, p.prompt, reply, p.prompt + "\n\n" + reply.split("```")[1], 7, expert=i,
+                          router_probs=[0.25, 0.75]) for i, (p, reply) in enumerate(zip(problems, replies))]
+        on_batch(samples)
+        return samples
+
+    monkeypatch.setattr(harness, "generate_samples", fake_generate)
+    evaluate(make_base("llama"), make_tokenizer(CHAT_TEMPLATE), benchmark="humaneval", limit=2, prompt_style="chat",
+             output_dir=tmp_path / "stored", limits=LIMITS, progress=False)
+    return tmp_path / "stored"
+
+
+def test_rescore_runs_stored_completions_through_todays_extraction(stored_run, tmp_path):
+    before = (stored_run / "results.jsonl").read_bytes(), (stored_run / "summary.json").read_bytes()
+    old_rows = read_rows(stored_run)
+    assert [r["status"] for r in old_rows] == ["syntax_error", "syntax_error"]  # prose run as code
+    summary = harness.rescore(stored_run, output_dir=tmp_path / "new", workers=2, progress=False)
+    rows = read_rows(tmp_path / "new")
+    assert [r["status"] for r in rows] == ["passed", "failed"]
+    assert summary["pass@k"]["pass@1"] == 0.5 and summary["previous"]["pass@k"]["pass@1"] == 0.0
+    assert summary["mode"] == "rescore" and summary["rescored_from"] == str(stored_run)
+    assert summary["outcomes"]["passed"] == 1 and summary["experts"]["0"] == {"problems": 1, "pass@1": 1.0}
+    for old, new in zip(old_rows, rows):  # generation-side fields are kept
+        assert {k: new[k] for k in ("task_id", "completion", "expert", "router_probs", "new_tokens")} == {
+            k: old[k] for k in ("task_id", "completion", "expert", "router_probs", "new_tokens")}
+        assert "This function" not in new["solution"] and "It returns" not in new["solution"]
+    assert ((stored_run / "results.jsonl").read_bytes(), (stored_run / "summary.json").read_bytes()) == before
+
+
+def test_rescore_errors_name_the_folder(stored_run, tmp_path, capsys):
+    with pytest.raises(EvaluationError, match="must differ"):
+        harness.rescore(stored_run, output_dir=stored_run, progress=False)
+    with pytest.raises(EvaluationError, match="summary.json not found"):
+        harness.rescore(tmp_path / "nowhere", output_dir=tmp_path / "x", progress=False)
+    refs = tmp_path / "refs"
+    evaluate(None, benchmark="humaneval", limit=1, references=True, output_dir=refs, limits=LIMITS, progress=False)
+    with pytest.raises(EvaluationError, match="'references' run"):
+        harness.rescore(refs, output_dir=tmp_path / "y", progress=False)
+    assert main(["eval", "--rescore", str(stored_run), "--no-progress"]) == 2
+    assert "--rescore needs --output" in capsys.readouterr().err
+    assert main(["eval", "--rescore", str(stored_run), "--output", str(tmp_path / "cli"), "--no-progress",
+                 "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "pass@1 = 0.5000" in out and "stored run: pass@1 = 0.0000" in out

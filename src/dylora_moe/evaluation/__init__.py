@@ -4,7 +4,8 @@
 * :mod:`.benchmarks` -- HumanEval and MBPP problems, prompts and test programs;
 * :mod:`.generation` -- batched generation, stop sequences, code extraction, routing per prompt;
 * :mod:`.passk` -- the unbiased pass@k estimator;
-* :mod:`.harness` -- :func:`evaluate`, tying them together (``results.jsonl``, ``summary.json``);
+* :mod:`.harness` -- :func:`evaluate`, tying them together (``results.jsonl``, ``summary.json``), and
+  :func:`rescore`, which scores stored completions again;
 * :mod:`.analysis` -- :func:`analyze`, per-domain loss and domain x expert routing statistics;
 * :mod:`.commands` -- the ``eval`` and ``analyze`` subcommands.
 
@@ -44,6 +45,7 @@ _LAZY = {
     "generate_samples": ".generation",
     "EvaluationError": ".harness",
     "evaluate": ".harness",
+    "rescore": ".harness",
     "run_references": ".harness",
     "analyze": ".analysis",
     "normalized_mutual_information": ".analysis",
@@ -86,6 +88,7 @@ __all__ = [
     "normalized_mutual_information",
     "pass_at_k",
     "pass_at_k_table",
+    "rescore",
     "run_many",
     "run_program",
     "run_references",

@@ -7,6 +7,7 @@ until then, or standalone, run them as ``python -m dylora_moe.evaluation.command
     dylora-moe eval smollm2-135m --base-only --benchmark mbpp --limit 10 --output eval/base-mbpp
     dylora-moe eval --references --benchmark humaneval --output eval/refs      # no model needed
     dylora-moe eval runs/ckpt --n-samples 20 --temperature 0.8 --k 1,10 --output eval/he-k
+    dylora-moe eval --rescore eval/he --output eval/he-rescored    # stored completions, today's harness
     dylora-moe analyze runs/ckpt --data code_alpaca mbpp my_sql.jsonl --output analysis/
 
 Errors (bad options, missing data, a folder that is not a checkpoint, ...) print
@@ -49,6 +50,9 @@ def _add_eval(sub: Any) -> None:
     p.add_argument("--output", default=None, help="output folder (default eval/<benchmark>)")
     p.add_argument("--base-only", action="store_true", help="MODEL is a plain base model, not a checkpoint")
     p.add_argument("--references", action="store_true", help="run the dataset's reference solutions instead")
+    p.add_argument("--rescore", metavar="EVAL_DIR", default=None,
+                   help="no generation: score the completions stored in EVAL_DIR (an earlier eval's output) again "
+                        "through today's code extraction and sandbox; needs --output")
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--max-new-tokens", type=_positive_int, default=512)
     p.add_argument("--prompt-style", choices=("auto", "chat", "completion", "instruction"), default="auto",
@@ -117,11 +121,13 @@ def _threads(ns: argparse.Namespace) -> None:
 def _cmd_eval(ns: argparse.Namespace) -> int:
     from .harness import EvaluationError, evaluate
 
-    if ns.model is None and not ns.references:
-        raise EvaluationError("MODEL is required (a checkpoint folder, or a base model with --base-only) "
-                              "unless --references is given")
     if ns.timeout <= 0:
         raise EvaluationError(f"--timeout must be > 0, got {ns.timeout}")
+    if ns.rescore is not None:
+        return _cmd_rescore(ns)
+    if ns.model is None and not ns.references:
+        raise EvaluationError("MODEL is required (a checkpoint folder, or a base model with --base-only) "
+                              "unless --references or --rescore is given")
     _threads(ns)
     output = ns.output or f"eval/{ns.benchmark}"
     summary = evaluate(
@@ -140,10 +146,30 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
             line += f"; 'pass' bodies: {refs['pass_body']['passed']}/{refs['pass_body']['total']} pass"
         print(line)
     else:
-        scores = ", ".join(f"{name} = {'n/a' if v is None else f'{v:.4f}'}" for name, v in summary["pass@k"].items())
-        print(f"{summary['benchmark']}: {summary['problems']} problems, {scores}")
-        print("outcomes: " + json.dumps({k: v for k, v in summary["outcomes"].items() if v}))
+        _print_scores(summary)
     print(f"wrote {output}/results.jsonl and {output}/summary.json")
+    return 0
+
+
+def _print_scores(summary: dict[str, Any]) -> None:
+    scores = ", ".join(f"{name} = {'n/a' if v is None else f'{v:.4f}'}" for name, v in summary["pass@k"].items())
+    print(f"{summary['benchmark']}: {summary['problems']} problems, {scores}")
+    print("outcomes: " + json.dumps({k: v for k, v in summary["outcomes"].items() if v}))
+
+
+def _cmd_rescore(ns: argparse.Namespace) -> int:
+    from .harness import EvaluationError, rescore
+
+    if ns.output is None:
+        raise EvaluationError("--rescore needs --output (a new folder: the stored results are kept as they are)")
+    if ns.model is not None or ns.references:
+        raise EvaluationError("--rescore takes no MODEL and no --references: it re-scores stored completions")
+    summary = rescore(ns.rescore, output_dir=ns.output, workers=ns.workers, timeout_s=ns.timeout,
+                      data_dir=ns.data_dir, progress=not ns.no_progress)
+    _print_scores(summary)
+    before = ", ".join(f"{k} = {'n/a' if v is None else f'{v:.4f}'}" for k, v in summary["previous"]["pass@k"].items())
+    print(f"stored run: {before}")
+    print(f"wrote {ns.output}/results.jsonl and {ns.output}/summary.json")
     return 0
 
 

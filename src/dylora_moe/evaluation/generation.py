@@ -56,6 +56,7 @@ STOP_SEQUENCES: dict[str, tuple[str, ...]] = {
     "mbpp": ("\nassert ", '\n"""', "\nprint(", "\nif __name__", "\n```"),
 }
 _PYTHON_FENCES = {"", "python", "py", "python3", "py3"}
+_CODE_START = re.compile(r"^(?:def |class |import |from |@|async def )", re.M)
 
 
 @dataclass
@@ -192,17 +193,22 @@ def extract_code(reply: str, entry_point: str = "") -> str:
     """The solution code of a chat reply.
 
     The fenced blocks marked python (or unmarked) are candidates, else all fenced blocks; the first one
-    that defines ``entry_point`` wins, else the first one. Without any fence, the reply from its first
-    line that starts like code (``def``, ``class``, ``import``, ``from``, ``@``) is used. The result goes
-    through :func:`sanitize_code`; code that is only an indented function body is returned as is.
+    that defines ``entry_point`` wins, else the first one. Code written before the first fence (from the
+    first line that starts like code: ``def``, ``class``, ``import``, ``from``, ``@``) is a candidate too,
+    ahead of the blocks: models often omit the opening fence and close the code with one, and the text
+    after that closing fence is prose, not code. Without any fence, the reply from its first code-like
+    line is used. The result goes through :func:`sanitize_code`; code that is only an indented function
+    body is returned as is.
     """
     blocks = fenced_blocks(reply)
     candidates = [code for lang, code in blocks if lang in _PYTHON_FENCES] or [code for _, code in blocks]
-    if candidates:
-        code = next((c for c in candidates if _defines(c, entry_point)), candidates[0])
-    else:
-        match = re.search(r"^(?:def |class |import |from |@|async def )", reply, re.M)
-        code = reply[match.start() :] if match else reply
+    fence = re.search(r"^[ \t]*```", reply, re.M)
+    lead = _CODE_START.search(reply[: fence.start()] if fence else reply)
+    if lead:  # code before the first fence: that fence closes it (the reply never opened one)
+        candidates.insert(0, reply[lead.start() : fence.start() if fence else len(reply)])
+    if not candidates:
+        return sanitize_code(reply)
+    code = next((c for c in candidates if _defines(c, entry_point)), candidates[0])
     if code[:1] in (" ", "\t") and code.strip() and not _defines(code.lstrip(), entry_point):
         return code  # a function body continuing the prompt
     return sanitize_code(code)

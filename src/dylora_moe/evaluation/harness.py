@@ -32,11 +32,11 @@ from typing import Any
 
 from .benchmarks import Problem, load_problems
 from .execution import ERROR, STATUSES, ExecutionResult, SandboxLimits, run_program
-from .generation import GenerationConfig, Sample, generate_samples, resolve_prompt_style
+from .generation import GenerationConfig, Sample, generate_samples, resolve_prompt_style, solution_for
 from .passk import pass_at_k_table
 
-__all__ = ["MBPP_KNOWN_REFERENCE_FAILURES", "EvaluationError", "evaluate", "load_for_eval", "resolve_device",
-           "resolve_dtype", "run_references"]
+__all__ = ["MBPP_KNOWN_REFERENCE_FAILURES", "EvaluationError", "evaluate", "load_for_eval", "rescore",
+           "resolve_device", "resolve_dtype", "run_references"]
 
 #: Reference solutions of the original MBPP that fail their own tests (shared/data/README.md); only 341 is
 #: in the test split (596 and 642 are in the training split).
@@ -330,6 +330,71 @@ def evaluate(
                    "execution_tail_s": round(finished - generated, 2), "total_s": round(finished - started, 2),
                    "samples_per_s": round(total / max(generated - loaded, 1e-9), 3)},
     }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+# ----------------------------------------------------------------------------- rescore
+def rescore(
+    results_dir: str | Path,
+    *,
+    output_dir: str | Path,
+    workers: int | None = None,
+    timeout_s: float = 20.0,
+    limits: SandboxLimits | None = None,
+    data_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score the completions stored in ``results_dir`` again, without a model: each completion goes through
+    today's extraction (:func:`~.generation.solution_for`) and the sandbox. Use it after a harness fix or to
+    change the sandbox limits; generation, routing and token counts are kept from the stored rows.
+
+    Writes ``results.jsonl`` and ``summary.json`` to ``output_dir`` (which must differ from ``results_dir``);
+    the summary has ``mode: "rescore"``, ``rescored_from`` and the stored run's ``previous`` pass@k and outcomes.
+    """
+    source, out = Path(results_dir), Path(output_dir)
+    started = time.monotonic()
+    if out.resolve() == source.resolve():
+        raise EvaluationError(f"rescore writes a new folder: --output must differ from {source}")
+    try:
+        old = json.loads((source / "summary.json").read_text())
+        rows = [json.loads(line) for line in (source / "results.jsonl").read_text().splitlines() if line.strip()]
+    except FileNotFoundError as exc:
+        raise EvaluationError(f"{source}: not an evaluation folder ({Path(exc.filename).name} not found)") from None
+    except json.JSONDecodeError as exc:
+        raise EvaluationError(f"{source}: unreadable results ({exc})") from None
+    if old.get("mode") not in ("model", "base-only", "rescore"):
+        raise EvaluationError(f"{source}: holds a {old.get('mode')!r} run; only model evaluations can be rescored")
+    missing = [f for f in ("task_id", "sample", "completion") if rows and f not in rows[0]]
+    if missing:
+        raise EvaluationError(f"{source / 'results.jsonl'}: line 1 lacks field(s) {missing}")
+    benchmark, style = old["benchmark"], old["prompt_style"]
+    task_ids = list(dict.fromkeys(row["task_id"] for row in rows))
+    problems = load_problems(benchmark, data_dir=data_dir, task_ids=task_ids)
+    by_id = {p.task_id: p for p in problems}
+    limits = limits or SandboxLimits(timeout_s=timeout_s)
+    workers = workers or os.cpu_count() or 1
+    sandbox = _Sandbox(limits, workers, progress, len(rows))
+    solutions = []
+    for index, row in enumerate(rows):
+        solution = solution_for(by_id[row["task_id"]], row["completion"], style)
+        solutions.append(solution)
+        sandbox.submit(index, by_id[row["task_id"]].program(solution))
+    results = sandbox.results()
+    new_rows = []
+    for index, row in enumerate(rows):
+        result = results[index]
+        new_rows.append({**row, "solution": None if style == "completion" else solutions[index],
+                         "status": result.status, "reason": result.reason,
+                         "duration_s": round(result.duration_s, 4)})
+    out.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(out / "results.jsonl", new_rows)
+    ks = [int(name.split("@")[1]) for name in old["pass@k"]]
+    summary = {**old, **_summarise(new_rows, problems, ks, [results[i] for i in range(len(rows))]),
+               "mode": "rescore", "rescored_from": str(source), "workers": workers, "timeout_s": limits.timeout_s,
+               "memory_bytes": limits.memory_bytes,
+               "previous": {"mode": old["mode"], "pass@k": old["pass@k"], "outcomes": old["outcomes"]},
+               "timing": {"total_s": round(time.monotonic() - started, 2)}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
