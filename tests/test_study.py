@@ -10,7 +10,7 @@ import yaml
 
 from dylora_moe.cli import main
 from dylora_moe.config import ConfigError
-from dylora_moe.study import StudyConfig, VariantConfig, default_variants, run_study
+from dylora_moe.study import StudyConfig, VariantConfig, default_variants, run_study, run_unit
 from tests.tiny import make_base, make_tokenizer
 from tests.training import isolate_data_registry, write_data_dir
 
@@ -117,6 +117,14 @@ def test_a_unit_without_pass_at_1_resumes_from_its_adapter_and_only_evaluates(se
     assert {k: v for k, v in second.items() if k != "pass_at_1"} == {k: v for k, v in first.items() if k != "pass_at_1"}
     assert quality["variants"]["moe2"]["pass_at_1"]["humaneval"]["n"] == 1
     assert (out / "moe2" / "seed0" / "eval" / "humaneval" / "results.jsonl").is_file()
+
+    # a unit copied without its adapter (results kept, weights not) trains again rather than failing
+    second.pop("pass_at_1")
+    unit_path.write_text(json.dumps({**second, "pass_at_1": {}}))
+    weights.unlink()
+    again = run_unit(StudyConfig.from_yaml(study_path, one), VariantConfig("moe2"), 0, progress=False)
+    assert weights.is_file() and again["pass_at_1"]["humaneval"]["problems"] == 2
+    assert again["eval_loss_end"] == pytest.approx(first["eval_loss_end"])  # same seed, same data: same unit
 
 
 @pytest.mark.parametrize("changes,message", [

@@ -188,7 +188,7 @@ def run_unit(study: StudyConfig, variant: VariantConfig, seed: int, progress: bo
     ``unit.json`` is written after training and the routing analysis, then rewritten after each benchmark's
     pass@1, so a unit cut short keeps what it measured. A unit whose ``unit.json`` lacks a pass@1 the study
     asks for (cut short, or run earlier with fewer benchmarks) resumes from its saved adapter and only
-    evaluates what is missing.
+    evaluates what is missing (or, when that adapter is gone, runs again from training).
     """
     from .evaluation.harness import load_for_eval
 
@@ -197,10 +197,15 @@ def run_unit(study: StudyConfig, variant: VariantConfig, seed: int, progress: bo
     if unit is not None and not _missing_benchmarks(study, variant, unit):
         return unit
     config = study.unit_train_config(variant, seed)
+    adapter = done.parent / "train" / "final"
+    if unit is not None and not (adapter / "dylora_moe_weights.safetensors").is_file():
+        print(f"{variant.name} seed {seed}: {done} lacks pass@1 and its adapter {adapter} is gone: "
+              "training the unit again", flush=True)
+        unit = None
     if unit is None:
         unit, model, tokenizer = _train_and_analyse(study, variant, seed, config, progress)
     else:
-        model, tokenizer = load_for_eval(done.parent / "train" / "final", device=study.device)
+        model, tokenizer = load_for_eval(adapter, device=study.device)
         model.eval()
     for benchmark in _missing_benchmarks(study, variant, unit):
         unit["pass_at_1"][benchmark] = _pass_at_1(study, model, tokenizer, benchmark, done.parent, config, progress)
