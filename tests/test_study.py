@@ -161,3 +161,39 @@ def test_default_study_is_the_issue_design():
     groups = {v.group for v in study.variants}
     assert groups == {"main", "balance_coef", "temperature", "mixing"}
     assert isinstance(study.variants[0], VariantConfig)
+
+
+def test_parallel_units_get_their_own_gpu_round_robin(setup, monkeypatch, capsys):
+    """With several visible GPUs each running unit is pinned to one (CUDA_VISIBLE_DEVICES), reusing a slot only
+    after its unit ended; the children are faked, so this runs without a GPU."""
+    import dylora_moe.study as study_module
+
+    study_path, out = setup
+    study = StudyConfig.from_yaml(study_path, ["seeds=[0, 1, 2]", "parallel=2", "variants=[{name: moe2}]",
+                                               "device=auto", "baseline=moe2"])
+    launched = []
+
+    class FakeChild:
+        def __init__(self, cmd, env, **kwargs):
+            self.polls = 0
+            self.returncode = None
+            launched.append((cmd[-1], env.get("CUDA_VISIBLE_DEVICES")))
+
+        def poll(self):
+            self.polls += 1
+            if self.polls >= 2:
+                self.returncode = 0
+            return self.returncode
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    monkeypatch.setattr(study_module.subprocess, "Popen", FakeChild)
+    monkeypatch.setattr(study_module.time, "sleep", lambda s: None)
+    failures = study_module._run_parallel(study, out / "config.json", study.units())
+    assert failures == []
+    assert launched[:2] == [("0", "4"), ("1", "6")]  # seeds 0 and 1 at once, one GPU each
+    assert launched[2][0] == "2" and launched[2][1] in ("4", "6")
+    assert "on GPU 4" in capsys.readouterr().out
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # one GPU: the environment is left alone
+    launched.clear()
+    study_module._run_parallel(study, out / "config.json", study.units()[:1])
+    assert launched == [("0", "0")]

@@ -111,7 +111,8 @@ class StudyConfig:
         "Validation examples per domain for the routing analysis (None = whole split)."))
     device: str = field(default="auto", metadata=_help("Device of pass@1 and analysis: auto, cpu, cuda[:N]."))
     parallel: int = field(default=1, metadata=_help(
-        "Units run at once, each in its own process (several small runs share one GPU well)."))
+        "Units run at once, each in its own process; with several GPUs each running unit gets its own. "
+        "On one GPU, processes time-slice it: more than 1 or 2 does not make the study faster."))
     data_dir: str | None = field(default=None, metadata=_help("Data directory (sets data.data_dir of every unit)."))
 
     def validate(self, source: str = "study config") -> None:
@@ -324,22 +325,39 @@ def run_study(study: StudyConfig, progress: bool = True, report_only: bool = Fal
     return quality
 
 
+def _visible_gpus() -> list[str]:
+    """The GPUs units can be spread over: CUDA_VISIBLE_DEVICES's entries, else every device torch sees."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g.strip() for g in listed.split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
 def _run_parallel(study: StudyConfig, config_path: Path, pending: list[tuple[VariantConfig, int]]) -> list[str]:
-    """Each unit in a child process (``python -m dylora_moe.study unit ...``), ``parallel`` at a time."""
+    """Each unit in a child process (``python -m dylora_moe.study unit ...``), ``parallel`` at a time. With
+    several GPUs, each running unit gets its own (``CUDA_VISIBLE_DEVICES``, round robin over free slots)."""
     queue, running, failures = list(pending), [], []
+    gpus = _visible_gpus() if study.device in ("auto", "cuda") else []
     while queue or running:
         while queue and len(running) < study.parallel:
             variant, seed = queue.pop(0)
             log = study.unit_dir(variant.name, seed) / "unit.log"
             log.parent.mkdir(parents=True, exist_ok=True)
+            slot = min(set(range(study.parallel)) - {item[4] for item in running})
+            env = dict(os.environ)
+            if len(gpus) > 1:
+                env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
             handle = open(log, "w")  # noqa: SIM115 (closed when the child ends)
             cmd = [sys.executable, "-m", "dylora_moe.study", "unit", str(config_path), variant.name, str(seed)]
-            proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-            running.append((proc, handle, f"{variant.name}/seed{seed}", time.monotonic()))
-            print(f"started {variant.name} seed {seed} (log: {log})", flush=True)
+            proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+            running.append((proc, handle, f"{variant.name}/seed{seed}", time.monotonic(), slot))
+            where = f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if len(gpus) > 1 else ""
+            print(f"started {variant.name} seed {seed}{where} (log: {log})", flush=True)
         time.sleep(0.5)
         for item in list(running):
-            proc, handle, name, began = item
+            proc, handle, name, began, _ = item
             if proc.poll() is not None:
                 handle.close()
                 running.remove(item)
