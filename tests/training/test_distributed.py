@@ -138,3 +138,27 @@ def test_example_accelerate_configs_are_valid(name, kind, processes):
 
     config = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
     assert config.distributed_type.name == kind and config.num_processes == processes
+
+
+def test_fsdp_is_refused_before_any_work_with_a_pointer_to_ddp(tmp_path, data_dir, monkeypatch):
+    """Under FSDP a checkpoint written from the main process would hold only its shard: the trainer stops at the
+    start, naming the supported engines, and writes nothing."""
+    from accelerate.utils import DistributedType
+
+    from dylora_moe.training import TrainingError, trainer
+
+    trainer.check_engine(str(DistributedType.MULTI_CPU))  # DDP engines pass
+    trainer.check_engine(str(DistributedType.DEEPSPEED))
+    with pytest.raises(TrainingError, match="FSDP is not supported yet.*configs/accelerate/ddp.yaml"):
+        trainer.check_engine(str(DistributedType.FSDP))
+    original = trainer.JointTrainer._make_accelerator
+
+    def as_fsdp(self):
+        acc = original(self)
+        monkeypatch.setattr(type(acc), "distributed_type", property(lambda _: DistributedType.FSDP))
+        return acc
+
+    monkeypatch.setattr(trainer.JointTrainer, "_make_accelerator", as_fsdp)
+    with pytest.raises(TrainingError, match="FSDP"):
+        JointTrainer(config_for(tmp_path / "run", data_dir, accum=1), *tiny_model_and_tokenizer()).train()
+    assert not (tmp_path / "run").exists()

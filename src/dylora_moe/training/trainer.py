@@ -299,6 +299,7 @@ class JointTrainer:
         wall_start = time.perf_counter()
         cfg, t = self.config, self.config.train
         self.accelerator = acc = self._make_accelerator()
+        check_engine(str(acc.distributed_type))
         set_seed(cfg.seed)
         resume_from = self._prepare_output_dir()
         train_raw, eval_raw = self._load("train"), self._load("validation")  # data errors before model loading
@@ -553,6 +554,22 @@ class JointTrainer:
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many consecutive non-finite steps); the message says what to do."""
+
+
+def check_engine(distributed_type: str) -> None:
+    """Refuse the engines whose checkpoints this trainer cannot yet write correctly, before any work is done.
+
+    Under FSDP each process holds only a shard of the adapter and optimizer tensors, and checkpoints are
+    written from the main process's tensors: they would be incomplete. DDP (the base model is frozen and
+    the adapters are small, so replicating them is cheap) and ZeRO-2 (full parameters on every process)
+    are the supported engines; docs/distributed.md has the status.
+    """
+    if distributed_type.rsplit(".", 1)[-1] == "FSDP":
+        raise TrainingError(
+            "training under FSDP is not supported yet: its checkpoints would hold only the main process's shard "
+            "of the adapter and optimizer tensors. Use DDP (accelerate launch --config_file "
+            "configs/accelerate/ddp.yaml; the frozen base model is replicated, the adapters are small) or "
+            "DeepSpeed ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml); see docs/distributed.md")
 
 
 def _grad_norm(params) -> torch.Tensor:
