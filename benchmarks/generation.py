@@ -5,10 +5,10 @@ Generates greedy replies for the first ``--problems`` MBPP test problems with a 
 that run interleaved in the same process (so machine noise hits both alike):
 
 * ``before``: the per-step work the pipeline used to do. Every adapted layer gathers a copy of each
-  row's expert matrices (the training path, forced by turning off the dense-kernel threshold), and the
-  stop check decodes every unfinished reply in full at every step (an unbounded tail window);
-* ``after``: today's defaults: one matmul over all experts with the sparse gates (no autograd), and a
-  stop check that decodes only each row's newest tokens.
+  row's expert matrices (the training path), and the stop check decodes every unfinished reply in full
+  at every step (an unbounded tail window);
+* ``after``: today's defaults: rows grouped by expert, two matmuls per chosen expert (no autograd), and
+  a stop check that decodes only each row's newest tokens.
 
 It prints the median seconds per side, ``after_vs_before`` (lower is better) and whether both sides
 produced identical replies (they must: greedy decoding, the same numbers up to float rounding).
@@ -45,15 +45,32 @@ from dylora_moe.evaluation.benchmarks import load_problems  # noqa: E402
 from dylora_moe.evaluation.harness import load_for_eval, resolve_device  # noqa: E402
 
 
+def _gathered(x, groups, gates, a_list, b_list):
+    """The earlier inference path: each row gathers a copy of its experts' A and B (as in training)."""
+    key = id(groups)
+    if key not in _CHOSEN:
+        batch, k = gates.shape
+        chosen = [[0] * k for _ in range(batch)]
+        for expert, (rows, slots) in groups.items():
+            for row, slot in zip(range(batch) if rows is None else rows.tolist(), slots.tolist()):
+                chosen[row][slot] = expert
+        _CHOSEN[key] = (groups, chosen)  # groups kept alive: its id stays unique while cached
+    return experts._sparse_per_sequence(x, _CHOSEN[key][1], gates, a_list, b_list)
+
+
+_CHOSEN: dict[int, tuple] = {}
+
+
 @contextmanager
 def before_side():
     """The earlier per-step work: per-row gather of expert matrices, full decode of every reply each step."""
-    saved = experts.DENSE_TOKEN_MAX_RANK, generation._StopCriteria.WINDOW
-    experts.DENSE_TOKEN_MAX_RANK, generation._StopCriteria.WINDOW = 0, 10**9
+    saved = experts._grouped_per_sequence, generation._StopCriteria.WINDOW
+    experts._grouped_per_sequence, generation._StopCriteria.WINDOW = _gathered, 10**9
     try:
         yield
     finally:
-        experts.DENSE_TOKEN_MAX_RANK, generation._StopCriteria.WINDOW = saved
+        experts._grouped_per_sequence, generation._StopCriteria.WINDOW = saved
+        _CHOSEN.clear()
 
 
 def run_side(name: str, model, tokenizer, problems, config) -> tuple[float, list[str]]:

@@ -74,8 +74,8 @@ def test_rejects_flat_inputs():
 
 
 def test_sequence_routing_inference_path_equals_training_path_and_training_leaves_unchosen_experts_alone():
-    """Without autograd, sequence routing runs the dense kernel with the sparse gates (fast generation); with
-    autograd it gathers only the chosen experts, so an expert no sequence chose gets no gradient at all."""
+    """Without autograd, sequence routing groups rows by expert (fast generation); with autograd it gathers
+    only the chosen experts per row, so an expert no sequence chose gets no gradient at all."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(4, 5, D_IN, generator=gen)
     logits = torch.full((4, E), -5.0)
@@ -93,3 +93,20 @@ def test_sequence_routing_inference_path_equals_training_path_and_training_leave
     trained.sum().backward()
     assert [a.grad is None for a in a_list] == [False, True, False, True]
     assert [b.grad is None for b in b_list] == [False, True, False, True]
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_inference_output_of_a_row_does_not_depend_on_the_other_experts_in_the_pool(k):
+    """Adding experts to the pool (continual learning) leaves the rows routed to the old ones bit for bit equal."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, D_IN, generator=gen)
+    a_list, b_list = experts([4, 4, 4, 4])
+    logits = torch.tensor([[3.0, 1.0], [1.0, 3.0], [3.0, 2.0]])
+    small = decide(logits, torch.ones(3, dtype=torch.bool), mode="sparse", top_k=k, temperature=1.0)
+    wide_logits = torch.cat([logits, torch.full((3, 2), -9.0)], dim=1)  # two new experts nobody picks
+    wide = decide(wide_logits, torch.ones(3, dtype=torch.bool), mode="sparse", top_k=k, temperature=1.0)
+    wide.gates = small.gates.clone()  # same gates: only the pool size differs
+    with torch.no_grad():
+        before = mixture_delta(x, small, a_list[:2], b_list[:2], torch.tensor([2.0, 0.5]))
+        after = mixture_delta(x, wide, a_list, b_list, torch.tensor([2.0, 0.5, 1.0, 1.0]))
+    assert torch.equal(before, after)

@@ -9,10 +9,11 @@ computation, never with one base-model pass or a Python loop per expert:
   mixing weight, then ``@ B_cat^T`` (``A_cat = A.reshape(E*R, d_in)``).
 * sparse, sequence routing: each sequence gathers only its k experts' A and B and runs two
   ``bmm``; the cost equals one LoRA of rank k*R whatever the pool size, and experts no sequence
-  chose get no gradient (and so no optimizer work). Without autograd (evaluation, ``generate``) and
-  with a small pool (E*R <= ``DENSE_TOKEN_MAX_RANK``) the dense kernel runs with the sparse gates
-  instead: the same result, without gathering a copy of A and B per sequence, which dominated the
-  step time of batched generation on a GPU (a few hundred small copies per layer per token).
+  chose get no gradient (and so no optimizer work). Without autograd (evaluation, ``generate``) the
+  rows are grouped by expert instead and each chosen expert runs two matmuls over its rows: no copy
+  of A and B per sequence (a few hundred small copies per layer per token at a generation batch of
+  256), and a row's result depends only on its own experts, so adding experts to the pool leaves the
+  outputs of the existing ones bit for bit unchanged.
 * sparse, token routing: with a small pool (total rank E*R <= ``DENSE_TOKEN_MAX_RANK``) the
   dense kernel runs with the sparse gates (zero for unchosen experts, which then get exactly zero
   gradient): measured faster than sorting tokens for small pools. With a larger pool, tokens are
@@ -80,6 +81,31 @@ def _sparse_per_sequence(
     return torch.bmm(h, b_sel.transpose(1, 2))
 
 
+def _grouped_per_sequence(
+    x: torch.Tensor,
+    groups: dict[int, tuple[torch.Tensor | None, torch.Tensor]],
+    gates: torch.Tensor,
+    a_list: list[torch.Tensor],
+    b_list: list[torch.Tensor],
+) -> torch.Tensor:
+    """Inference path of sequence routing: x ``[B, T, d_in]``, ``groups`` from ``RoutingDecision.groups``
+    (``{expert: (rows or None for all, slots)}``), gates ``[B, k]`` (times scale) -> ``[B, T, d_out]``."""
+    batch = x.shape[0]
+    out: torch.Tensor | None = None
+    for expert, (rows, slots) in groups.items():
+        if rows is None:  # every row chose this expert
+            xe, gate = x, gates[torch.arange(batch, device=gates.device), slots]
+        else:
+            xe, gate = x.index_select(0, rows), gates[rows, slots]
+        y = ((xe @ a_list[expert].t()) * gate.view(-1, 1, 1).to(x.dtype)) @ b_list[expert].t()
+        if rows is not None:
+            y = x.new_zeros(batch, x.shape[1], y.shape[-1]).index_add(0, rows, y)
+        out = y if out is None else out + y
+    if out is None:  # an empty batch
+        return x.new_zeros(*x.shape[:-1], b_list[0].shape[0])
+    return out
+
+
 def _sparse_per_token(
     x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, a: torch.Tensor, b: torch.Tensor
 ) -> torch.Tensor:
@@ -122,16 +148,14 @@ def mixture_delta(
         a, b = stack_experts(a_list, b_list)
         w = decision.probs * scale
         return _dense(x, w.unsqueeze(1) if per_sequence else w, a, b)
-    small_pool = len(a_list) * max(a.shape[0] for a in a_list) <= DENSE_TOKEN_MAX_RANK
-    autograd = torch.is_grad_enabled() and a_list[0].requires_grad
-    if per_sequence and (autograd or not small_pool):
-        gates = decision.gates * scale[decision.indices]
-        return _sparse_per_sequence(x, decision.chosen(), gates, a_list, b_list)
-    a, b = stack_experts(a_list, b_list)
-    if small_pool:  # token routing, or sequence routing without autograd: the sparse gates, dense kernel
-        w = decision.dense_weights() * scale
-        return _dense(x, w.unsqueeze(1) if per_sequence else w, a, b)
     gates = decision.gates * scale[decision.indices]
+    if per_sequence:
+        if torch.is_grad_enabled() and a_list[0].requires_grad:
+            return _sparse_per_sequence(x, decision.chosen(), gates, a_list, b_list)
+        return _grouped_per_sequence(x, decision.groups(), gates, a_list, b_list)
+    a, b = stack_experts(a_list, b_list)
+    if a.shape[0] * a.shape[1] <= DENSE_TOKEN_MAX_RANK:
+        return _dense(x, decision.dense_weights() * scale, a, b)
     batch, seq, _ = x.shape
     k = decision.indices.shape[-1]
     out = _sparse_per_token(

@@ -34,12 +34,31 @@ class RoutingDecision:
     mode: str
     mask: torch.Tensor
     _chosen: list | None = field(default=None, repr=False, compare=False)
+    _groups: dict | None = field(default=None, repr=False, compare=False)
 
     def chosen(self) -> list:
         """``indices`` as nested Python lists, read from the device once per decision."""
         if self._chosen is None:
             self._chosen = self.indices.tolist()
         return self._chosen
+
+    def groups(self) -> dict[int, tuple[torch.Tensor | None, torch.Tensor]]:
+        """Per-sequence routing: ``{expert: (rows, slots)}``, the batch rows that chose the expert and at which
+        of their k places (``rows`` is None when every row did), as index tensors on the decision's device;
+        built once per decision (a pinned decision serves a whole generation)."""
+        if self._groups is None:
+            found: dict[int, tuple[list[int], list[int]]] = {}
+            for row, experts in enumerate(self.chosen()):
+                for slot, expert in enumerate(experts):
+                    found.setdefault(expert, ([], []))[0].append(row)
+                    found[expert][1].append(slot)
+            device, batch = self.probs.device, self.probs.shape[0]
+            self._groups = {
+                e: (None if rows == list(range(batch)) else torch.tensor(rows, device=device),
+                    torch.tensor(slots, device=device))
+                for e, (rows, slots) in sorted(found.items())
+            }
+        return self._groups
 
     @property
     def num_experts(self) -> int:
