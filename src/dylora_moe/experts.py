@@ -148,14 +148,15 @@ def mixture_delta(
         a, b = stack_experts(a_list, b_list)
         w = decision.probs * scale
         return _dense(x, w.unsqueeze(1) if per_sequence else w, a, b)
-    gates = decision.gates * scale[decision.indices]
     if per_sequence:
+        gates = decision.gates * scale[decision.indices]
         if torch.is_grad_enabled() and a_list[0].requires_grad:
             return _sparse_per_sequence(x, decision.chosen(), gates, a_list, b_list)
         return _grouped_per_sequence(x, decision.groups(), gates, a_list, b_list)
     a, b = stack_experts(a_list, b_list)
     if a.shape[0] * a.shape[1] <= DENSE_TOKEN_MAX_RANK:
         return _dense(x, decision.dense_weights() * scale, a, b)
+    gates = decision.gates * scale[decision.indices]
     batch, seq, _ = x.shape
     k = decision.indices.shape[-1]
     out = _sparse_per_token(
