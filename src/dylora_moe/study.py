@@ -192,6 +192,7 @@ def run_unit(study: StudyConfig, variant: VariantConfig, seed: int, progress: bo
     evaluates what is missing (or, when that adapter is gone, runs again from training).
     """
     from .evaluation.harness import load_for_eval
+    from .serialization import WEIGHTS_FILE
 
     done = study.unit_dir(variant.name, seed) / UNIT_FILE
     unit = json.loads(done.read_text()) if done.is_file() else None
@@ -199,7 +200,7 @@ def run_unit(study: StudyConfig, variant: VariantConfig, seed: int, progress: bo
         return unit
     config = study.unit_train_config(variant, seed)
     adapter = done.parent / "train" / "final"
-    if unit is not None and not (adapter / "dylora_moe_weights.safetensors").is_file():
+    if unit is not None and not (adapter / WEIGHTS_FILE).is_file():
         print(f"{variant.name} seed {seed}: {done} lacks pass@1 and its adapter {adapter} is gone: "
               "training the unit again", flush=True)
         unit = None

@@ -151,9 +151,12 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _scores_text(pass_at_k: dict[str, float | None]) -> str:
+    return ", ".join(f"{name} = {'n/a' if v is None else f'{v:.4f}'}" for name, v in pass_at_k.items())
+
+
 def _print_scores(summary: dict[str, Any]) -> None:
-    scores = ", ".join(f"{name} = {'n/a' if v is None else f'{v:.4f}'}" for name, v in summary["pass@k"].items())
-    print(f"{summary['benchmark']}: {summary['problems']} problems, {scores}")
+    print(f"{summary['benchmark']}: {summary['problems']} problems, {_scores_text(summary['pass@k'])}")
     print("outcomes: " + json.dumps({k: v for k, v in summary["outcomes"].items() if v}))
 
 
@@ -167,8 +170,7 @@ def _cmd_rescore(ns: argparse.Namespace) -> int:
     summary = rescore(ns.rescore, output_dir=ns.output, workers=ns.workers, timeout_s=ns.timeout,
                       data_dir=ns.data_dir, progress=not ns.no_progress)
     _print_scores(summary)
-    before = ", ".join(f"{k} = {'n/a' if v is None else f'{v:.4f}'}" for k, v in summary["previous"]["pass@k"].items())
-    print(f"stored run: {before}")
+    print(f"stored run: {_scores_text(summary['previous']['pass@k'])}")
     print(f"wrote {ns.output}/results.jsonl and {ns.output}/summary.json")
     return 0
 
