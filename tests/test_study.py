@@ -10,7 +10,7 @@ import yaml
 
 from dylora_moe.cli import main
 from dylora_moe.config import ConfigError
-from dylora_moe.study import StudyConfig, VariantConfig, default_variants, run_study, run_unit
+from dylora_moe.study import StudyConfig, StudyError, VariantConfig, default_variants, run_study, run_unit
 from tests.tiny import make_base, make_tokenizer
 from tests.training import isolate_data_registry, write_data_dir
 
@@ -197,3 +197,26 @@ def test_parallel_units_get_their_own_gpu_round_robin(setup, monkeypatch, capsys
     launched.clear()
     study_module._run_parallel(study, out / "config.json", study.units()[:1])
     assert launched == [("0", "0")]
+
+
+def test_report_refuses_units_trained_on_different_tokens(setup, capsys):
+    """Units record the digest of their token ids; a unit made with another tokenization (or an older unit that
+    did not record one) is not averaged in with the others: the report names the units instead."""
+    study_path, out = setup
+    two = ["variants=[{name: moe2}, {name: lora_r8, overrides: [moe.num_experts=1, moe.r=8, moe.alpha=16]}]",
+           "seeds=[0]", "benchmarks=[]"]
+    quality = run_study(StudyConfig.from_yaml(study_path, two), progress=False)
+    unit_path = out / "lora_r8" / "seed0" / "unit.json"
+    unit = json.loads(unit_path.read_text())
+    metrics = json.loads((out / "lora_r8" / "seed0" / "train" / "metrics.json").read_text())
+    assert unit["data_sha256"] == {s: metrics["data"][s]["sha256"] for s in ("train", "validation")}
+    assert quality["data_sha256"] == unit["data_sha256"]  # both units saw the same tokens
+    assert unit["special_tokens"]["eos"] == "<eos>"
+
+    unit_path.write_text(json.dumps({**unit, "data_sha256": {"train": "f" * 64, "validation": "0" * 64}}))
+    with pytest.raises(StudyError, match=r"different token sequences.*moe2/seed0.*train ffffffffffff.*lora_r8/seed0"):
+        run_study(StudyConfig.from_yaml(study_path, two), progress=False, report_only=True)
+    unit.pop("data_sha256")  # a unit of the first format
+    unit_path.write_text(json.dumps(unit))
+    assert main(["study", "--config", str(study_path), *two, "--report-only"]) == 2
+    assert "not recorded: lora_r8/seed0" in capsys.readouterr().err

@@ -260,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .data import DataError
     from .loading import BaseModelError
     from .serialization import CheckpointError
+    from .study import StudyError
     from .targets import TargetError
     from .training.trainer import TrainingError
 
@@ -272,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return ns.func(ns)
-    except (ConfigError, DataError, TargetError, CheckpointError, BaseModelError, TrainingError) as exc:
+    except (ConfigError, DataError, TargetError, CheckpointError, BaseModelError, TrainingError,
+            StudyError) as exc:
         print(f"dylora-moe: error: {exc}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:

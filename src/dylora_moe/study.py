@@ -14,7 +14,9 @@ the variant's overrides; then it measures
 A unit's results go to ``<output_dir>/<variant>/seed<k>/unit.json`` (written last, atomically), and a study
 skips complete units, so an interrupted study resumes. :func:`report` aggregates every unit into
 ``quality.json`` (mean and spread over seeds) and plots ``loss_curves.png``, ``share_matrices.png`` and
-``pass_at_1.png``. Run it from the command line::
+``pass_at_1.png``. Units record a digest of the token ids they trained and were evaluated on; the report
+refuses to aggregate units whose digests differ (e.g. made with a tokenizer that chose another EOS), since
+their losses are not comparable. Run it from the command line::
 
     dylora-moe study --config configs/study.yaml [--parallel 4] [--report-only] [KEY=VALUE ...]
     python benchmarks/quality.py --config configs/study.yaml          # the same
@@ -41,7 +43,7 @@ from typing import Any
 
 from .config import ConfigError
 
-__all__ = ["StudyConfig", "VariantConfig", "default_variants", "report", "run_study", "run_unit"]
+__all__ = ["StudyConfig", "StudyError", "VariantConfig", "default_variants", "report", "run_study", "run_unit"]
 
 STUDY_FORMAT_VERSION = 1
 UNIT_FILE = "unit.json"
@@ -276,6 +278,8 @@ def _train_and_analyse(study: StudyConfig, variant: VariantConfig, seed: int, co
                        for h in metrics["eval_history"]],
         "train_curve": [{"step": r["step"], "loss": r.get("lm_loss", r.get("loss"))} for r in metrics["train_log"]],
         "pass_at_1": {},
+        "data_sha256": {split: metrics["data"][split]["sha256"] for split in ("train", "validation")},
+        "special_tokens": metrics["special_tokens"],
         "domains": domains,
         "share_matrix": analysis["share_matrix"],
         "nmi": analysis["nmi"],
@@ -382,9 +386,13 @@ def report(study: StudyConfig) -> dict[str, Any]:
     """Aggregate the complete units into ``quality.json`` and the plots; returns the quality dict."""
     out = Path(study.output_dir)
     variants: dict[str, Any] = {}
+    found = {variant.name: [json.loads((study.unit_dir(variant.name, s) / UNIT_FILE).read_text())
+                            for s in (variant.seeds or study.seeds)
+                            if (study.unit_dir(variant.name, s) / UNIT_FILE).is_file()]
+             for variant in study.variants}
+    data_sha256 = _common_data(study, found)
     for variant in study.variants:
-        units = [json.loads((study.unit_dir(variant.name, s) / UNIT_FILE).read_text())
-                 for s in (variant.seeds or study.seeds) if (study.unit_dir(variant.name, s) / UNIT_FILE).is_file()]
+        units = found[variant.name]
         if not units:
             continue
         domains = units[0]["domains"]
@@ -408,13 +416,37 @@ def report(study: StudyConfig) -> dict[str, Any]:
         variants[variant.name] = entry
     quality = {"format_version": STUDY_FORMAT_VERSION, "train_config": study.train_config,
                "overrides": study.overrides, "benchmarks": study.benchmarks, "eval_limit": study.eval_limit,
-               "baseline": study.baseline, "variants": variants,
+               "baseline": study.baseline, "data_sha256": data_sha256, "variants": variants,
                "vs_baseline": _versus(variants, study.baseline)}
     _write_json(out / "quality.json", quality)
     if variants:
         plot_study(quality, out)
         (out / "results_table.md").write_text(results_table(quality) + "\n")
     return quality
+
+
+class StudyError(RuntimeError):
+    """The study's units cannot be aggregated as they are; the message names the units."""
+
+
+def _common_data(study: StudyConfig, found: dict[str, list[dict[str, Any]]]) -> dict[str, str] | None:
+    """The token-id digests every unit shares (None for units of the first format, which did not record
+    them); raises :class:`StudyError` naming the units when they differ."""
+    groups: dict[str, list[str]] = {}
+    for name, units in found.items():
+        for u in units:
+            digest = u.get("data_sha256")
+            key = ("not recorded" if digest is None
+                   else f"train {digest['train'][:12]}, validation {digest['validation'][:12]}")
+            groups.setdefault(key, []).append(f"{name}/seed{u['seed']}")
+    if len(groups) > 1:
+        lines = "; ".join(f"{key}: {', '.join(units)}" for key, units in groups.items())
+        raise StudyError(
+            f"{study.output_dir}: the units were trained or evaluated on different token sequences (another "
+            f"tokenizer, data or max_seq_length), so their losses are not comparable: {lines}. Keep one kind of "
+            "unit per output_dir (move the others away, or rerun them).")
+    units = [u for us in found.values() for u in us]
+    return units[0].get("data_sha256") if units else None
 
 
 def _mean_curve(curves: list[list[dict[str, Any]]], domains: list[str]) -> list[dict[str, Any]]:

@@ -207,3 +207,19 @@ def test_dataloader_end_to_end(chat_tokenizer):
 def test_empty_input_gives_empty_output(plain_tokenizer):
     items, stats = tokenize_examples([], plain_tokenizer, 16, domains=["math"])
     assert items == [] and stats.total.examples == 0 and list(stats.domains) == ["math"]
+
+
+def test_token_digest_tells_tokenizations_apart(chat_tokenizer, tokenizer_factory):
+    """The digest is a function of the token sequences: the same inputs give the same digest, and a tokenizer
+    whose EOS is not the end-of-turn marker (an EOS appended after it in every example) gives another one."""
+    _, first = tokenize_examples([ADD, ADD_WITH_INPUT], chat_tokenizer, max_seq_length=64)
+    _, again = tokenize_examples([ADD, ADD_WITH_INPUT], chat_tokenizer, max_seq_length=64)
+    assert len(first.sha256) == 64 and first.sha256 == again.sha256
+    assert first.as_dict()["sha256"] == first.sha256 and f"token ids sha256: {first.sha256[:16]}" in first.summary()
+    other_eos = tokenizer_factory(CHAT_TEMPLATE, eos="<eos>")
+    _, shifted = tokenize_examples([ADD, ADD_WITH_INPUT], other_eos, max_seq_length=64)
+    assert shifted.total.supervised_tokens == first.total.supervised_tokens + 2  # one "<eos>" per example
+    assert shifted.sha256 != first.sha256
+    _, cut = tokenize_examples([ADD, ADD_WITH_INPUT], chat_tokenizer, max_seq_length=8)
+    _, reordered = tokenize_examples([ADD_WITH_INPUT, ADD], chat_tokenizer, max_seq_length=64)
+    assert len({first.sha256, cut.sha256, reordered.sha256}) == 3

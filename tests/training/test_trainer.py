@@ -61,6 +61,10 @@ def test_joint_run_learns_and_writes_all_outputs(tmp_path, data_dir, capsys):
         assert metrics["router_entropy"][name] >= 0
     assert [h["step"] for h in metrics["eval_history"]] == [0, 3, 6] and metrics["train_time_s"] > 0
     assert metrics["train_log"][-1]["tokens_per_s"] > 0
+    # what the run trained and was evaluated on: counts and the digest of the token ids, and the special tokens
+    assert metrics["data"]["train"]["sha256"] == result.format_stats.sha256 and len(result.format_stats.sha256) == 64
+    assert metrics["data"]["validation"]["total"]["kept"] > 0 and metrics["data"]["validation"]["sha256"]
+    assert metrics["special_tokens"]["eos"] == trainer._tokenizer.eos_token == "<eos>"
     assert (out / "routing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any((out / "tensorboard").iterdir())
     assert json.loads((out / TRAIN_CONFIG_FILE).read_text())["format_version"] == 1

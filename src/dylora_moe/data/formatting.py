@@ -28,6 +28,7 @@ for fewer than ``min_response_tokens`` response tokens is dropped.  Counts are r
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -95,10 +96,13 @@ class DomainStats:
 
 @dataclass
 class FormatStats:
-    """Report of :func:`tokenize_examples`: per-domain :class:`DomainStats` and totals."""
+    """Report of :func:`tokenize_examples`: per-domain :class:`DomainStats` and totals, and ``sha256``, a
+    digest of every kept example's domain, prompt length and token ids. Two runs train on the same
+    sequences only if their digests agree (a different tokenizer version can change the tokens)."""
 
     max_seq_length: int
     domains: dict[str, DomainStats] = field(default_factory=dict)
+    sha256: str = ""
 
     @property
     def total(self) -> DomainStats:
@@ -113,6 +117,7 @@ class FormatStats:
             "max_seq_length": self.max_seq_length,
             "total": asdict(self.total),
             "domains": {name: asdict(s) for name, s in self.domains.items()},
+            "sha256": self.sha256,
         }
 
     def summary(self) -> str:
@@ -124,6 +129,8 @@ class FormatStats:
                 f"{s.dropped} dropped (max_seq_length={self.max_seq_length}), "
                 f"{s.tokens} tokens, {s.supervised_tokens} supervised"
             )
+        if self.sha256:
+            lines.append(f"token ids sha256: {self.sha256[:16]}")
         return "\n".join(lines)
 
 
@@ -275,6 +282,7 @@ def tokenize_examples(
         raise ValueError(f"examples have domains {unknown} that are not in 'domains' {domain_list}")
 
     stats = FormatStats(max_seq_length, {name: DomainStats() for name in domain_list})
+    digest = hashlib.sha256()
     out: list[TokenizedExample] = []
     for ex, (prompt_ids, response_ids) in zip(
         examples, _encode_many(examples, tokenizer, use_chat_template), strict=True
@@ -292,6 +300,7 @@ def tokenize_examples(
         s.truncated += int(truncated)
         s.tokens += n_prompt + len(response_ids)
         s.supervised_tokens += len(response_ids)
+        digest.update(f"{ex.domain}|{n_prompt}|{','.join(map(str, prompt_ids + response_ids))};".encode())
         out.append(
             TokenizedExample(
                 input_ids=prompt_ids + response_ids,
@@ -302,6 +311,7 @@ def tokenize_examples(
                 truncated=truncated,
             )
         )
+    stats.sha256 = digest.hexdigest()
     return out, stats
 
 

@@ -496,7 +496,7 @@ class JointTrainer:
                 writer.close()
         train_time = state["train_time_s"] + time.perf_counter() - loop_start
         return self._finish(prepared, history, train_log, step, total_steps, epoch_at(step), train_time,
-                            time.perf_counter() - wall_start, resume_from, stats)
+                            time.perf_counter() - wall_start, resume_from, stats, eval_stats, tokenizer)
 
     def _calibrate_router(self, model, train_set, stream: InterleavedSampler, collate) -> None:
         """Router feature standardisation from the first training examples of the stream (deterministic)."""
@@ -530,7 +530,7 @@ class JointTrainer:
         return SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=purge_step)
 
     def _finish(self, prepared, history, train_log, step, total_steps, epoch, train_time, wall_time,
-                resume_from, stats) -> TrainResult:
+                resume_from, stats, eval_stats, tokenizer) -> TrainResult:
         acc, out = self.accelerator, self.output_dir
         final_dir = out / ckpt.FINAL_DIR
         metrics_path, plot_path = out / "metrics.json", out / "routing.png"
@@ -538,7 +538,9 @@ class JointTrainer:
         metrics = build_metrics(history, train_log=train_log, train_time_s=train_time, extra={
             "model": self.config.model, "num_experts": model.num_experts, "global_step": step,
             "total_steps": total_steps, "epochs": epoch, "precision": self.precision,
-            "wall_time_s": wall_time, "world_size": acc.num_processes})
+            "wall_time_s": wall_time, "world_size": acc.num_processes,
+            "data": {"train": stats.as_dict(), "validation": eval_stats.as_dict()},
+            "special_tokens": {role: getattr(tokenizer, f"{role}_token", None) for role in ("bos", "eos", "pad")}})
         if acc.is_main_process:
             model.save_pretrained(final_dir)
             write_metrics(metrics_path, metrics)
