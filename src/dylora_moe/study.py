@@ -280,6 +280,7 @@ def _train_and_analyse(study: StudyConfig, variant: VariantConfig, seed: int, co
         "pass_at_1": {},
         "data_sha256": {split: metrics["data"][split]["sha256"] for split in ("train", "validation")},
         "special_tokens": metrics["special_tokens"],
+        "versions": metrics["versions"],
         "domains": domains,
         "share_matrix": analysis["share_matrix"],
         "nmi": analysis["nmi"],

@@ -65,6 +65,7 @@ def test_joint_run_learns_and_writes_all_outputs(tmp_path, data_dir, capsys):
     assert metrics["data"]["train"]["sha256"] == result.format_stats.sha256 and len(result.format_stats.sha256) == 64
     assert metrics["data"]["validation"]["total"]["kept"] > 0 and metrics["data"]["validation"]["sha256"]
     assert metrics["special_tokens"]["eos"] == trainer._tokenizer.eos_token == "<eos>"
+    assert metrics["versions"]["torch"] == torch.__version__ and metrics["versions"]["transformers"]
     assert (out / "routing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any((out / "tensorboard").iterdir())
     assert json.loads((out / TRAIN_CONFIG_FILE).read_text())["format_version"] == 1

@@ -540,7 +540,8 @@ class JointTrainer:
             "total_steps": total_steps, "epochs": epoch, "precision": self.precision,
             "wall_time_s": wall_time, "world_size": acc.num_processes,
             "data": {"train": stats.as_dict(), "validation": eval_stats.as_dict()},
-            "special_tokens": {role: getattr(tokenizer, f"{role}_token", None) for role in ("bos", "eos", "pad")}})
+            "special_tokens": {role: getattr(tokenizer, f"{role}_token", None) for role in ("bos", "eos", "pad")},
+            "versions": library_versions()})
         if acc.is_main_process:
             model.save_pretrained(final_dir)
             write_metrics(metrics_path, metrics)
@@ -552,6 +553,19 @@ class JointTrainer:
         acc.wait_for_everyone()
         return TrainResult(out, final_dir, step, total_steps, epoch, train_time, history, metrics, metrics_path,
                            plot_path, ckpt.list_checkpoints(out), resume_from, stats)
+
+
+def library_versions() -> dict[str, str | None]:
+    """Versions of the libraries that decide a run's numbers (tokenizer conversion, kernels), for metrics.json."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for name in ("torch", "transformers", "tokenizers", "accelerate", "gguf"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 class TrainingError(RuntimeError):
