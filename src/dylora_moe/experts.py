@@ -14,11 +14,17 @@ computation, never with one base-model pass or a Python loop per expert:
   of A and B per sequence (a few hundred small copies per layer per token at a generation batch of
   256), and a row's result depends only on its own experts, so adding experts to the pool leaves the
   outputs of the existing ones bit for bit unchanged.
-* sparse, token routing: with a small pool (total rank E*R <= ``DENSE_TOKEN_MAX_RANK``) the
-  dense kernel runs with the sparse gates (zero for unchosen experts, which then get exactly zero
+* sparse, token routing, training: with a small pool (total rank E*R <= ``DENSE_TOKEN_MAX_RANK``)
+  the dense kernel runs with the sparse gates (zero for unchosen experts, which then get exactly zero
   gradient): measured faster than sorting tokens for small pools. With a larger pool, tokens are
   sorted by expert into a padded ``[E, C, d_in]`` buffer (``C`` the largest group), two ``bmm``
-  run over all experts at once, and the results are scattered back weighted by the gates.
+  run over all experts at once, and the results are scattered back weighted by the gates. Without
+  autograd each expert runs with its own matrices (its own rank, no padding): for many tokens
+  (prefill, evaluation) the tokens are sorted by expert and each chosen expert runs two matmuls over
+  its tokens; for a few (decode steps) every expert runs over all of them with the sparse gates, which
+  avoids a device sync per layer. Either way, as for sequence routing, adding experts to the pool (of
+  any rank) leaves the outputs of the existing ones bit for bit unchanged
+  (``benchmarks/token_kernels.py`` times the kernels).
 
 The delta ``sum_e gate_e * scale_e * B_e A_e x`` is returned; the caller adds the frozen base
 layer's output.
@@ -33,6 +39,10 @@ from .routing import RoutingDecision
 #: token routing uses the dense kernel with sparse gates up to this total rank E*R (see
 #: benchmarks/train_step.py: the sort-and-pad path wins only for larger pools on CPU)
 DENSE_TOKEN_MAX_RANK = 256
+
+#: without autograd, token routing sorts tokens by expert from this many tokens on, and below it runs
+#: every expert over all tokens (benchmarks/token_kernels.py: sorting wins for prefill, not for decode)
+GROUPED_TOKEN_MIN_TOKENS = 128
 
 
 def stack_experts(
@@ -129,6 +139,45 @@ def _sparse_per_token(
     return y.new_zeros(n, y.shape[-1]).index_add(0, token, contrib)
 
 
+def _per_expert_all_tokens(
+    x: torch.Tensor, weights: torch.Tensor, a_list: list[torch.Tensor], b_list: list[torch.Tensor]
+) -> torch.Tensor:
+    """Inference path of token routing for few tokens: x ``[N, d_in]``, weights ``[N, E]`` (zero for unchosen
+    experts, already times scale) -> ``[N, d_out]``. Experts are summed in index order; one that no token
+    chose adds exact zeros."""
+    out = None
+    for expert, (a, b) in enumerate(zip(a_list, b_list)):
+        y = ((x @ a.t()) * weights[:, expert:expert + 1].to(x.dtype)) @ b.t()
+        out = y if out is None else out + y
+    return out
+
+
+def _grouped_per_token(
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    gates: torch.Tensor,
+    a_list: list[torch.Tensor],
+    b_list: list[torch.Tensor],
+) -> torch.Tensor:
+    """Inference path of token routing: x ``[N, d_in]``, indices/gates ``[N, k]`` (gates already times
+    scale) -> ``[N, d_out]``. A token's result depends only on its own experts' matrices."""
+    n, k = indices.shape
+    flat_expert = indices.reshape(-1)
+    order = torch.argsort(flat_expert, stable=True)
+    token = torch.arange(n, device=x.device).repeat_interleave(k)[order]
+    gate = gates.reshape(-1)[order]
+    counts = torch.bincount(flat_expert, minlength=len(a_list)).tolist()
+    out = x.new_zeros(n, b_list[0].shape[0])
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            rows = token[start:start + count]
+            g = gate[start:start + count].unsqueeze(-1).to(x.dtype)
+            out.index_add_(0, rows, ((x.index_select(0, rows) @ a_list[expert].t()) * g) @ b_list[expert].t())
+        start += count
+    return out
+
+
 def mixture_delta(
     x: torch.Tensor,
     decision: RoutingDecision,
@@ -153,13 +202,16 @@ def mixture_delta(
         if torch.is_grad_enabled() and a_list[0].requires_grad:
             return _sparse_per_sequence(x, decision.chosen(), gates, a_list, b_list)
         return _grouped_per_sequence(x, decision.groups(), gates, a_list, b_list)
-    a, b = stack_experts(a_list, b_list)
-    if a.shape[0] * a.shape[1] <= DENSE_TOKEN_MAX_RANK:
-        return _dense(x, decision.dense_weights() * scale, a, b)
     gates = decision.gates * scale[decision.indices]
     batch, seq, _ = x.shape
     k = decision.indices.shape[-1]
-    out = _sparse_per_token(
-        x.reshape(batch * seq, -1), decision.indices.reshape(-1, k), gates.reshape(-1, k), a, b
-    )
-    return out.reshape(batch, seq, -1)
+    flat = (x.reshape(batch * seq, -1), decision.indices.reshape(-1, k), gates.reshape(-1, k))
+    if not (torch.is_grad_enabled() and a_list[0].requires_grad):
+        if batch * seq >= GROUPED_TOKEN_MIN_TOKENS:
+            return _grouped_per_token(*flat, a_list, b_list).reshape(batch, seq, -1)
+        weights = (decision.dense_weights() * scale).reshape(batch * seq, -1)
+        return _per_expert_all_tokens(flat[0], weights, a_list, b_list).reshape(batch, seq, -1)
+    a, b = stack_experts(a_list, b_list)
+    if a.shape[0] * a.shape[1] <= DENSE_TOKEN_MAX_RANK:
+        return _dense(x, decision.dense_weights() * scale, a, b)
+    return _sparse_per_token(*flat, a, b).reshape(batch, seq, -1)
