@@ -10,7 +10,15 @@ import yaml
 
 from dylora_moe.cli import main
 from dylora_moe.config import ConfigError
-from dylora_moe.study import StudyConfig, StudyError, VariantConfig, default_variants, run_study, run_unit
+from dylora_moe.study import (
+    StudyConfig,
+    StudyError,
+    VariantConfig,
+    default_variants,
+    results_table,
+    run_study,
+    run_unit,
+)
 from tests.tiny import make_base, make_tokenizer
 from tests.training import isolate_data_registry, write_data_dir
 
@@ -67,6 +75,8 @@ def test_study_runs_every_unit_and_aggregates(setup, capsys):
             assert v["eval_loss"][domain]["n"] == 2 and v["eval_loss"][domain]["mean"] > 0
         assert [row["step"] for row in v["eval_curve"]] == [0, 2, 3]
     assert coef["pass_at_1"] == {}
+    unit = json.loads((out / "moe2" / "seed0" / "unit.json").read_text())
+    assert unit["moe"]["num_experts"] == 2 and unit["moe"]["routing"] == "token"  # the default
     # the two seeds differ (data order, init), so the spread is real
     assert moe["eval_loss"]["mbpp"]["std"] > 0
     assert lora["nmi"]["mean"] == 0.0 and lora["load_imbalance"]["mean"] == 1.0  # one expert takes all
@@ -163,6 +173,18 @@ def test_default_study_is_the_issue_design():
     assert isinstance(study.variants[0], VariantConfig)
 
 
+def test_every_default_mixture_variant_names_its_routing(tmp_path):
+    """The published units must mean the same after the default routing changes: each mixture pins it."""
+    study = StudyConfig(output_dir=str(tmp_path))
+    routing = {v.name: study.unit_train_config(v, 0).moe.routing for v in study.variants}
+    for v in study.variants:
+        if study.unit_train_config(v, 0).moe.num_experts > 1:
+            assert any(o.startswith("moe.routing=") for o in v.overrides), v.name
+    assert routing["moe4_seq"] == "sequence" and routing["moe4_token"] == "token"
+    assert {routing[n] for n in ("coef_0", "coef_0.001", "coef_0.1", "temp_1", "temp_4", "concat")} == {"sequence"}
+    assert routing["token_temp_1"] == "token"
+
+
 def test_parallel_units_get_their_own_gpu_round_robin(setup, monkeypatch, capsys):
     """With several visible GPUs each running unit is pinned to one (CUDA_VISIBLE_DEVICES), reusing a slot only
     after its unit ended; the children are faked, so this runs without a GPU."""
@@ -220,3 +242,24 @@ def test_report_refuses_units_trained_on_different_tokens(setup, capsys):
     unit_path.write_text(json.dumps(unit))
     assert main(["study", "--config", str(study_path), *two, "--report-only"]) == 2
     assert "not recorded: lora_r8/seed0" in capsys.readouterr().err
+
+
+def test_results_table_says_when_pass_at_1_covers_fewer_seeds_than_the_losses():
+    """Losses of 3 seeds next to pass@1 of 2 (a study cut short): the cell names how many seeds it averages."""
+    def spread(mean, std, n):
+        return {"mean": mean, "std": std, "min": mean, "max": mean, "n": n}
+
+    row = {"group": "main", "seeds": [0, 1, 2], "trainable_parameters": 1000,
+           "eval_loss": {"a": spread(0.75, 0.002, 3)}, "nmi": spread(0.3, 0.01, 3),
+           "router_entropy": spread(1.0, 0.0, 3), "load_imbalance": spread(1.4, 0.0, 3),
+           "train_time_s": spread(170.0, 1.0, 3)}
+    quality = {"benchmarks": ["humaneval", "mbpp"], "variants": {
+        "part": {**row, "pass_at_1": {"humaneval": spread(0.058, 0.004, 2)}},
+        "full": {**row, "pass_at_1": {"humaneval": spread(0.061, 0.009, 3)}}}}
+    lines = results_table(quality).splitlines()
+    assert "pass@1 humaneval" in lines[2] and "pass@1 mbpp" not in lines[2]  # no unit measured MBPP
+    part = next(line for line in lines if line.startswith("| `part`"))
+    full = next(line for line in lines if line.startswith("| `full`"))
+    assert "| 0.058 ± 0.004 (2 of 3 seeds) |" in part
+    assert "| 0.061 ± 0.009 |" in full and "of 3 seeds" not in full
+    assert "| 0.7500 ± 0.0020 |" in part

@@ -72,20 +72,24 @@ class VariantConfig:
 def default_variants() -> list[VariantConfig]:
     """The study of issue #8: 4 x r=16 (sequence and token routing) against LoRA r=16 and r=64 (the same
     trainable adapter parameters as 4 x r=16), plus sweeps of the balance coefficient, the router
-    temperature and the data mixing, each changing one setting of the default mixture."""
-    v = VariantConfig
+    temperature and the data mixing, each changing one setting of the sequence-routed mixture the study
+    started from (the default then), and the temperature of the token-routed mixture. Every mixture names
+    its routing, so the variants mean the same whatever the train config's default."""
+    v, seq, tok = VariantConfig, "moe.routing=sequence", "moe.routing=token"
     return [
-        v("moe4_seq", [], "main", description="DyLoRA-MoE 4 x r=16, sequence routing (default)"),
-        v("moe4_token", ["moe.routing=token"], "main", description="DyLoRA-MoE 4 x r=16, token routing"),
+        v("moe4_seq", [seq], "main", description="DyLoRA-MoE 4 x r=16, sequence routing"),
+        v("moe4_token", [tok], "main", description="DyLoRA-MoE 4 x r=16, token routing (default)"),
         v("lora_r16", ["moe.num_experts=1"], "main", description="one LoRA r=16"),
         v("lora_r64", ["moe.num_experts=1", "moe.r=64", "moe.alpha=128"], "main",
           description="one LoRA r=64 (adapter parameters of 4 x r=16)"),
-        v("coef_0", ["moe.balance_coef=0.0"], "balance_coef", [0], False, "balance_coef 0"),
-        v("coef_0.001", ["moe.balance_coef=0.001"], "balance_coef", [0], False, "balance_coef 0.001"),
-        v("coef_0.1", ["moe.balance_coef=0.1"], "balance_coef", [0], False, "balance_coef 0.1"),
-        v("temp_1", ["moe.temperature=1.0"], "temperature", [0], False, "router temperature 1"),
-        v("temp_4", ["moe.temperature=4.0"], "temperature", [0], False, "router temperature 4"),
-        v("concat", ["data.mixing=concatenate"], "mixing", [0], False, "plain concatenation (no 50/50)"),
+        v("coef_0", [seq, "moe.balance_coef=0.0"], "balance_coef", [0], False, "balance_coef 0"),
+        v("coef_0.001", [seq, "moe.balance_coef=0.001"], "balance_coef", [0], False, "balance_coef 0.001"),
+        v("coef_0.1", [seq, "moe.balance_coef=0.1"], "balance_coef", [0], False, "balance_coef 0.1"),
+        v("temp_1", [seq, "moe.temperature=1.0"], "temperature", [0], False, "router temperature 1"),
+        v("temp_4", [seq, "moe.temperature=4.0"], "temperature", [0], False, "router temperature 4"),
+        v("token_temp_1", [tok, "moe.temperature=1.0"], "temperature", [0], False,
+          "token routing, router temperature 1"),
+        v("concat", [seq, "data.mixing=concatenate"], "mixing", [0], False, "plain concatenation (no 50/50)"),
     ]
 
 
@@ -114,7 +118,8 @@ class StudyConfig:
     device: str = field(default="auto", metadata=_help("Device of pass@1 and analysis: auto, cpu, cuda[:N]."))
     parallel: int = field(default=1, metadata=_help(
         "Units run at once, each in its own process; with several GPUs each running unit gets its own. "
-        "On one GPU, processes time-slice it: more than 1 or 2 does not make the study faster."))
+        "On one GPU, training units share it well (9 at once kept an H100 at 100%: 18 units in 7.3 min), "
+        "but each pass@1 at batch 256 needs about 38 GB: run losses first with benchmarks=[]."))
     data_dir: str | None = field(default=None, metadata=_help("Data directory (sets data.data_dir of every unit)."))
 
     def validate(self, source: str = "study config") -> None:
@@ -264,6 +269,7 @@ def _train_and_analyse(study: StudyConfig, variant: VariantConfig, seed: int, co
         "group": variant.group,
         "seed": seed,
         "overrides": [*study.overrides, *variant.overrides],
+        "moe": model.moe_config.to_dict(),
         "num_experts": model.num_experts,
         "trainable_parameters": sum(p.numel() for p in model.expert_parameters()),
         "router_parameters": sum(p.numel() for p in model.router_parameters()),
@@ -476,11 +482,12 @@ def _versus(variants: dict[str, Any], baseline: str) -> dict[str, Any]:
     return table
 
 
-def _fmt(spread: dict[str, Any] | None, digits: int = 3) -> str:
+def _fmt(spread: dict[str, Any] | None, digits: int = 3, seeds: int | None = None) -> str:
+    """``mean ± std`` of a :func:`_spread`; with ``seeds``, says when fewer units than seeds measured it."""
     if not spread or spread["mean"] is None:
         return "–"
-    text = f"{spread['mean']:.{digits}f}"
-    return text + (f" ± {spread['std']:.{digits}f}" if spread["n"] > 1 else "")
+    text = f"{spread['mean']:.{digits}f}" + (f" ± {spread['std']:.{digits}f}" if spread["n"] > 1 else "")
+    return text + (f" ({spread['n']} of {seeds} seeds)" if seeds is not None and spread["n"] < seeds else "")
 
 
 def results_table(quality: dict[str, Any]) -> str:
@@ -500,7 +507,7 @@ def results_table(quality: dict[str, Any]) -> str:
             v = variants[n]
             cells = [f"`{n}`", str(len(v["seeds"])), f"{v['trainable_parameters']:,}"]
             cells += [_fmt(v["eval_loss"][d], 4) for d in domains]
-            cells += [_fmt(v["pass_at_1"].get(b)) for b in benchmarks]
+            cells += [_fmt(v["pass_at_1"].get(b), seeds=len(v["seeds"])) for b in benchmarks]
             cells += [_fmt(v["nmi"]), _fmt(v["router_entropy"]), _fmt(v["load_imbalance"], 2),
                       _fmt(v["train_time_s"], 1)]
             lines.append("| " + " | ".join(cells) + " |")
