@@ -37,7 +37,7 @@ def test_only_experts_and_router_train(arch):
 
 def test_mode_follows_maturity_and_override(batch):
     ids, mask, _ = batch
-    model = build(mature=False)
+    model = build(mature=False, routing="sequence")
     assert model.routing_mode == "dense"
     out = model(input_ids=ids, attention_mask=mask)
     assert out.routing_mode == "dense"

@@ -7,7 +7,10 @@ from tests.tiny import make_base
 def test_report_counts():
     base = make_base("llama")
     base_params = sum(p.numel() for p in base.parameters())
-    model = DyLoRAMoEForCausalLM(base, DyLoRAMoEConfig(num_experts=3, r=4, target_modules=["q_proj"]))
+    model = DyLoRAMoEForCausalLM(base, DyLoRAMoEConfig(num_experts=3, r=4, target_modules=["q_proj"],
+                                                       routing="sequence"))
+    token = DyLoRAMoEForCausalLM(make_base("llama"), DyLoRAMoEConfig(num_experts=3, r=4, target_modules=["q_proj"]))
+    assert token.parameter_report().router_params == 2 * (3 * 64 + 3)  # token routing (default): one per block
     report = model.parameter_report()
     # q_proj is 64 -> 64: A 4x64 + B 64x4 per expert per layer, 2 layers
     assert report.params_per_expert == [2 * (4 * 64 + 64 * 4)] * 3

@@ -50,11 +50,12 @@ class DyLoRAMoEConfig:
         default=2.0, metadata={"help": "Softmax temperature of the router (the seed's 2.0)."}
     )
     routing: str = field(
-        default="sequence",
+        default="token",
         metadata={
-            "help": "Routing granularity: 'sequence' (one decision per sequence from its prompt, shared by "
-            "every layer) or 'token' (one decision per token and decoder layer, from the hidden state "
-            "entering that layer)."
+            "help": "Routing granularity: 'token' (one decision per token and decoder layer, from the hidden "
+            "state entering that layer; the default, chosen by the quality study in docs/results.md) or "
+            "'sequence' (one decision per sequence from its prompt, shared by every layer: the cost of one "
+            "LoRA, one expert per request, the seed's semantics)."
         },
     )
     routing_mode: str = field(

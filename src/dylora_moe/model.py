@@ -3,13 +3,13 @@
 Every base parameter (lm_head and tied embeddings included) is frozen; only the experts' A/B and
 the router train. Routing is computed inside the same forward pass as the LM:
 
-* ``routing='sequence'`` (default): a forward pre-hook on the base model mean-pools the input
+* ``routing='sequence'``: a forward pre-hook on the base model mean-pools the input
   embeddings over the prompt (tokens whose label is -100, or an explicit ``routing_mask``; all
   real tokens when there are no labels), and one router picks the experts of each sequence for
   every layer. Decode steps with a KV cache reuse the prefill's decision, so cached and uncached
   generation route identically.
-* ``routing='token'``: a pre-hook on every decoder block routes each token from the hidden state
-  entering that block (one router per block); causal, so the KV cache does not change it.
+* ``routing='token'`` (default): a pre-hook on every decoder block routes each token from the hidden
+  state entering that block (one router per block); causal, so the KV cache does not change it.
 
 Usage::
 
