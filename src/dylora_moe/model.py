@@ -328,7 +328,10 @@ class DyLoRAMoEForCausalLM(nn.Module):
                         ids, None, mask.bool(), None if labels is None else labels.to(self.device),
                         None if rmask is None else rmask.to(self.device)))
                 else:
-                    self.base_model(input_ids=ids, attention_mask=mask)
+                    try:  # only the blocks' inputs matter: skip the LM head's logits over the vocabulary
+                        self.base_model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+                    except TypeError:  # a model without transformers' logits_to_keep
+                        self.base_model(input_ids=ids, attention_mask=mask)
         finally:
             for h in hooks:
                 h.remove()
