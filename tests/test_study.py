@@ -174,12 +174,16 @@ def test_default_study_is_the_issue_design():
 
 
 def test_every_default_mixture_variant_names_its_routing(tmp_path):
-    """The published units must mean the same after the default routing changes: each mixture pins it."""
+    """The published units must mean the same after the defaults change: each mixture pins routing and temperature."""
     study = StudyConfig(output_dir=str(tmp_path))
     routing = {v.name: study.unit_train_config(v, 0).moe.routing for v in study.variants}
+    temperature = {v.name: study.unit_train_config(v, 0).moe.temperature for v in study.variants}
     for v in study.variants:
         if study.unit_train_config(v, 0).moe.num_experts > 1:
             assert any(o.startswith("moe.routing=") for o in v.overrides), v.name
+            assert any(o.startswith("moe.temperature=") for o in v.overrides), v.name
+    assert temperature["temp_1"] == temperature["token_temp_1"] == 1.0 and temperature["temp_4"] == 4.0
+    assert {temperature[n] for n in ("moe4_seq", "moe4_token", "coef_0", "coef_0.1", "concat")} == {2.0}
     assert routing["moe4_seq"] == "sequence" and routing["moe4_token"] == "token"
     assert {routing[n] for n in ("coef_0", "coef_0.001", "coef_0.1", "temp_1", "temp_4", "concat")} == {"sequence"}
     assert routing["token_temp_1"] == "token"

@@ -47,7 +47,9 @@ class DyLoRAMoEConfig:
     )
     top_k: int = field(default=1, metadata={"help": "Experts chosen per routed unit in sparse mode."})
     temperature: float = field(
-        default=2.0, metadata={"help": "Softmax temperature of the router (the seed's 2.0)."}
+        default=1.0, metadata={"help": "Softmax temperature of the router (the seed's 2.0; 1.0 since the quality "
+                               "study in docs/results.md: with top-1 the chosen expert's gate is its probability, "
+                               "and a lower temperature gave lower held-out loss)."}
     )
     routing: str = field(
         default="token",

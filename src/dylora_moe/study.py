@@ -73,23 +73,24 @@ def default_variants() -> list[VariantConfig]:
     """The study of issue #8: 4 x r=16 (sequence and token routing) against LoRA r=16 and r=64 (the same
     trainable adapter parameters as 4 x r=16), plus sweeps of the balance coefficient, the router
     temperature and the data mixing, each changing one setting of the sequence-routed mixture the study
-    started from (the default then), and the temperature of the token-routed mixture. Every mixture names
-    its routing, so the variants mean the same whatever the train config's default."""
-    v, seq, tok = VariantConfig, "moe.routing=sequence", "moe.routing=token"
+    started from (the default then: temperature 2), and the temperature of the token-routed mixture. Every
+    mixture names its routing and temperature, so the variants mean the same whatever the defaults."""
+    v, t2 = VariantConfig, "moe.temperature=2.0"
+    seq, tok = ["moe.routing=sequence", t2], ["moe.routing=token", t2]
     return [
-        v("moe4_seq", [seq], "main", description="DyLoRA-MoE 4 x r=16, sequence routing"),
-        v("moe4_token", [tok], "main", description="DyLoRA-MoE 4 x r=16, token routing (default)"),
+        v("moe4_seq", seq, "main", description="DyLoRA-MoE 4 x r=16, sequence routing, temperature 2"),
+        v("moe4_token", tok, "main", description="DyLoRA-MoE 4 x r=16, token routing, temperature 2"),
         v("lora_r16", ["moe.num_experts=1"], "main", description="one LoRA r=16"),
         v("lora_r64", ["moe.num_experts=1", "moe.r=64", "moe.alpha=128"], "main",
           description="one LoRA r=64 (adapter parameters of 4 x r=16)"),
-        v("coef_0", [seq, "moe.balance_coef=0.0"], "balance_coef", [0], False, "balance_coef 0"),
-        v("coef_0.001", [seq, "moe.balance_coef=0.001"], "balance_coef", [0], False, "balance_coef 0.001"),
-        v("coef_0.1", [seq, "moe.balance_coef=0.1"], "balance_coef", [0], False, "balance_coef 0.1"),
-        v("temp_1", [seq, "moe.temperature=1.0"], "temperature", [0], False, "router temperature 1"),
-        v("temp_4", [seq, "moe.temperature=4.0"], "temperature", [0], False, "router temperature 4"),
-        v("token_temp_1", [tok, "moe.temperature=1.0"], "temperature", [0], False,
-          "token routing, router temperature 1"),
-        v("concat", [seq, "data.mixing=concatenate"], "mixing", [0], False, "plain concatenation (no 50/50)"),
+        v("coef_0", [*seq, "moe.balance_coef=0.0"], "balance_coef", [0], False, "balance_coef 0"),
+        v("coef_0.001", [*seq, "moe.balance_coef=0.001"], "balance_coef", [0], False, "balance_coef 0.001"),
+        v("coef_0.1", [*seq, "moe.balance_coef=0.1"], "balance_coef", [0], False, "balance_coef 0.1"),
+        v("temp_1", ["moe.routing=sequence", "moe.temperature=1.0"], "temperature", [0], False, "router temperature 1"),
+        v("temp_4", ["moe.routing=sequence", "moe.temperature=4.0"], "temperature", [0], False, "router temperature 4"),
+        v("token_temp_1", ["moe.routing=token", "moe.temperature=1.0"], "temperature", None, False,
+          "token routing, router temperature 1 (the defaults since the study; every seed)"),
+        v("concat", [*seq, "data.mixing=concatenate"], "mixing", [0], False, "plain concatenation (no 50/50)"),
     ]
 
 
