@@ -202,16 +202,17 @@ def mixture_delta(
         if torch.is_grad_enabled() and a_list[0].requires_grad:
             return _sparse_per_sequence(x, decision.chosen(), gates, a_list, b_list)
         return _grouped_per_sequence(x, decision.groups(), gates, a_list, b_list)
-    gates = decision.gates * scale[decision.indices]
     batch, seq, _ = x.shape
-    k = decision.indices.shape[-1]
-    flat = (x.reshape(batch * seq, -1), decision.indices.reshape(-1, k), gates.reshape(-1, k))
-    if not (torch.is_grad_enabled() and a_list[0].requires_grad):
-        if batch * seq >= GROUPED_TOKEN_MIN_TOKENS:
-            return _grouped_per_token(*flat, a_list, b_list).reshape(batch, seq, -1)
+    inference = not (torch.is_grad_enabled() and a_list[0].requires_grad)
+    if inference and batch * seq < GROUPED_TOKEN_MIN_TOKENS:
         weights = (decision.dense_weights() * scale).reshape(batch * seq, -1)
-        return _per_expert_all_tokens(flat[0], weights, a_list, b_list).reshape(batch, seq, -1)
-    a, b = stack_experts(a_list, b_list)
-    if a.shape[0] * a.shape[1] <= DENSE_TOKEN_MAX_RANK:
-        return _dense(x, decision.dense_weights() * scale, a, b)
-    return _sparse_per_token(*flat, a, b).reshape(batch, seq, -1)
+        return _per_expert_all_tokens(x.reshape(batch * seq, -1), weights, a_list, b_list).reshape(batch, seq, -1)
+    if not inference:
+        a, b = stack_experts(a_list, b_list)
+        if a.shape[0] * a.shape[1] <= DENSE_TOKEN_MAX_RANK:
+            return _dense(x, decision.dense_weights() * scale, a, b)
+    k = decision.indices.shape[-1]
+    gates = (decision.gates * scale[decision.indices]).reshape(-1, k)
+    flat = (x.reshape(batch * seq, -1), decision.indices.reshape(-1, k), gates)
+    out = _grouped_per_token(*flat, a_list, b_list) if inference else _sparse_per_token(*flat, a, b)
+    return out.reshape(batch, seq, -1)
