@@ -176,10 +176,11 @@ def test_default_study_is_the_issue_design():
 def test_every_default_mixture_variant_names_its_routing(tmp_path):
     """The published units must mean the same after the defaults change: each mixture pins routing and temperature."""
     study = StudyConfig(output_dir=str(tmp_path))
-    routing = {v.name: study.unit_train_config(v, 0).moe.routing for v in study.variants}
-    temperature = {v.name: study.unit_train_config(v, 0).moe.temperature for v in study.variants}
+    moe = {v.name: study.unit_train_config(v, 0).moe for v in study.variants}
+    routing = {name: cfg.routing for name, cfg in moe.items()}
+    temperature = {name: cfg.temperature for name, cfg in moe.items()}
     for v in study.variants:
-        if study.unit_train_config(v, 0).moe.num_experts > 1:
+        if moe[v.name].num_experts > 1:
             assert any(o.startswith("moe.routing=") for o in v.overrides), v.name
             assert any(o.startswith("moe.temperature=") for o in v.overrides), v.name
     assert temperature["temp_1"] == temperature["token_temp_1"] == 1.0 and temperature["temp_4"] == 4.0

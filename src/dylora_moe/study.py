@@ -75,8 +75,8 @@ def default_variants() -> list[VariantConfig]:
     temperature and the data mixing, each changing one setting of the sequence-routed mixture the study
     started from (the default then: temperature 2), and the temperature of the token-routed mixture. Every
     mixture names its routing and temperature, so the variants mean the same whatever the defaults."""
-    v, t2 = VariantConfig, "moe.temperature=2.0"
-    seq, tok = ["moe.routing=sequence", t2], ["moe.routing=token", t2]
+    v, sequence, token, t2 = VariantConfig, "moe.routing=sequence", "moe.routing=token", "moe.temperature=2.0"
+    seq, tok = [sequence, t2], [token, t2]
     return [
         v("moe4_seq", seq, "main", description="DyLoRA-MoE 4 x r=16, sequence routing, temperature 2"),
         v("moe4_token", tok, "main", description="DyLoRA-MoE 4 x r=16, token routing, temperature 2"),
@@ -86,9 +86,9 @@ def default_variants() -> list[VariantConfig]:
         v("coef_0", [*seq, "moe.balance_coef=0.0"], "balance_coef", [0], False, "balance_coef 0"),
         v("coef_0.001", [*seq, "moe.balance_coef=0.001"], "balance_coef", [0], False, "balance_coef 0.001"),
         v("coef_0.1", [*seq, "moe.balance_coef=0.1"], "balance_coef", [0], False, "balance_coef 0.1"),
-        v("temp_1", ["moe.routing=sequence", "moe.temperature=1.0"], "temperature", [0], False, "router temperature 1"),
-        v("temp_4", ["moe.routing=sequence", "moe.temperature=4.0"], "temperature", [0], False, "router temperature 4"),
-        v("token_temp_1", ["moe.routing=token", "moe.temperature=1.0"], "temperature", None, False,
+        v("temp_1", [sequence, "moe.temperature=1.0"], "temperature", [0], False, "router temperature 1"),
+        v("temp_4", [sequence, "moe.temperature=4.0"], "temperature", [0], False, "router temperature 4"),
+        v("token_temp_1", [token, "moe.temperature=1.0"], "temperature", None, False,
           "token routing, router temperature 1 (the defaults since the study; every seed)"),
         v("concat", [*seq, "data.mixing=concatenate"], "mixing", [0], False, "plain concatenation (no 50/50)"),
     ]
