@@ -4,7 +4,9 @@
 fsyncs every file and folder, then renames it into place (an existing folder is moved aside first
 and removed afterwards). A crash at any point leaves either the old folder or the new one, never a
 half-written one, plus at worst a hidden ``.NAME.tmp-*`` / ``.NAME.old-*`` sibling.
-Used for adapters, exported experts and training checkpoints.
+``remove_folder_atomically(directory)`` is the same for deletion: the folder is renamed aside before
+its files are removed, so a crash never leaves it half-deleted under its own name.
+Used for adapters, exported experts and training checkpoints (written and rotated).
 """
 
 from __future__ import annotations
@@ -46,10 +48,7 @@ def write_folder_atomically(directory: str | Path, write: Callable[[Path], None]
     try:
         write(tmp)
         _fsync_tree(tmp)
-        old = None
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.replace(directory, old)
+        old = _move_aside(directory) if directory.exists() else None
         os.replace(tmp, directory)
         _fsync_dir(directory.parent)
         if old is not None:
@@ -58,3 +57,19 @@ def write_folder_atomically(directory: str | Path, write: Callable[[Path], None]
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+def _move_aside(directory: Path) -> Path:
+    """Rename ``directory`` to a hidden ``.NAME.old-<pid>`` sibling (one atomic rename); return the new path."""
+    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+    os.replace(directory, old)
+    return old
+
+
+def remove_folder_atomically(directory: str | Path) -> None:
+    """Delete ``directory``: first renamed aside (atomic, made durable), then its files removed. A crash
+    leaves the folder whole under its name, or gone from it (at worst a hidden ``.NAME.old-*`` sibling)."""
+    directory = Path(directory)
+    old = _move_aside(directory)
+    _fsync_dir(directory.parent)
+    shutil.rmtree(old, ignore_errors=True)

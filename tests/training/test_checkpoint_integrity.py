@@ -4,6 +4,7 @@ newest checkpoint that is intact."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,3 +88,39 @@ def test_resume_with_no_intact_checkpoint_says_why(run_dir):
     with pytest.raises(CheckpointError, match="no checkpoint passes its integrity check"):
         JointTrainer(tiny_config(out, data, resume=True, **{"train.max_steps": 6}),
                      *tiny_model_and_tokenizer()).train()
+
+
+def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(run_dir, monkeypatch):
+    """Rotation deletes old checkpoints. A process killed in the middle of that deletion (simulated: the manifest
+    and the adapter weights are gone, then the process dies) must not leave a half-deleted folder under a
+    checkpoint name, where it would verify vacuously (no manifest) and fail to load."""
+    import shutil
+
+    from dylora_moe import DyLoRAMoEForCausalLM
+    from dylora_moe.serialization import WEIGHTS_FILE
+    from dylora_moe.training.checkpoint import list_checkpoints, prune_checkpoints
+    from tests.tiny import make_base
+
+    out, _, _ = run_dir
+    before = list_checkpoints(out)
+    assert [p.name for p in before] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+
+    class Killed(BaseException):
+        pass
+
+    def dies_half_way(path, *args, **kwargs):
+        path = Path(path)
+        (path / MANIFEST_FILE).unlink()
+        (path / ADAPTER_DIR / WEIGHTS_FILE).unlink()
+        raise Killed
+
+    real_rmtree = shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", dies_half_way)
+    with pytest.raises(Killed):
+        prune_checkpoints(out, keep=2)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-4", "checkpoint-6"]
+    for ckpt in list_checkpoints(out):
+        verify_checkpoint(ckpt)
+        DyLoRAMoEForCausalLM.from_pretrained(ckpt / ADAPTER_DIR, base_model=make_base("llama"))
+    assert newest_valid_checkpoint(out)[0].name == "checkpoint-6"

@@ -31,7 +31,6 @@ import hashlib
 import json
 import random
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from ..atomic import write_folder_atomically
+from ..atomic import remove_folder_atomically, write_folder_atomically
 from ..serialization import (
     CONFIG_FILE as ADAPTER_CONFIG_FILE,
 )
@@ -90,12 +89,13 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` checkpoints (``keep=0`` keeps all); return the deleted ones."""
+    """Delete all but the newest ``keep`` checkpoints (``keep=0`` keeps all); return the deleted ones. Each goes
+    atomically: killed in the middle, a half-deleted checkpoint never remains under a checkpoint name."""
     if keep <= 0:
         return []
     doomed = list_checkpoints(output_dir)[:-keep]
     for path in doomed:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_folder_atomically(path)
     return doomed
 
 
