@@ -6,10 +6,11 @@ import json
 import math
 
 import pytest
+import torch
 
 from dylora_moe import DyLoRAMoEConfig, DyLoRAMoEForCausalLM
 from dylora_moe.data import Example
-from dylora_moe.evaluation.analysis import analyze, entropy, normalized_mutual_information
+from dylora_moe.evaluation.analysis import analyze, entropy, nmi_from_joint, normalized_mutual_information
 from dylora_moe.evaluation.commands import main
 from tests.tiny import make_base, randomize_experts
 
@@ -49,6 +50,20 @@ def test_nmi_partial_and_edge_cases():
         normalized_mutual_information([], [])
 
 
+def test_nmi_from_a_joint_table_matches_the_labelled_items():
+    domains = ["a"] * 4 + ["b"] * 4 + ["c"] * 2
+    experts = [0, 0, 0, 1, 1, 1, 1, 0, 2, 2]
+    counts = [[3, 1, 0], [1, 3, 0], [0, 0, 2]]
+    assert nmi_from_joint(counts) == pytest.approx(normalized_mutual_information(domains, experts))
+    probs = [[w / 10 for w in row] for row in counts]  # scale does not matter
+    assert nmi_from_joint(probs) == pytest.approx(nmi_from_joint(counts))
+    assert nmi_from_joint([[0.5, 0.0], [0.0, 0.5]]) == pytest.approx(1.0)
+    assert nmi_from_joint([[0.25, 0.25], [0.25, 0.25]]) == pytest.approx(0.0, abs=1e-12)
+    for bad in ([[0.0, 0.0]], [[1.0, -0.5]], []):
+        with pytest.raises(ValueError, match="joint table"):
+            nmi_from_joint(bad)
+
+
 def test_entropy():
     assert entropy([1.0, 0.0]) == 0.0
     assert entropy([0.25] * 4) == pytest.approx(math.log(4))
@@ -61,9 +76,9 @@ def _domains() -> dict[str, list[Example]]:
             for name, text in words.items()}
 
 
-def _model(num_experts: int = 3) -> DyLoRAMoEForCausalLM:
-    model = DyLoRAMoEForCausalLM(make_base("llama"), DyLoRAMoEConfig(num_experts=num_experts, r=4, alpha=8),
-                                 mature=True)
+def _model(num_experts: int = 3, routing: str = "token") -> DyLoRAMoEForCausalLM:
+    model = DyLoRAMoEForCausalLM(make_base("llama"),
+                                 DyLoRAMoEConfig(num_experts=num_experts, r=4, alpha=8, routing=routing), mature=True)
     randomize_experts(model)
     return model.eval()
 
@@ -84,6 +99,61 @@ def test_analyze_writes_json_and_heatmaps(tmp_path):
     assert len(report["share_matrix"]) == 2 and len(report["share_matrix"][0]) == 3
     assert 0.0 <= report["nmi"] <= 1.0
     assert sum(report["expert_load"]) == pytest.approx(1.0) and report["max_entropy"] == pytest.approx(math.log(3))
+
+
+def _flat(matrix: list[list[float]]) -> list[float]:
+    return [x for row in matrix for x in row]
+
+
+def test_per_decision_view_equals_the_per_example_view_with_sequence_routing(tmp_path):
+    """One routing decision per example: both views must agree exactly."""
+    report = analyze(_model(routing="sequence"), _domains(), tokenizer=make_tokenizer(), output_dir=tmp_path,
+                     batch_size=4, progress=False)
+    assert report["routing_unit"] == "sequence" and not (tmp_path / "decision_share.png").exists()
+    for name in ("alpha", "beta"):
+        assert report["domains"][name]["decisions"] == 6
+    assert _flat(report["decision_share_matrix"]) == pytest.approx(_flat(report["share_matrix"]))
+    assert report["decision_nmi"] == pytest.approx(report["nmi"])
+    assert report["decision_entropy"] == pytest.approx(report["router_entropy"], rel=1e-5)
+
+
+def test_per_decision_view_counts_every_token_decision_with_token_routing(tmp_path):
+    """With token routing, the decision shares are the argmax of every router over every real token, counted
+    independently here through hooks on the routers; padding (batch 4 pads) must not count."""
+    model = _model(routing="token").train()
+    with torch.no_grad():
+        for router in model.routers:
+            for p in router.parameters():
+                p.normal_(0.0, 2.0)  # decisive routers: the per-token choices vary within an example
+    model.eval()
+    captured: list[torch.Tensor] = []
+    hooks = [r.register_forward_hook(lambda mod, args, out: captured.append(out.detach().argmax(-1)))
+             for r in model.routers]
+    try:
+        single = analyze(model, _domains(), tokenizer=make_tokenizer(), output_dir=tmp_path / "one",
+                         batch_size=1, progress=False)  # batch 1: no padding, every position is a real token
+    finally:
+        for h in hooks:
+            h.remove()
+    half = len(captured) // 2  # 6 examples per domain, in domain order
+    expected = []
+    for chunk in (captured[:half], captured[half:]):
+        choices = torch.cat([c.reshape(-1) for c in chunk])
+        expected.append([float((choices == e).sum()) / choices.numel() for e in range(3)])
+    assert single["routing_unit"] == "token" and (tmp_path / "one" / "decision_share.png").is_file()
+    assert _flat(single["decision_share_matrix"]) == pytest.approx(_flat(expected), abs=1e-6)
+    tokens = {name: sum(c.shape[-1] for c in chunk[:: len(model.routers)])
+              for name, chunk in zip(("alpha", "beta"), (captured[:half], captured[half:]))}
+    assert {n: single["domains"][n]["decisions"] for n in tokens} == tokens
+    joint = [[share * single["domains"][n]["decisions"] for share in row]
+             for n, row in zip(("alpha", "beta"), expected)]
+    assert single["decision_nmi"] == pytest.approx(nmi_from_joint(joint))
+    assert 0.0 < single["decision_entropy"] < math.log(3)
+    assert _flat(single["decision_share_matrix"]) != pytest.approx(_flat(single["share_matrix"]))  # views differ
+    padded = analyze(model, _domains(), tokenizer=make_tokenizer(), output_dir=tmp_path / "four", batch_size=4,
+                     progress=False)
+    assert _flat(padded["decision_share_matrix"]) == pytest.approx(_flat(single["decision_share_matrix"]), abs=1e-5)
+    assert [padded["domains"][n]["decisions"] for n in tokens] == list(tokens.values())
 
 
 def test_analyze_of_a_forced_single_expert_model_has_zero_nmi(tmp_path):

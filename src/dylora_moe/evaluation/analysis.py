@@ -8,7 +8,8 @@ and ``mbpp``, or JSON/JSONL instruction files), every held-out example is run th
     report["nmi"], report["share_matrix"], report["domains"]["mbpp"]["loss"]
 
 Written to ``output_dir``: ``analysis.json`` (below), ``expert_share.png`` (domain x expert share of the
-chosen expert) and ``router_probs.png`` (domain x expert mean router probability), both heatmaps.
+chosen expert) and ``router_probs.png`` (domain x expert mean router probability), both heatmaps; with
+token routing also ``decision_share.png`` (domain x expert share of the token decisions).
 
 * ``domains[d]``: held-out ``loss`` (token-weighted cross-entropy on the response tokens), ``tokens``,
   ``examples``, ``expert_share`` (share of the domain's examples whose chosen expert is e),
@@ -19,6 +20,16 @@ chosen expert) and ``router_probs.png`` (domain x expert mean router probability
   of the domain (see :func:`normalized_mutual_information`); ``null`` with a single domain;
 * ``router_entropy`` (overall mean; ``max_entropy`` = ln E) and ``expert_load`` (share of all examples
   per expert) with ``mean_router_probs``.
+
+Token routing decides per token and layer, so the per-example view above (an example's expert is the one
+most of its tokens chose, its distribution the mean over its tokens) can show specialisation the router
+does not have. The per-decision view counts every routing decision (``routing_unit``: one per token and
+routed layer with token routing, one per example with sequence routing, where both views agree):
+
+* ``domains[d]``: ``decisions``, ``decision_share`` (share of the domain's decisions per expert; dense
+  routing: mean mixing weight) and ``decision_entropy`` (mean router entropy per decision, nats);
+* ``decision_share_matrix``, ``decision_nmi`` (NMI between domain and chosen expert over decisions) and
+  ``decision_entropy`` (overall mean).
 """
 
 from __future__ import annotations
@@ -34,7 +45,7 @@ import torch
 
 from ..data import DataCollator, DatasetSpec, get_spec, load_examples, tokenize_examples
 
-__all__ = ["analyze", "entropy", "load_domain_data", "normalized_mutual_information", "plot_heatmap"]
+__all__ = ["analyze", "entropy", "load_domain_data", "nmi_from_joint", "normalized_mutual_information", "plot_heatmap"]
 
 
 def entropy(probs: Sequence[float]) -> float:
@@ -51,23 +62,31 @@ def normalized_mutual_information(labels_a: Sequence[Any], labels_b: Sequence[An
     """
     if len(labels_a) != len(labels_b):
         raise ValueError(f"NMI: labelings have different lengths ({len(labels_a)} and {len(labels_b)})")
-    n = len(labels_a)
-    if n == 0:
+    if not labels_a:
         raise ValueError("NMI: no items")
-    joint: dict[tuple[Any, Any], int] = {}
-    count_a: dict[Any, int] = {}
-    count_b: dict[Any, int] = {}
+    rows, cols = sorted(set(labels_a), key=repr), sorted(set(labels_b), key=repr)
+    joint = [[0.0] * len(cols) for _ in rows]
+    row_of, col_of = {a: i for i, a in enumerate(rows)}, {b: j for j, b in enumerate(cols)}
     for a, b in zip(labels_a, labels_b):
-        joint[(a, b)] = joint.get((a, b), 0) + 1
-        count_a[a] = count_a.get(a, 0) + 1
-        count_b[b] = count_b.get(b, 0) + 1
-    h_a = entropy([c / n for c in count_a.values()])
-    h_b = entropy([c / n for c in count_b.values()])
+        joint[row_of[a]][col_of[b]] += 1
+    return nmi_from_joint(joint)
+
+
+def nmi_from_joint(joint: Sequence[Sequence[float]]) -> float:
+    """NMI of a joint table of non-negative weights ``[A][B]`` (counts or probabilities), as
+    :func:`normalized_mutual_information`; e.g. domains x experts weighted by routing decisions."""
+    total = float(sum(sum(row) for row in joint))
+    if not joint or total <= 0 or any(w < 0 for row in joint for w in row):
+        raise ValueError("NMI: the joint table needs non-negative weights with a positive sum")
+    p_a = [sum(row) / total for row in joint]
+    p_b = [sum(row[j] for row in joint) / total for j in range(len(joint[0]))]
+    h_a, h_b = entropy(p_a), entropy(p_b)
     if h_a == 0 and h_b == 0:
         return 1.0
     if h_a == 0 or h_b == 0:
         return 0.0
-    mutual = sum(c / n * math.log(c * n / (count_a[a] * count_b[b])) for (a, b), c in joint.items())
+    mutual = sum(w / total * math.log(w / total / (p_a[i] * p_b[j]))
+                 for i, row in enumerate(joint) for j, w in enumerate(row) if w > 0)
     return max(0.0, min(1.0, mutual / ((h_a + h_b) / 2)))
 
 
@@ -115,24 +134,34 @@ def plot_heatmap(matrix: Sequence[Sequence[float]], rows: Sequence[str], title: 
 @torch.no_grad()
 def _run_domain(model: Any, batches: list[dict[str, torch.Tensor]], num_experts: int) -> dict[str, Any]:
     device = next(model.parameters()).device
+    per_token = model.moe_config.routing == "token"
     loss_sum, tokens, choices, probs = 0.0, 0, [], []
+    decisions, decision_share, decision_entropy = 0, torch.zeros(num_experts, dtype=torch.float64), 0.0
     for batch in batches:
         labels = batch["labels"].to(device)
-        out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                    labels=labels)
+        mask = batch["attention_mask"].to(device)
+        out = model(input_ids=batch["input_ids"].to(device), attention_mask=mask, labels=labels)
         count = int((labels[:, 1:] != -100).sum())
         if count:
             loss_sum += float(out.lm_loss) * count
             tokens += count
         choices += [int(c) for c in out.expert_choice.tolist()]
         probs += [[float(p) for p in row] for row in out.router_probs.float().tolist()]
+        # expert_share and router_entropy are means over the pass's routing units (real tokens or sequences),
+        # the same units in every routed layer: weighting by the unit count gives the mean over decisions
+        units = int(mask.sum()) if per_token else int(mask.shape[0])
+        decisions += units
+        decision_share += out.expert_share.double().cpu() * units
+        decision_entropy += float(out.router_entropy) * units
     n = len(choices)
     share = [choices.count(e) / n for e in range(num_experts)]
     mean_probs = [sum(row[e] for row in probs) / n for e in range(num_experts)]
     return {"examples": n, "tokens": tokens, "loss": loss_sum / max(tokens, 1), "expert_share": share,
             "counts": [choices.count(e) for e in range(num_experts)], "mean_router_probs": mean_probs,
-            "router_entropy": sum(entropy(row) for row in probs) / n, "_choices": choices, "_entropies":
-            [entropy(row) for row in probs]}
+            "router_entropy": sum(entropy(row) for row in probs) / n,
+            "decisions": decisions, "decision_share": (decision_share / max(decisions, 1)).tolist(),
+            "decision_entropy": decision_entropy / max(decisions, 1),
+            "_choices": choices, "_entropies": [entropy(row) for row in probs]}
 
 
 def analyze(
@@ -198,6 +227,12 @@ def analyze(
         "count_matrix": [results[d]["counts"] for d in names],
         "nmi": normalized_mutual_information(domain_labels, expert_labels) if len(names) > 1 else None,
         "router_entropy": sum(entropies) / total,
+        "routing_unit": "token" if model.moe_config.routing == "token" else "sequence",
+        "decision_share_matrix": [results[d]["decision_share"] for d in names],
+        "decision_nmi": nmi_from_joint([[share * results[d]["decisions"] for share in results[d]["decision_share"]]
+                                        for d in names]) if len(names) > 1 else None,
+        "decision_entropy": sum(results[d]["decision_entropy"] * results[d]["decisions"] for d in names)
+        / max(sum(results[d]["decisions"] for d in names), 1),
         "max_entropy": math.log(num_experts),
         "expert_load": [expert_labels.count(e) / total for e in range(num_experts)],
         "mean_router_probs": [sum(results[d]["mean_router_probs"][e] * results[d]["examples"] for d in names) / total
@@ -211,4 +246,7 @@ def analyze(
     plot_heatmap(report["share_matrix"], names, "share of examples routed to each expert", out / "expert_share.png")
     plot_heatmap([results[d]["mean_router_probs"] for d in names], names, "mean router probability",
                  out / "router_probs.png")
+    if report["routing_unit"] == "token":
+        plot_heatmap(report["decision_share_matrix"], names, "share of token decisions per expert",
+                     out / "decision_share.png")
     return report
