@@ -3,7 +3,7 @@
 Trains DyLoRA-MoE 4 x r=16 (sequence and token routing), one LoRA r=16 and one LoRA r=64 on the same data,
 steps, order and seed, plus sweeps of the balance coefficient, the router temperature and the data mixing;
 measures per-domain held-out loss, sandboxed greedy pass@1 on HumanEval and MBPP, routing specialisation
-and training time; writes quality.json, plots and results_table.md (see src/dylora_moe/study.py and
+and training time; writes quality.json, plots and results_table.md (see src/dylora_moe/study/ and
 docs/results.md)::
 
     python benchmarks/quality.py --config configs/study.yaml                       # the full study

@@ -15,9 +15,11 @@ from dylora_moe.study import (
     StudyError,
     VariantConfig,
     default_variants,
+    report,
     results_table,
     run_study,
     run_unit,
+    sign_test,
 )
 from tests.tiny import make_base, make_tokenizer
 from tests.training import isolate_data_registry, write_data_dir
@@ -91,6 +93,19 @@ def test_study_runs_every_unit_and_aggregates(setup, capsys):
     table = (out / "results_table.md").read_text()
     assert "### main" in table and "### balance_coef" in table and "`lora_r8`" in table
     assert "| `moe2` | 2 |" in capsys.readouterr().out
+    # routing per decision: moe2 routes per token (the default), so its view differs from the per-example one
+    assert unit["routing_unit"] == "token" and len(unit["decision_share_matrix"]) == 2
+    assert all(sum(row) == pytest.approx(1.0, abs=1e-5) for row in unit["decision_share_matrix"])
+    assert moe["decision_nmi"]["n"] == 2 and 0.0 <= moe["decision_nmi"]["mean"] <= 1.0
+    assert 0.0 < moe["decision_entropy"]["mean"] <= 0.6932  # ln 2
+    assert lora["decision_nmi"]["mean"] == 0.0 and lora["decision_entropy"]["mean"] == 0.0
+    assert "NMI per decision" in table
+    # pass@1 paired problem by problem with the baseline, for both seeds (2 problems each)
+    paired = quality["paired_pass_at_1"]
+    assert set(paired) == {"moe2"} and paired["moe2"]["humaneval"]["seeds"] == [0, 1]
+    row = paired["moe2"]["humaneval"]
+    assert row["pairs"] == 4 == row["both"] + row["only_variant"] + row["only_baseline"] + row["neither"]
+    assert "### pass@1 paired with `lora_r8`" in table
 
     # a second run resumes: complete units are not run again
     stamp = (out / "moe2" / "seed0" / "unit.json").stat().st_mtime_ns
@@ -193,7 +208,7 @@ def test_every_default_mixture_variant_names_its_routing(tmp_path):
 def test_parallel_units_get_their_own_gpu_round_robin(setup, monkeypatch, capsys):
     """With several visible GPUs each running unit is pinned to one (CUDA_VISIBLE_DEVICES), reusing a slot only
     after its unit ended; the children are faked, so this runs without a GPU."""
-    import dylora_moe.study as study_module
+    import dylora_moe.study.runner as study_module
 
     study_path, out = setup
     study = StudyConfig.from_yaml(study_path, ["seeds=[0, 1, 2]", "parallel=2", "variants=[{name: moe2}]",
@@ -268,3 +283,84 @@ def test_results_table_says_when_pass_at_1_covers_fewer_seeds_than_the_losses():
     assert "| 0.058 ± 0.004 (2 of 3 seeds) |" in part
     assert "| 0.061 ± 0.009 |" in full and "of 3 seeds" not in full
     assert "| 0.7500 ± 0.0020 |" in part
+
+
+def test_sign_test_exact_values():
+    assert sign_test(0, 0) == 1.0 and sign_test(3, 3) == 1.0
+    assert sign_test(5, 0) == pytest.approx(2 / 32) == sign_test(0, 5)
+    assert sign_test(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 4096)
+    assert sign_test(1, 0) == 1.0  # one discordant problem says nothing
+
+
+def _write_verdicts(path: Path, passed: dict[str, bool]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"task_id": t, "sample": 0, "status": "passed" if ok else "failed"} for t, ok in passed.items()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_paired_pass_at_1_counts_problems_only_one_side_solves(setup):
+    """The paired comparison reads each unit's per-problem verdicts: counts are pooled over the seeds both
+    sides measured, a seed whose results are gone is left out, and the sign test is on the discordant pairs."""
+    study_path, out = setup
+    two = ["variants=[{name: moe2}, {name: lora_r8, overrides: [moe.num_experts=1, moe.r=8, moe.alpha=16]}]",
+           "benchmarks=[humaneval]"]
+    study = StudyConfig.from_yaml(study_path, two)
+    run_study(study, progress=False)
+    tasks = [f"T/{i}" for i in range(8)]
+    mine = {0: [1, 1, 1, 1, 1, 0, 0, 0], 1: [1, 1, 0, 0, 0, 0, 0, 0]}
+    theirs = {0: [1, 0, 0, 0, 0, 0, 0, 1], 1: [0, 0, 0, 0, 0, 0, 0, 0]}
+    for seed in (0, 1):
+        _write_verdicts(out / "moe2" / f"seed{seed}" / "eval" / "humaneval" / "results.jsonl",
+                        dict(zip(tasks, map(bool, mine[seed]))))
+        _write_verdicts(out / "lora_r8" / f"seed{seed}" / "eval" / "humaneval" / "results.jsonl",
+                        dict(zip(tasks, map(bool, theirs[seed]))))
+    row = report(study)["paired_pass_at_1"]["moe2"]["humaneval"]
+    # seed 0: both 1, only moe2 4, only lora 1, neither 2; seed 1: only moe2 2, neither 6
+    assert (row["both"], row["only_variant"], row["only_baseline"], row["neither"]) == (1, 6, 1, 8)
+    assert row["pairs"] == 16 and row["seeds"] == [0, 1]
+    assert row["p_value"] == pytest.approx(sign_test(6, 1)) == pytest.approx(2 * 8 / 128)
+    table = (out / "results_table.md").read_text()
+    assert "| `moe2` | humaneval | 2 | 16 | 6 | 1 | 1 | 0.12 |" in table
+    (out / "lora_r8" / "seed1" / "eval" / "humaneval" / "results.jsonl").unlink()
+    row = report(study)["paired_pass_at_1"]["moe2"]["humaneval"]
+    assert row["seeds"] == [0] and (row["only_variant"], row["only_baseline"]) == (4, 1)
+
+
+def test_a_unit_from_before_the_per_decision_view_is_analysed_again_not_retrained(setup):
+    """A unit.json without the per-decision routing view gets it from its saved adapter (no training); without
+    the adapter it is kept as it is, and the report shows the view as unknown for token routing."""
+    study_path, out = setup
+    one = ["variants=[{name: moe2}]", "seeds=[0]", "baseline=moe2", "benchmarks=[]"]
+    run_study(StudyConfig.from_yaml(study_path, one), progress=False)
+    unit_path = out / "moe2" / "seed0" / "unit.json"
+    fresh = json.loads(unit_path.read_text())
+    old = {k: v for k, v in fresh.items() if not k.startswith("decision_") and k != "routing_unit"}
+    unit_path.write_text(json.dumps(old))
+    weights = out / "moe2" / "seed0" / "train" / "final" / "dylora_moe_weights.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    quality = run_study(StudyConfig.from_yaml(study_path, one), progress=False)
+    again = json.loads(unit_path.read_text())
+    assert weights.stat().st_mtime_ns == stamp  # not trained again
+    assert again["decision_nmi"] == pytest.approx(fresh["decision_nmi"])
+    assert again["decision_share_matrix"] == fresh["decision_share_matrix"]
+    assert again["eval_loss_end"] == fresh["eval_loss_end"]
+    assert quality["variants"]["moe2"]["decision_nmi"]["n"] == 1
+
+    unit_path.write_text(json.dumps(old))
+    weights.unlink()  # copied without its adapter: nothing to analyse, the unit is kept as it is
+    quality = run_study(StudyConfig.from_yaml(study_path, one), progress=False)
+    assert json.loads(unit_path.read_text()) == old and not weights.exists()
+    assert quality["variants"]["moe2"]["decision_nmi"]["n"] == 0  # token routing: unknown, not the example view
+    assert "| – |" in (out / "results_table.md").read_text()
+
+
+def test_per_decision_view_of_old_units_falls_back_only_where_a_decision_is_an_example():
+    from dylora_moe.study.report import _per_decision
+
+    old = {"num_experts": 4, "nmi": 0.3, "router_entropy": 0.9, "share_matrix": [[1.0, 0.0]], "overrides": []}
+    assert _per_decision({**old, "moe": {"routing": "sequence"}}, "nmi") == 0.3
+    assert _per_decision({**old, "overrides": ["moe.routing=sequence"]}, "entropy") == 0.9
+    assert _per_decision({**old, "moe": {"routing": "token"}}, "nmi") is None
+    assert _per_decision({**old, "overrides": ["moe.routing=token"]}, "share_matrix") is None
+    assert _per_decision({**old, "num_experts": 1}, "share_matrix") == [[1.0, 0.0]]
+    assert _per_decision({**old, "decision_nmi": 0.01}, "nmi") == 0.01

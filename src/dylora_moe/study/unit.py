@@ -1,0 +1,161 @@
+"""One unit of the study (one variant, one seed): train, analyse routing, measure pass@1; ``unit.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import STUDY_FORMAT_VERSION, UNIT_FILE, StudyConfig, VariantConfig
+
+
+def run_unit(study: StudyConfig, variant: VariantConfig, seed: int, progress: bool = True) -> dict[str, Any]:
+    """Train, analyse and evaluate one (variant, seed); returns (and writes) the unit's ``unit.json``.
+
+    ``unit.json`` is written after training and the routing analysis, then rewritten after each benchmark's
+    pass@1, so a unit cut short keeps what it measured. A unit whose ``unit.json`` lacks a pass@1 the study
+    asks for (cut short, or run earlier with fewer benchmarks) resumes from its saved adapter and only
+    evaluates what is missing (or, when that adapter is gone, runs again from training).
+    """
+    from ..evaluation.harness import load_for_eval
+    from ..serialization import WEIGHTS_FILE
+
+    done = study.unit_dir(variant.name, seed) / UNIT_FILE
+    unit = json.loads(done.read_text()) if done.is_file() else None
+    if unit is not None and not _unit_stale(study, variant, unit):
+        return unit
+    config = study.unit_train_config(variant, seed)
+    adapter = done.parent / "train" / "final"
+    if unit is not None and not (adapter / WEIGHTS_FILE).is_file():
+        if not _missing_benchmarks(study, variant, unit):  # only the per-decision routing view is missing:
+            return unit                                      # keep the unit; without its adapter it stays so
+        print(f"{variant.name} seed {seed}: {done} lacks pass@1 and its adapter {adapter} is gone: "
+              "training the unit again", flush=True)
+        unit = None
+    if unit is None:
+        unit, model, tokenizer = _train_and_analyse(study, variant, seed, config, progress)
+    else:
+        model, tokenizer = load_for_eval(adapter, device=study.device)
+        model.eval()
+        if "decision_nmi" not in unit:  # a unit from before the per-decision view: analyse its adapter again
+            unit.update(_analyse(study, variant, seed, config, model, tokenizer, progress))
+            _write_json(done, unit)
+    for benchmark in _missing_benchmarks(study, variant, unit):
+        unit["pass_at_1"][benchmark] = _pass_at_1(study, model, tokenizer, benchmark, done.parent, config, progress)
+        _write_json(done, unit)
+    return unit
+
+
+def _missing_benchmarks(study: StudyConfig, variant: VariantConfig, unit: dict[str, Any]) -> list[str]:
+    return [b for b in study.benchmarks if variant.pass_at_1 and b not in unit["pass_at_1"]]
+
+
+def _unit_stale(study: StudyConfig, variant: VariantConfig, unit: dict[str, Any]) -> bool:
+    """The unit lacks a pass@1 the study asks for, or (with its adapter still there) the per-decision routing
+    view, which units written before it lack."""
+    if _missing_benchmarks(study, variant, unit):
+        return True
+    from ..serialization import WEIGHTS_FILE
+
+    adapter = study.unit_dir(variant.name, unit["seed"]) / "train" / "final" / WEIGHTS_FILE
+    return "decision_nmi" not in unit and adapter.is_file()
+
+
+def _pass_at_1(study: StudyConfig, model: Any, tokenizer: Any, benchmark: str, unit_dir: Path, config: Any,
+               progress: bool) -> dict[str, Any]:
+    from ..evaluation import evaluate
+
+    summary = evaluate(model, tokenizer, benchmark=benchmark, output_dir=unit_dir / "eval" / benchmark,
+                       limit=study.eval_limit, batch_size=study.eval_batch_size,
+                       max_new_tokens=study.max_new_tokens, workers=study.eval_workers,
+                       data_dir=config.data.data_dir, progress=progress)
+    return {"pass@1": summary["pass@k"]["pass@1"], "problems": summary["problems"],
+            "outcomes": summary["outcomes"], "experts": summary["experts"],
+            "eval_time_s": summary["timing"]["total_s"]}
+
+
+def _train_and_analyse(study: StudyConfig, variant: VariantConfig, seed: int, config: Any,
+                       progress: bool) -> tuple[dict[str, Any], Any, Any]:
+    """Train the unit, run the routing analysis, write ``unit.json`` (no pass@1 yet); ``(unit, model, tok)``."""
+    from ..evaluation.harness import load_for_eval
+    from ..training import JointTrainer
+
+    unit_dir = study.unit_dir(variant.name, seed)
+    started = time.monotonic()
+    result = JointTrainer(config).train()
+    metrics = result.metrics
+    del result
+    model, tokenizer = load_for_eval(unit_dir / "train" / "final", device=study.device)
+    model.eval()
+    routing = _analyse(study, variant, seed, config, model, tokenizer, progress)
+    unit = {
+        "format_version": STUDY_FORMAT_VERSION,
+        "variant": variant.name,
+        "group": variant.group,
+        "seed": seed,
+        "overrides": [*study.overrides, *variant.overrides],
+        "moe": model.moe_config.to_dict(),
+        "num_experts": model.num_experts,
+        "trainable_parameters": sum(p.numel() for p in model.expert_parameters()),
+        "router_parameters": sum(p.numel() for p in model.router_parameters()),
+        "steps": metrics["global_step"],
+        "precision": metrics["precision"],
+        "train_time_s": metrics["train_time_s"],
+        "unit_time_s": time.monotonic() - started,
+        "device": str(next(model.parameters()).device),
+        "eval_loss_start": metrics["eval_loss"]["start"],
+        "eval_loss_end": metrics["eval_loss"]["end"],
+        "eval_curve": [{"step": h["step"], **{d: h["domains"][d]["loss"] for d in h["domains"]}}
+                       for h in metrics["eval_history"]],
+        "train_curve": [{"step": r["step"], "loss": r.get("lm_loss", r.get("loss"))} for r in metrics["train_log"]],
+        "pass_at_1": {},
+        "data_sha256": {split: metrics["data"][split]["sha256"] for split in ("train", "validation")},
+        "special_tokens": metrics["special_tokens"],
+        "versions": metrics["versions"],
+        **routing,
+    }
+    _write_json(unit_dir / UNIT_FILE, unit)
+    return unit, model, tokenizer
+
+
+def _analyse(study: StudyConfig, variant: VariantConfig, seed: int, config: Any, model: Any, tokenizer: Any,
+             progress: bool) -> dict[str, Any]:
+    """The unit's routing analysis on the validation splits: per example (``share_matrix``, ``nmi``,
+    ``router_entropy``, ``expert_load``) and per routing decision (``decision_*``; token routing decides
+    per token and layer, so only this view shows what the routers do)."""
+    import torch
+
+    from ..evaluation import analyze
+
+    data = [d.path or d.name for d in config.data.datasets]
+    with torch.inference_mode():
+        analysis = analyze(model, data, tokenizer=tokenizer, output_dir=study.unit_dir(variant.name, seed) / "analysis",
+                           limit=study.analysis_examples, batch_size=config.data.eval_batch_size,
+                           max_seq_length=config.data.max_seq_length, data_dir=config.data.data_dir,
+                           progress=progress)
+    load = analysis["expert_load"]
+    return {
+        "domains": [d.domain or d.name for d in config.data.datasets],
+        "share_matrix": analysis["share_matrix"],
+        "nmi": analysis["nmi"],
+        "router_entropy": analysis["router_entropy"],
+        "expert_load": load,
+        "load_imbalance": max(load) / (1.0 / len(load)) if load else None,
+        "routing_unit": analysis["routing_unit"],
+        "decision_share_matrix": analysis["decision_share_matrix"],
+        "decision_nmi": analysis["decision_nmi"],
+        "decision_entropy": analysis["decision_entropy"],
+        "analysis_loss": {d: analysis["domains"][d]["loss"] for d in analysis["domain_names"]},
+    }
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(payload, indent=2) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
