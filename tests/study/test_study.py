@@ -364,3 +364,17 @@ def test_per_decision_view_of_old_units_falls_back_only_where_a_decision_is_an_e
     assert _per_decision({**old, "overrides": ["moe.routing=token"]}, "share_matrix") is None
     assert _per_decision({**old, "num_experts": 1}, "share_matrix") == [[1.0, 0.0]]
     assert _per_decision({**old, "decision_nmi": 0.01}, "nmi") == 0.01
+
+
+def test_old_units_routing_comes_from_their_saved_train_config(tmp_path):
+    """Units from before unit.json recorded the moe config, with routing left to the default of the day: their
+    train/train_config.json says what they used."""
+    from dylora_moe.study.report import _per_decision
+
+    old = {"num_experts": 4, "nmi": 0.3, "router_entropy": 0.9, "share_matrix": [[1.0, 0.0]], "overrides": []}
+    assert _per_decision(old, "nmi", tmp_path) is None  # nothing says: unknown
+    (tmp_path / "train").mkdir()
+    for routing, expected in (("sequence", 0.3), ("token", None)):
+        saved = {"format_version": 1, "config": {"moe": {"routing": routing}}}
+        (tmp_path / "train" / "train_config.json").write_text(json.dumps(saved))
+        assert _per_decision(old, "nmi", tmp_path) == expected

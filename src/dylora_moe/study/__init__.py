@@ -16,12 +16,12 @@ A unit's results go to ``<output_dir>/<variant>/seed<k>/unit.json`` (written las
 skips complete units, so an interrupted study resumes; a unit written before the per-decision view is
 analysed again from its saved adapter (not retrained). :func:`report` aggregates every unit into
 ``quality.json`` (mean and spread over seeds; pass@1 also paired problem by problem with the baseline, with
-an exact sign test) and plots ``loss_curves.png``, ``share_matrices.png`` and ``pass_at_1.png``.
+an exact sign test) and plots ``loss_curves.png``, ``share_matrices.png`` and ``pass_at_1.png``. Units record
+a digest of the token ids they trained and were evaluated on; the report refuses to aggregate units whose
+digests differ (e.g. made with a tokenizer that chose another EOS), since their losses are not comparable.
 
 The package: :mod:`.config` (variants, study config), :mod:`.unit` (one unit), :mod:`.runner` (the study,
-units in parallel processes), :mod:`.report` (aggregation, tables, plots). Units record a digest of the token ids they trained and were evaluated on; the report
-refuses to aggregate units whose digests differ (e.g. made with a tokenizer that chose another EOS), since
-their losses are not comparable. Run it from the command line::
+units in parallel processes), :mod:`.report` (aggregation, tables, plots). Run it from the command line::
 
     dylora-moe study --config configs/study.yaml [--parallel 4] [--report-only] [KEY=VALUE ...]
     python benchmarks/quality.py --config configs/study.yaml          # the same
