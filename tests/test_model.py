@@ -192,6 +192,40 @@ def test_generation_routes_on_the_prompt(batch):
         assert torch.allclose(probs, prompt_probs)
 
 
+@pytest.mark.parametrize("routing", ["sequence", "token"])
+def test_generate_hands_over_the_prompt_routing_of_its_prefill_once(routing):
+    """on_prompt_routing gets the routing of generation's own prefill forward, exactly once, equal to a plain
+    forward's over each unpadded prompt; the hook is gone afterwards (a later forward does not call it)."""
+    model = build(routing=routing)
+    randomize_experts(model, std=0.5)
+    with torch.no_grad():
+        for router in model.routers:
+            router.weight.normal_(0.0, 2.0)  # decisive routers: prompts go to different experts
+    ids = torch.randint(3, VOCAB, (4, 9), generator=torch.Generator().manual_seed(11))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    mask[3, :2] = 0
+    calls = []
+    passes = []
+    counter = model.base_model.register_forward_hook(lambda *a: passes.append(1))
+    try:
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                       on_prompt_routing=lambda choice, probs: calls.append((choice.clone(), probs.clone())))
+    finally:
+        counter.remove()
+    assert len(calls) == 1 and len(passes) == 3  # prefill + 2 decode steps, no extra pass over the prompts
+    choice, probs = calls[0]
+    assert choice.shape == (4,) and probs.shape == (4, model.num_experts)
+    for row in range(4):
+        real = ids[row, mask[row].bool()].unsqueeze(0)
+        alone = model(input_ids=real)
+        assert int(choice[row]) == int(alone.expert_choice[0])
+        assert torch.allclose(probs[row], alone.router_probs[0], atol=1e-5)
+    assert len(set(choice.tolist())) > 1  # the rows really are routed differently
+    model(input_ids=ids, attention_mask=mask)
+    assert len(calls) == 1
+
+
 def test_forced_expert_validation(batch):
     ids, mask, _ = batch
     model = build()

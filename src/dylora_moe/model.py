@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,17 @@ def _detached(d: RoutingDecision) -> RoutingDecision:
         return None if t is None else t.detach()
 
     return RoutingDecision(det(d.probs), det(d.indices), det(d.gates), d.mode, det(d.mask))
+
+
+def sequence_routing(decisions: list[RoutingDecision]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence view of a pass's routing decisions: ``(expert_choice [B], router_probs [B, E])``.
+
+    The choice is the expert most often first over the routed layers (and, with token routing, over the
+    sequence's real tokens); the probabilities are the mean router distribution.
+    """
+    probs = torch.stack([per_sequence_probs(d) for d in decisions]).mean(0)
+    choice = torch.stack([per_sequence_choice_counts(d) for d in decisions]).sum(0).argmax(-1)
+    return choice, probs
 
 
 class DyLoRAMoEForCausalLM(nn.Module):
@@ -393,8 +404,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
         aux = torch.stack([balance_loss(d, cfg.balance_loss) for d in decisions]).mean()
         share = torch.stack([expert_share(d) for d in decisions]).mean(0)
         entropy = torch.stack([router_entropy(d) for d in decisions]).mean()
-        probs = torch.stack([per_sequence_probs(d) for d in decisions]).mean(0)
-        choice = torch.stack([per_sequence_choice_counts(d) for d in decisions]).sum(0).argmax(-1)
+        choice, probs = sequence_routing(decisions)
         lm_loss = out.get("loss")
         loss = None if lm_loss is None else lm_loss + cfg.balance_coef * aux.to(lm_loss.dtype)
         known = {f.name for f in dataclasses.fields(DyLoRAMoECausalLMOutput)}
@@ -412,16 +422,32 @@ class DyLoRAMoEForCausalLM(nn.Module):
         )
 
     @torch.no_grad()
-    def generate(self, *args: Any, forced_expert: int | None = None, **kwargs: Any):
-        """``transformers`` generation (KV cache, batching, padding) with routing pinned to the prompt."""
+    def generate(self, *args: Any, forced_expert: int | None = None,
+                 on_prompt_routing: Callable[[torch.Tensor, torch.Tensor], None] | None = None, **kwargs: Any):
+        """``transformers`` generation (KV cache, batching, padding) with routing pinned to the prompt.
+
+        ``on_prompt_routing(expert_choice [B], router_probs [B, E])`` is called once, after the prefill
+        forward, with the prompts' routing as that forward decided it (the positions and padding generation
+        uses; token routing: majority expert and mean distribution over each prompt's real tokens), so
+        recording it costs no second pass over the prompts.
+        """
         ctx = self.context
         saved = (ctx.generating, ctx.forced_expert)
         ctx.generating, ctx.pinned = True, None
         if forced_expert is not None:
             ctx.forced_expert = forced_expert
+        handle = None
+        if on_prompt_routing is not None:
+            def after_prefill(module, args, output):
+                handle.remove()
+                on_prompt_routing(*sequence_routing(ctx.decisions()))
+
+            handle = self.base_model.register_forward_hook(after_prefill)
         try:
             return self.base_model.generate(*args, **kwargs)
         finally:
+            if handle is not None:
+                handle.remove()
             ctx.generating, ctx.forced_expert = saved
             ctx.pinned = None
 

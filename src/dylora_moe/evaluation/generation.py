@@ -11,8 +11,9 @@ Two prompt styles (``prompt_style='auto'`` picks ``chat`` when the tokenizer has
   extracted function redefines the entry point.
 
 Greedy decoding for pass@1 (``temperature=0``), sampling (temperature, top-p) for pass@k. For a
-DyLoRA-MoE model, one forward on each batch of prompts records the router's choice per prompt
-(``out.expert_choice`` / ``out.router_probs``); ``generate`` pins routing to the same prompt::
+DyLoRA-MoE model, generation's own prefill forward records the router's choice per prompt
+(``generate(on_prompt_routing=...)``, no second pass over the prompts); sequence routing stays pinned to
+that choice for the whole reply::
 
     config = GenerationConfig(max_new_tokens=512, batch_size=8)
     samples = generate_samples(model, tokenizer, problems, config)
@@ -22,6 +23,7 @@ DyLoRA-MoE model, one forward on each batch of prompts records the router's choi
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -280,15 +282,9 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
-@torch.no_grad()
-def route_prompts(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[tuple[int, list[float]]]:
-    """``(expert, router_probs)`` per row for a DyLoRA-MoE model (one forward); ``[]`` for a plain model."""
-    if not hasattr(model, "moe_config"):
-        return []
-    out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1)
-    choice = out.expert_choice.tolist()
-    probs = out.router_probs.float().tolist()
-    return [(int(c), [round(p, 6) for p in row]) for c, row in zip(choice, probs)]
+def _record_routes(routes: list[tuple[int, list[float]]], choice: torch.Tensor, probs: torch.Tensor) -> None:
+    rows = probs.float().tolist()
+    routes.extend((int(c), [round(float(p), 6) for p in row]) for c, row in zip(choice.tolist(), rows))
 
 
 def generate_samples(
@@ -324,12 +320,14 @@ def generate_samples(
             batch = jobs[start : start + config.batch_size]
             enc = tokenizer([prompts[i] for i, _ in batch], add_special_tokens=add_special, padding=True,
                             return_tensors="pt").to(device)
-            routes = route_prompts(model, enc["input_ids"], enc["attention_mask"])
             width = enc["input_ids"].shape[1]
             stop = _StopCriteria(tokenizer, width, *_stop_test(style, problems[batch[0][0]].benchmark))
             kwargs: dict[str, Any] = {"do_sample": False}
             if config.temperature > 0:
                 kwargs = {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p, "top_k": 0}
+            routes: list[tuple[int, list[float]]] = []
+            if hasattr(model, "moe_config"):  # the prompts' routing, as generation's own prefill decided it
+                kwargs["on_prompt_routing"] = functools.partial(_record_routes, routes)
             torch.manual_seed(config.seed + number)
             out = model.generate(
                 input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=config.max_new_tokens,
