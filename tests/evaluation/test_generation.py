@@ -16,6 +16,7 @@ from dylora_moe.evaluation.generation import (
     extract_code,
     fenced_blocks,
     generate_samples,
+    plan_batches,
     render_prompt,
     resolve_prompt_style,
     sanitize_code,
@@ -182,6 +183,38 @@ def test_greedy_generation_is_deterministic_and_batched(moe_model):
     for sample, problem in zip(first, _problems()):
         assert sample.prompt == problem.prompt and sample.solution == problem.prompt + sample.completion
         assert 0 <= sample.new_tokens <= 6
+
+
+def test_plan_batches_keeps_one_long_prompt_from_padding_a_whole_batch():
+    lengths = [1781, 242, 221, 203, 203, 202, 184, 183]  # the longest MBPP test prompts, chat style
+    jobs = list(range(len(lengths)))
+    assert plan_batches(jobs, lengths, batch_size=48) == [[0, 1], [2, 3, 4, 5, 6, 7]]
+    assert plan_batches(jobs, lengths, batch_size=48, min_fill=0.0) == [jobs]  # plain fixed-size batches
+    assert plan_batches(jobs, lengths, batch_size=3) == [[0, 1], [2, 3, 4], [5, 6, 7]]
+    # smoothly decreasing lengths never end a batch early
+    smooth = [100 - i for i in range(40)]
+    assert [len(b) for b in plan_batches(list(range(40)), smooth, batch_size=16)] == [16, 16, 8]
+    for size, fill in ((2, 0.9), (5, 1.0), (48, 0.95)):
+        batches = plan_batches(jobs, lengths, size, fill)
+        assert [j for b in batches for j in b] == jobs and max(map(len, batches)) <= size  # every job once, in order
+        for b in batches:  # every batch keeps the fill, except a lone prompt
+            assert len(b) == 1 or sum(lengths[j] for j in b) >= fill * len(b) * lengths[b[0]]
+    assert plan_batches([], [], 4) == []
+
+
+def test_batches_ended_early_give_the_same_replies(moe_model):
+    tok = make_tokenizer()
+    problems = _problems()
+    long = he_problem("HumanEval/902", "def long ( a , b ) :\n" + "    # return a + b\n" * 12, "long")
+    problems = [long, *problems]
+    lengths = sorted((len(tok(render_prompt(p, tok, resolve_prompt_style(tok)))["input_ids"]) for p in problems),
+                     reverse=True)
+    assert len(plan_batches(list(range(4)), lengths, 4, 0.9)) > 1  # the long prompt really ends a batch early
+    fixed = generate_samples(moe_model, tok, problems, GenerationConfig(max_new_tokens=5, batch_size=4, min_fill=0))
+    split = generate_samples(moe_model, tok, problems, GenerationConfig(max_new_tokens=5, batch_size=4, min_fill=0.9))
+    assert [(s.task_id, s.completion, s.expert) for s in split] == [(s.task_id, s.completion, s.expert) for s in fixed]
+    with pytest.raises(ValueError, match="min_fill"):
+        GenerationConfig(min_fill=1.5).validate()
 
 
 def test_expert_choice_is_recorded_from_a_forward_on_the_prompt(moe_model):

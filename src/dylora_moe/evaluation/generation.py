@@ -43,6 +43,7 @@ __all__ = [
     "extract_code",
     "fenced_blocks",
     "generate_samples",
+    "plan_batches",
     "render_prompt",
     "resolve_prompt_style",
     "sanitize_code",
@@ -63,7 +64,14 @@ _CODE_START = re.compile(r"^(?:def |class |import |from |@|async def )", re.M)
 
 @dataclass
 class GenerationConfig:
-    """Decoding settings. ``temperature=0`` is greedy (then ``n_samples`` must be 1)."""
+    """Decoding settings. ``temperature=0`` is greedy (then ``n_samples`` must be 1).
+
+    Prompts are generated longest first, at most ``batch_size`` at a time. A batch also ends early when its
+    prompts' real tokens would fill less than ``min_fill`` of its padded prompt area (rows x longest prompt):
+    one very long prompt (MBPP/493 has 1781 tokens, the next longest 242) then pads only a few rows, not a
+    whole batch, whose every row would otherwise carry its length through prefill and every decoding step.
+    ``min_fill=0`` gives plain fixed-size batches.
+    """
 
     max_new_tokens: int = 512
     temperature: float = 0.0
@@ -72,10 +80,13 @@ class GenerationConfig:
     batch_size: int = 8
     seed: int = 0
     prompt_style: str = "auto"
+    min_fill: float = 0.5
 
     def validate(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1 or self.n_samples < 1:
             raise ValueError("max_new_tokens, batch_size and n_samples must be >= 1")
+        if not 0.0 <= self.min_fill <= 1.0:
+            raise ValueError(f"min_fill must be in [0, 1], got {self.min_fill}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
         if self.temperature == 0 and self.n_samples > 1:
@@ -282,6 +293,27 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
+def plan_batches(jobs: Sequence[Any], lengths: Sequence[int], batch_size: int,
+                 min_fill: float = 0.5) -> list[list[Any]]:
+    """Split ``jobs`` (sorted longest first; ``lengths[j]`` is job j's prompt length) into consecutive batches
+    of at most ``batch_size``, each ending early when its real tokens would fill less than ``min_fill`` of
+    ``rows x longest`` (see :class:`GenerationConfig`)."""
+    batches: list[list[Any]] = []
+    batch: list[Any] = []
+    longest = real = 0
+    for job, length in zip(jobs, lengths):
+        if batch and (len(batch) == batch_size or (real + length) < min_fill * (len(batch) + 1) * longest):
+            batches.append(batch)
+            batch, real = [], 0
+        if not batch:
+            longest = length
+        batch.append(job)
+        real += length
+    if batch:
+        batches.append(batch)
+    return batches
+
+
 def _record_routes(routes: list[tuple[int, list[float]]], choice: torch.Tensor, probs: torch.Tensor) -> None:
     rows = probs.float().tolist()
     routes.extend((int(c), [round(float(p), 6) for p in row]) for c, row in zip(choice.tolist(), rows))
@@ -316,8 +348,8 @@ def generate_samples(
     tokenizer.padding_side = "left"
     samples: dict[tuple[int, int], Sample] = {}
     try:
-        for number, start in enumerate(range(0, len(jobs), config.batch_size)):
-            batch = jobs[start : start + config.batch_size]
+        for number, batch in enumerate(plan_batches(jobs, [lengths[i] for i, _ in jobs], config.batch_size,
+                                                    config.min_fill)):
             enc = tokenizer([prompts[i] for i, _ in batch], add_special_tokens=add_special, padding=True,
                             return_tensors="pt").to(device)
             width = enc["input_ids"].shape[1]

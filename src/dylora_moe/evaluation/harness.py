@@ -322,7 +322,7 @@ def evaluate(
     summary = {
         **settings, "mode": "base-only" if base_only else "model", "model": model_name, "prompt_style": style,
         "n_samples": n_samples, "temperature": temperature, "top_p": top_p if temperature > 0 else None,
-        "max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": seed,
+        "max_new_tokens": max_new_tokens, "batch_size": batch_size, "batch_min_fill": gen.min_fill, "seed": seed,
         "device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype).replace(
             "torch.", ""), **summary,
         "note": ks_note,
