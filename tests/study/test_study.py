@@ -346,6 +346,14 @@ def test_a_unit_from_before_the_per_decision_view_is_analysed_again_not_retraine
     assert again["eval_loss_end"] == fresh["eval_loss_end"]
     assert quality["variants"]["moe2"]["decision_nmi"]["n"] == 1
 
+    # a sequence-routed unit needs no second analysis: a decision is an example, the report falls back
+    sequence = {**old, "moe": {**old["moe"], "routing": "sequence"}}
+    unit_path.write_text(json.dumps(sequence))
+    stamp = unit_path.stat().st_mtime_ns
+    quality = run_study(StudyConfig.from_yaml(study_path, one), progress=False)
+    assert unit_path.stat().st_mtime_ns == stamp
+    assert quality["variants"]["moe2"]["decision_nmi"]["mean"] == old["nmi"]
+
     unit_path.write_text(json.dumps(old))
     weights.unlink()  # copied without its adapter: nothing to analyse, the unit is kept as it is
     quality = run_study(StudyConfig.from_yaml(study_path, one), progress=False)
@@ -355,26 +363,26 @@ def test_a_unit_from_before_the_per_decision_view_is_analysed_again_not_retraine
 
 
 def test_per_decision_view_of_old_units_falls_back_only_where_a_decision_is_an_example():
-    from dylora_moe.study.report import _per_decision
+    from dylora_moe.study.unit import per_decision
 
     old = {"num_experts": 4, "nmi": 0.3, "router_entropy": 0.9, "share_matrix": [[1.0, 0.0]], "overrides": []}
-    assert _per_decision({**old, "moe": {"routing": "sequence"}}, "nmi") == 0.3
-    assert _per_decision({**old, "overrides": ["moe.routing=sequence"]}, "entropy") == 0.9
-    assert _per_decision({**old, "moe": {"routing": "token"}}, "nmi") is None
-    assert _per_decision({**old, "overrides": ["moe.routing=token"]}, "share_matrix") is None
-    assert _per_decision({**old, "num_experts": 1}, "share_matrix") == [[1.0, 0.0]]
-    assert _per_decision({**old, "decision_nmi": 0.01}, "nmi") == 0.01
+    assert per_decision({**old, "moe": {"routing": "sequence"}}, "nmi") == 0.3
+    assert per_decision({**old, "overrides": ["moe.routing=sequence"]}, "entropy") == 0.9
+    assert per_decision({**old, "moe": {"routing": "token"}}, "nmi") is None
+    assert per_decision({**old, "overrides": ["moe.routing=token"]}, "share_matrix") is None
+    assert per_decision({**old, "num_experts": 1}, "share_matrix") == [[1.0, 0.0]]
+    assert per_decision({**old, "decision_nmi": 0.01}, "nmi") == 0.01
 
 
 def test_old_units_routing_comes_from_their_saved_train_config(tmp_path):
     """Units from before unit.json recorded the moe config, with routing left to the default of the day: their
     train/train_config.json says what they used."""
-    from dylora_moe.study.report import _per_decision
+    from dylora_moe.study.unit import per_decision
 
     old = {"num_experts": 4, "nmi": 0.3, "router_entropy": 0.9, "share_matrix": [[1.0, 0.0]], "overrides": []}
-    assert _per_decision(old, "nmi", tmp_path) is None  # nothing says: unknown
+    assert per_decision(old, "nmi", tmp_path) is None  # nothing says: unknown
     (tmp_path / "train").mkdir()
     for routing, expected in (("sequence", 0.3), ("token", None)):
         saved = {"format_version": 1, "config": {"moe": {"routing": routing}}}
         (tmp_path / "train" / "train_config.json").write_text(json.dumps(saved))
-        assert _per_decision(old, "nmi", tmp_path) == expected
+        assert per_decision(old, "nmi", tmp_path) == expected

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import STUDY_FORMAT_VERSION, UNIT_FILE, StudyConfig, StudyError
-from .unit import _write_json
+from .unit import _write_json, per_decision
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -47,10 +47,10 @@ def report(study: StudyConfig) -> dict[str, Any]:
                           for b in study.benchmarks if any(b in u["pass_at_1"] for u in units)},
             "nmi": _spread([u["nmi"] for u in units]),
             "router_entropy": _spread([u["router_entropy"] for u in units]),
-            "decision_nmi": _spread([_per_decision(u, "nmi", study.unit_dir(variant.name, u["seed"])) for u in units]),
-            "decision_entropy": _spread([_per_decision(u, "entropy", study.unit_dir(variant.name, u["seed"]))
+            "decision_nmi": _spread([per_decision(u, "nmi", study.unit_dir(variant.name, u["seed"])) for u in units]),
+            "decision_entropy": _spread([per_decision(u, "entropy", study.unit_dir(variant.name, u["seed"]))
                                          for u in units]),
-            "decision_share_matrix": _per_decision(units[0], "share_matrix",
+            "decision_share_matrix": per_decision(units[0], "share_matrix",
                                                    study.unit_dir(variant.name, units[0]["seed"])),
             "load_imbalance": _spread([u["load_imbalance"] for u in units]),
             "expert_load": [u["expert_load"] for u in units],
@@ -124,32 +124,6 @@ def _paired_pass_at_1(study: StudyConfig, variants: dict[str, Any]) -> dict[str,
                     "seeds": seeds, "pairs": sum(counts.values()), **counts,
                     "p_value": sign_test(counts["only_variant"], counts["only_baseline"])}
     return table
-
-
-def _per_decision(unit: dict[str, Any], name: str, unit_dir: Path | None = None) -> Any:
-    """A unit's per-decision routing statistic (``nmi``, ``entropy`` or ``share_matrix``). Units written before
-    the per-decision view lack it: with one expert or sequence routing a decision is an example, so the
-    per-example value is the same; for a token-routed unit it is unknown (None)."""
-    if f"decision_{name}" in unit:
-        return unit[f"decision_{name}"]
-    if unit["num_experts"] == 1 or _unit_routing(unit, unit_dir) == "sequence":
-        return unit["router_entropy" if name == "entropy" else name]
-    return None
-
-
-def _unit_routing(unit: dict[str, Any], unit_dir: Path | None) -> str | None:
-    """The routing granularity a unit trained with: ``unit.json``'s ``moe`` config, else the variant's
-    overrides, else the unit's saved train config (units from before ``unit.json`` recorded it)."""
-    routing = unit.get("moe", {}).get("routing")
-    if routing is not None:
-        return routing
-    pinned = [o.split("=", 1)[1] for o in unit.get("overrides", []) if o.startswith("moe.routing=")]
-    if pinned:
-        return pinned[-1]
-    saved = unit_dir / "train" / "train_config.json" if unit_dir is not None else None
-    if saved is not None and saved.is_file():
-        return json.loads(saved.read_text()).get("config", {}).get("moe", {}).get("routing")
-    return None
 
 
 def _common_data(study: StudyConfig, found: dict[str, list[dict[str, Any]]]) -> dict[str, str] | None:

@@ -39,7 +39,7 @@ def run_unit(study: StudyConfig, variant: VariantConfig, seed: int, progress: bo
     else:
         model, tokenizer = load_for_eval(adapter, device=study.device)
         model.eval()
-        if "decision_nmi" not in unit:  # a unit from before the per-decision view: analyse its adapter again
+        if per_decision(unit, "share_matrix", done.parent) is None:  # from before the per-decision view
             unit.update(_analyse(study, variant, seed, config, model, tokenizer, progress))
             _write_json(done, unit)
     for benchmark in _missing_benchmarks(study, variant, unit):
@@ -54,13 +54,14 @@ def _missing_benchmarks(study: StudyConfig, variant: VariantConfig, unit: dict[s
 
 def _unit_stale(study: StudyConfig, variant: VariantConfig, unit: dict[str, Any]) -> bool:
     """The unit lacks a pass@1 the study asks for, or (with its adapter still there) the per-decision routing
-    view, which units written before it lack."""
+    view where it differs from the per-example one (token routing), which units written before it lack."""
     if _missing_benchmarks(study, variant, unit):
         return True
     from ..serialization import WEIGHTS_FILE
 
-    adapter = study.unit_dir(variant.name, unit["seed"]) / "train" / "final" / WEIGHTS_FILE
-    return "decision_nmi" not in unit and adapter.is_file()
+    unit_dir = study.unit_dir(variant.name, unit["seed"])
+    adapter = unit_dir / "train" / "final" / WEIGHTS_FILE
+    return per_decision(unit, "share_matrix", unit_dir) is None and adapter.is_file()
 
 
 def _pass_at_1(study: StudyConfig, model: Any, tokenizer: Any, benchmark: str, unit_dir: Path, config: Any,
@@ -159,3 +160,29 @@ def _write_json(path: Path, payload: Any) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def per_decision(unit: dict[str, Any], name: str, unit_dir: Path | None = None) -> Any:
+    """A unit's per-decision routing statistic (``nmi``, ``entropy`` or ``share_matrix``). Units written before
+    the per-decision view lack it: with one expert or sequence routing a decision is an example, so the
+    per-example value is the same; for a token-routed unit it is unknown (None)."""
+    if f"decision_{name}" in unit:
+        return unit[f"decision_{name}"]
+    if unit["num_experts"] == 1 or _unit_routing(unit, unit_dir) == "sequence":
+        return unit["router_entropy" if name == "entropy" else name]
+    return None
+
+
+def _unit_routing(unit: dict[str, Any], unit_dir: Path | None) -> str | None:
+    """The routing granularity a unit trained with: ``unit.json``'s ``moe`` config, else the variant's
+    overrides, else the unit's saved train config (units from before ``unit.json`` recorded it)."""
+    routing = unit.get("moe", {}).get("routing")
+    if routing is not None:
+        return routing
+    pinned = [o.split("=", 1)[1] for o in unit.get("overrides", []) if o.startswith("moe.routing=")]
+    if pinned:
+        return pinned[-1]
+    saved = unit_dir / "train" / "train_config.json" if unit_dir is not None else None
+    if saved is not None and saved.is_file():
+        return json.loads(saved.read_text()).get("config", {}).get("moe", {}).get("routing")
+    return None
