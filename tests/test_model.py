@@ -263,3 +263,31 @@ def test_calibrate_router_spreads_inputs_with_a_common_component(routing):
     after = model(input_ids=ids)
     assert after.expert_share.max() < 0.7 and (after.expert_share > 0).sum() >= 3
     assert all(not torch.equal(r.feature_std, torch.ones_like(r.feature_std)) for r in model.routers)
+
+
+@pytest.mark.parametrize("has_logits_to_keep", [True, False])
+def test_token_calibration_runs_each_batch_once_with_or_without_logits_to_keep(has_logits_to_keep):
+    """Calibration skips the LM head's logits where the base model takes logits_to_keep, decided from its
+    signature: a model without it is called once per batch with plain arguments, and no token is counted twice."""
+    model = build(routing="token")
+    calls = []
+    original = model.base_model.forward
+    if has_logits_to_keep:
+        def forward(input_ids=None, attention_mask=None, logits_to_keep=0, **kwargs):
+            calls.append(logits_to_keep)
+            return original(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep, **kwargs)
+    else:
+        def forward(input_ids=None, attention_mask=None, **kwargs):  # passes unknown arguments on, like many
+            calls.append(None)
+            out = original(input_ids=input_ids, attention_mask=attention_mask)  # the blocks run (hooks fire)
+            if kwargs:  # ... and an inner module rejects the argument only after that
+                raise TypeError(f"unexpected keyword arguments {sorted(kwargs)}")
+            return out
+    model.base_model.forward = forward
+    ids = torch.randint(3, VOCAB, (6, 5), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # padding is not a routing unit
+    seen = model.calibrate_router([{"input_ids": ids[:3], "attention_mask": mask[:3]},
+                                   {"input_ids": ids[3:], "attention_mask": mask[3:]}])
+    assert calls == ([1, 1] if has_logits_to_keep else [None, None])
+    assert seen == int(mask.sum())

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -317,6 +318,10 @@ class DyLoRAMoEForCausalLM(nn.Module):
         """
         collected: dict[int, list[torch.Tensor]] = {slot: [] for slot in self.router_slots.values()}
         hooks = []
+        # only the blocks' inputs matter: skip the LM head's logits over the vocabulary where the model can
+        # (transformers' logits_to_keep); decided once, so no forward runs twice or feeds the hooks twice
+        keeps = "logits_to_keep" in inspect.signature(self.base_model.forward).parameters
+        extra = {"logits_to_keep": 1} if keeps else {}
         if self.moe_config.routing == "token":
             blocks = self._decoder_blocks()
             for idx, slot in self.router_slots.items():
@@ -339,10 +344,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
                         ids, None, mask.bool(), None if labels is None else labels.to(self.device),
                         None if rmask is None else rmask.to(self.device)))
                 else:
-                    try:  # only the blocks' inputs matter: skip the LM head's logits over the vocabulary
-                        self.base_model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
-                    except TypeError:  # a model without transformers' logits_to_keep
-                        self.base_model(input_ids=ids, attention_mask=mask)
+                    self.base_model(input_ids=ids, attention_mask=mask, **extra)
         finally:
             for h in hooks:
                 h.remove()
