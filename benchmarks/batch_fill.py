@@ -22,84 +22,53 @@ Run (any DyLoRA-MoE checkpoint; the README's main job by default)::
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import _generation_bench as bench  # noqa: E402
 
 from dylora_moe.evaluation import generation  # noqa: E402
 from dylora_moe.evaluation.benchmarks import load_problems  # noqa: E402
-from dylora_moe.evaluation.harness import load_for_eval, resolve_device  # noqa: E402
-
-
-def run_side(model, tokenizer, problems, config) -> tuple[float, list[str]]:
-    cuda = next(model.parameters()).is_cuda
-    if cuda:
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    samples = generation.generate_samples(model, tokenizer, problems, config)
-    if cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - started, [s.completion for s in samples]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", default="runs/cpu-demo/final", help="DyLoRA-MoE checkpoint folder")
-    parser.add_argument("--problems", type=int, default=8, help="the N longest MBPP test prompts")
+    parser = bench.parser(__doc__, 8, "the N longest MBPP test prompts", 32, 2)
     parser.add_argument("--batch-size", type=int, default=None, help="default: all N in one batch")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds (before, after) x repeats")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--data-dir", default=None, help="folder holding mbpp/mbpp.jsonl")
-    parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer = load_for_eval(args.checkpoint, device=resolve_device(args.device))
-    model.eval()
+    model, tokenizer = bench.load(args)
     style = generation.resolve_prompt_style(tokenizer)
     every = load_problems("mbpp", data_dir=args.data_dir)
     length = {p.task_id: len(tokenizer(generation.render_prompt(p, tokenizer, style))["input_ids"]) for p in every}
     problems = sorted(every, key=lambda p: -length[p.task_id])[: args.problems]
     lengths = [length[p.task_id] for p in problems]
     batch_size = args.batch_size or len(problems)
-    sides = {"before": 0.0, "after": generation.GenerationConfig().min_fill}
+    fills = {"before": 0.0, "after": generation.GenerationConfig().min_fill}
     configs = {side: generation.GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=batch_size,
-                                                 min_fill=fill) for side, fill in sides.items()}
+                                                 min_fill=fill) for side, fill in fills.items()}
     padded = {side: sum(len(b) * lengths[b[0]] for b in generation.plan_batches(
-        list(range(len(problems))), lengths, batch_size, fill)) for side, fill in sides.items()}
+        list(range(len(problems))), lengths, batch_size, fill)) for side, fill in fills.items()}
     print(f"prompt tokens {sum(lengths)} (longest {lengths[0]}); padded: before {padded['before']}, "
           f"after {padded['after']}", flush=True)
     warm = generation.GenerationConfig(max_new_tokens=2, batch_size=4)
-    run_side(model, tokenizer, problems[-4:], warm)  # one-off costs (allocator, kernels): not timed
-    times: dict[str, list[float]] = {side: [] for side in sides}
-    replies: dict[str, list[str]] = {}
-    for _ in range(args.repeats):
-        for side in sides:
-            seconds, replies[side] = run_side(model, tokenizer, problems, configs[side])
-            times[side].append(seconds)
-            print(f"{side}: {seconds:.2f} s", flush=True)
-    median = {side: statistics.median(values) for side, values in times.items()}
-    same = sum(a == b for a, b in zip(replies["before"], replies["after"]))
+    generation.generate_samples(model, tokenizer, problems[-4:], warm)  # one-off costs: not timed
+
+    def replies(side: str) -> list[str]:
+        return [s.completion for s in generation.generate_samples(model, tokenizer, problems, configs[side])]
+
+    times, median, outputs = bench.interleaved(model, {side: (lambda side=side: replies(side)) for side in fills},
+                                               args.repeats)
+    same = sum(a == b for a, b in zip(outputs["before"], outputs["after"]))
     result = {
         "device": str(next(model.parameters()).device), "problems": len(problems), "batch_size": batch_size,
         "prompt_tokens": sum(lengths), "padded_prompt_tokens": padded, "max_new_tokens": args.max_new_tokens,
         "repeats": args.repeats, "seconds": times, "median_s": median,
         "after_vs_before": median["after"] / median["before"], "identical_replies": f"{same}/{len(problems)}",
     }
-    print(f"median s: before {median['before']:.2f}, after {median['after']:.2f}; "
-          f"after_vs_before = {result['after_vs_before']:.3f}; identical replies {result['identical_replies']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return bench.finish(args, result, (
+        f"median s: before {median['before']:.2f}, after {median['after']:.2f}; "
+        f"after_vs_before = {result['after_vs_before']:.3f}; identical replies {result['identical_replies']}"))
 
 
 if __name__ == "__main__":

@@ -27,9 +27,6 @@ Run (the checkpoint is the README's main job; any DyLoRA-MoE checkpoint works)::
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 import sys
 import time
 from contextlib import contextmanager
@@ -37,12 +34,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _generation_bench as bench  # noqa: E402
 
 from dylora_moe import experts  # noqa: E402
 from dylora_moe.evaluation import generation  # noqa: E402
 from dylora_moe.evaluation.benchmarks import load_problems  # noqa: E402
-from dylora_moe.evaluation.harness import load_for_eval, resolve_device  # noqa: E402
 
 
 def _gathered(x, groups, gates, a_list, b_list):
@@ -73,18 +71,13 @@ def before_side():
         _CHOSEN.clear()
 
 
-def run_side(name: str, model, tokenizer, problems, config) -> tuple[float, list[str]]:
-    if model.parameters().__next__().is_cuda:
-        torch.cuda.synchronize()
-    started = time.perf_counter()
+def replies(name: str, model, tokenizer, problems, config) -> list[str]:
     if name == "before":
         with before_side():
             samples = generation.generate_samples(model, tokenizer, problems, config)
     else:
         samples = generation.generate_samples(model, tokenizer, problems, config)
-    if model.parameters().__next__().is_cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - started, [s.completion for s in samples]
+    return [s.completion for s in samples]
 
 
 def time_stop_check(tokenizer, rows: int, steps: int) -> dict[str, float]:
@@ -107,37 +100,21 @@ def time_stop_check(tokenizer, rows: int, steps: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", default="runs/cpu-demo/final", help="DyLoRA-MoE checkpoint folder")
-    parser.add_argument("--problems", type=int, default=32, help="MBPP test problems, all in one batch")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds (before, after) x repeats")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--data-dir", default=None, help="folder holding mbpp/mbpp.jsonl")
+    parser = bench.parser(__doc__, 32, "MBPP test problems, all in one batch", 64, 2)
     parser.add_argument("--stop-rows", type=int, default=256, help="rows of the stop-check timing")
     parser.add_argument("--stop-steps", type=int, default=512, help="tokens per row of the stop-check timing")
-    parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer = load_for_eval(args.checkpoint, device=resolve_device(args.device))
-    model.eval()
+    model, tokenizer = bench.load(args)
     problems = load_problems("mbpp", limit=args.problems, data_dir=args.data_dir)
     config = generation.GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=len(problems))
     warm = generation.GenerationConfig(max_new_tokens=8, batch_size=len(problems))
     for side in ("before", "after"):  # first calls pay one-off costs (allocator, kernels): not timed
-        run_side(side, model, tokenizer, problems, warm)
-    times: dict[str, list[float]] = {"before": [], "after": []}
-    replies: dict[str, list[str]] = {}
-    for _ in range(args.repeats):
-        for side in ("before", "after"):
-            seconds, replies[side] = run_side(side, model, tokenizer, problems, config)
-            times[side].append(seconds)
-            print(f"{side}: {seconds:.2f} s", flush=True)
-    median = {side: statistics.median(values) for side, values in times.items()}
+        replies(side, model, tokenizer, problems, warm)
+    times, median, outputs = bench.interleaved(
+        model, {side: (lambda side=side: replies(side, model, tokenizer, problems, config))
+                for side in ("before", "after")}, args.repeats)
     stop = time_stop_check(tokenizer, args.stop_rows, args.stop_steps)
-    same = sum(a == b for a, b in zip(replies["before"], replies["after"]))
+    same = sum(a == b for a, b in zip(outputs["before"], outputs["after"]))
     result = {
         "device": str(next(model.parameters()).device), "problems": len(problems),
         "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "seconds": times,
@@ -145,13 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         "identical_replies": f"{same}/{len(problems)}",
         "stop_check": stop,
     }
-    print(f"median s: before {median['before']:.2f}, after {median['after']:.2f}; "
-          f"after_vs_before = {result['after_vs_before']:.3f}; identical replies {result['identical_replies']}")
-    print(f"stop check, {args.stop_rows} rows x {args.stop_steps} steps: before {stop['before_s']:.2f} s, after "
-          f"{stop['after_s']:.2f} s; stop_after_vs_before = {stop['stop_after_vs_before']:.3f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return bench.finish(args, result, (
+        f"median s: before {median['before']:.2f}, after {median['after']:.2f}; "
+        f"after_vs_before = {result['after_vs_before']:.3f}; identical replies {result['identical_replies']}\n"
+        f"stop check, {args.stop_rows} rows x {args.stop_steps} steps: before {stop['before_s']:.2f} s, after "
+        f"{stop['after_s']:.2f} s; stop_after_vs_before = {stop['stop_after_vs_before']:.3f}"))
 
 
 if __name__ == "__main__":

@@ -20,21 +20,18 @@ Run (any DyLoRA-MoE checkpoint; the README's main job by default)::
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _generation_bench as bench  # noqa: E402
 
 from dylora_moe.evaluation import generation  # noqa: E402
 from dylora_moe.evaluation.benchmarks import load_problems  # noqa: E402
-from dylora_moe.evaluation.harness import load_for_eval, resolve_device  # noqa: E402
 
 
 @contextmanager
@@ -56,48 +53,26 @@ def separate_forward(model):
         del model.generate  # back to the class's method
 
 
-def run_side(name: str, model, tokenizer, problems, config) -> tuple[float, list]:
-    cuda = next(model.parameters()).is_cuda
-    if cuda:
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    if name == "before":
+def samples(model, tokenizer, problems, config, before: bool) -> list:
+    if before:
         with separate_forward(model):
-            samples = generation.generate_samples(model, tokenizer, problems, config)
+            made = generation.generate_samples(model, tokenizer, problems, config)
     else:
-        samples = generation.generate_samples(model, tokenizer, problems, config)
-    if cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - started, [(s.completion, s.expert, s.router_probs) for s in samples]
+        made = generation.generate_samples(model, tokenizer, problems, config)
+    return [(s.completion, s.expert, s.router_probs) for s in made]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", default="runs/cpu-demo/final", help="DyLoRA-MoE checkpoint folder")
-    parser.add_argument("--problems", type=int, default=16, help="MBPP test problems, all in one batch")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (before, after) x repeats")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--data-dir", default=None, help="folder holding mbpp/mbpp.jsonl")
-    parser.add_argument("--json", default=None, help="also write the results here")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer = load_for_eval(args.checkpoint, device=resolve_device(args.device))
-    model.eval()
+    args = bench.parser(__doc__, 16, "MBPP test problems, all in one batch", 16, 3).parse_args(argv)
+    model, tokenizer = bench.load(args)
     problems = load_problems("mbpp", limit=args.problems, data_dir=args.data_dir)
     config = generation.GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=len(problems))
-    for side in ("before", "after"):  # first calls pay one-off costs (allocator, kernels): not timed
-        run_side(side, model, tokenizer, problems, generation.GenerationConfig(max_new_tokens=2, batch_size=4))
-    times: dict[str, list[float]] = {"before": [], "after": []}
-    outputs: dict[str, list] = {}
-    for _ in range(args.repeats):
-        for side in ("before", "after"):
-            seconds, outputs[side] = run_side(side, model, tokenizer, problems, config)
-            times[side].append(seconds)
-            print(f"{side}: {seconds:.2f} s", flush=True)
-    median = {side: statistics.median(values) for side, values in times.items()}
+    warm = generation.GenerationConfig(max_new_tokens=2, batch_size=4)
+    for before in (True, False):  # first calls pay one-off costs (allocator, kernels): not timed
+        samples(model, tokenizer, problems, warm, before)
+    times, median, outputs = bench.interleaved(model, {
+        "before": lambda: samples(model, tokenizer, problems, config, True),
+        "after": lambda: samples(model, tokenizer, problems, config, False)}, args.repeats)
     replies = sum(a[0] == b[0] for a, b in zip(outputs["before"], outputs["after"]))
     routes = sum(a[1] == b[1] and max(abs(p - q) for p, q in zip(a[2], b[2])) <= 1e-5
                  for a, b in zip(outputs["before"], outputs["after"]))
@@ -107,12 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": times, "median_s": median, "after_vs_before": median["after"] / median["before"],
         "identical_replies": f"{replies}/{len(problems)}", "identical_routing": f"{routes}/{len(problems)}",
     }
-    print(f"median s: before {median['before']:.2f}, after {median['after']:.2f}; "
-          f"after_vs_before = {result['after_vs_before']:.3f}; identical replies {result['identical_replies']}, "
-          f"identical routing {result['identical_routing']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return bench.finish(args, result, (
+        f"median s: before {median['before']:.2f}, after {median['after']:.2f}; "
+        f"after_vs_before = {result['after_vs_before']:.3f}; identical replies {result['identical_replies']}, "
+        f"identical routing {result['identical_routing']}"))
 
 
 if __name__ == "__main__":
