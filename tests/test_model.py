@@ -291,3 +291,27 @@ def test_token_calibration_runs_each_batch_once_with_or_without_logits_to_keep(h
                                    {"input_ids": ids[3:], "attention_mask": mask[3:]}])
     assert calls == ([1, 1] if has_logits_to_keep else [None, None])
     assert seen == int(mask.sum())
+
+
+@pytest.mark.parametrize("routing", ["sequence", "token"])
+def test_straight_through_gate_gives_each_chosen_expert_full_weight(routing, batch):
+    """With gate='straight_through' a routed unit gets its expert at weight 1, as forcing that expert does
+    (sequence routing: row by row); the router still learns from the LM loss alone (balance_coef 0)."""
+    ids, mask, labels = batch
+    model = build(routing=routing, gate="straight_through", balance_coef=0.0)
+    randomize_experts(model, std=0.5)
+    model.eval()
+    out = model(input_ids=ids, attention_mask=mask)
+    if routing == "sequence":
+        for row in range(ids.shape[0]):
+            forced = model(input_ids=ids[row:row + 1], attention_mask=mask[row:row + 1],
+                           forced_expert=int(out.expert_choice[row]))
+            real = mask[row].bool()
+            assert torch.allclose(out.logits[row, real], forced.logits[0, real], atol=1e-5)
+    probability = build(routing=routing, balance_coef=0.0)
+    probability.load_state_dict(model.state_dict())
+    probability.eval()
+    assert not torch.allclose(probability(input_ids=ids, attention_mask=mask).logits, out.logits, atol=1e-4)
+    model.train()
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert all(r.weight.grad is not None and r.weight.grad.abs().sum() > 0 for r in model.routers)

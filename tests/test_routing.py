@@ -56,3 +56,20 @@ def test_unknown_balance_loss():
     d = decide(torch.zeros(4, 2), ALL, mode="dense", top_k=1, temperature=1.0)
     with pytest.raises(ValueError, match="'seed' or 'switch'"):
         balance_loss(d, "zloss")
+
+
+def test_straight_through_gate_is_one_forward_and_passes_the_probability_gradient():
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.3, 0.2]], requires_grad=True)
+    mask = torch.ones(2, dtype=torch.bool)
+    st = decide(logits, mask, mode="sparse", top_k=1, temperature=1.0, gate="straight_through")
+    prob = decide(logits, mask, mode="sparse", top_k=1, temperature=1.0)
+    assert torch.equal(st.indices, prob.indices) and torch.equal(st.gates, torch.ones(2, 1))  # exactly 1
+    assert torch.all(prob.gates < 1)
+    upstream = torch.tensor([[0.7], [-1.3]])
+    (grad_st,) = torch.autograd.grad((st.gates * upstream).sum(), logits)
+    (grad_prob,) = torch.autograd.grad((prob.gates * upstream).sum(), logits)
+    # d(p / p.detach()) = dp / p: the probability gate's gradient divided by the gate value
+    assert torch.allclose(grad_st, grad_prob / prob.gates.detach(), atol=1e-6)
+    assert grad_st.abs().sum() > 0
+    with pytest.raises(ValueError, match="gate='half'"):
+        decide(logits, mask, mode="sparse", top_k=1, temperature=1.0, gate="half")

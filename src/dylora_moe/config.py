@@ -20,6 +20,7 @@ from typing import Any
 ROUTING_GRANULARITIES = ("sequence", "token")
 ROUTING_MODES = ("auto", "dense", "sparse")
 BALANCE_LOSSES = ("seed", "switch")
+GATES = ("probability", "straight_through")
 
 
 class ConfigError(ValueError):
@@ -46,6 +47,15 @@ class DyLoRAMoEConfig:
         },
     )
     top_k: int = field(default=1, metadata={"help": "Experts chosen per routed unit in sparse mode."})
+    gate: str = field(
+        default="probability",
+        metadata={
+            "help": "Weight of a chosen expert in sparse mode: 'probability' (its router probability, as in "
+            "Switch Transformer; below 1 whenever the router is unsure, so the expert's update is shrunk) or "
+            "'straight_through' (exactly 1 in the forward pass, like a single LoRA, while the router still "
+            "gets the gradient of its probability: p / p.detach()). docs/results.md proposes the latter."
+        },
+    )
     temperature: float = field(
         default=1.0, metadata={"help": "Softmax temperature of the router (the seed's 2.0; 1.0 since the quality "
                                "study in docs/results.md: with top-1 the chosen expert's gate is its probability, "
@@ -102,6 +112,8 @@ class DyLoRAMoEConfig:
             raise bad("top_k", "must be an integer >= 1")
         if self.top_k > self.num_experts:
             raise bad("top_k", f"is larger than num_experts={self.num_experts}")
+        if self.gate not in GATES:
+            raise bad("gate", f"must be one of {GATES}")
         if not self.temperature > 0:
             raise bad("temperature", "must be > 0")
         if self.routing not in ROUTING_GRANULARITIES:

@@ -259,6 +259,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
             top_k=min(cfg.top_k, self.num_experts),
             temperature=cfg.temperature,
             forced_expert=self.context.forced_expert,
+            gate=cfg.gate,
         )
 
     def _before_base_forward(self, module, args, kwargs):

@@ -184,7 +184,7 @@ def test_default_study_is_the_issue_design():
     assert names[:4] == ["moe4_seq", "moe4_token", "lora_r16", "lora_r64"]
     assert study.baseline == "lora_r64" and Path(study.train_config).name == "cpu-demo.yaml"
     groups = {v.group for v in study.variants}
-    assert groups == {"main", "balance_coef", "temperature", "mixing"}
+    assert groups == {"main", "balance_coef", "temperature", "mixing", "gate"}
     assert isinstance(study.variants[0], VariantConfig)
 
 
@@ -203,6 +203,9 @@ def test_every_default_mixture_variant_names_its_routing(tmp_path):
     assert routing["moe4_seq"] == "sequence" and routing["moe4_token"] == "token"
     assert {routing[n] for n in ("coef_0", "coef_0.001", "coef_0.1", "temp_1", "temp_4", "concat")} == {"sequence"}
     assert routing["token_temp_1"] == "token"
+    gates = {name: cfg.gate for name, cfg in moe.items()}
+    assert gates.pop("token_st") == "straight_through" and set(gates.values()) == {"probability"}
+    assert routing["token_st"] == "token" and temperature["token_st"] == 1.0
 
 
 def test_parallel_units_get_their_own_gpu_round_robin(setup, monkeypatch, capsys):

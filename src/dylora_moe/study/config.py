@@ -38,7 +38,8 @@ def default_variants() -> list[VariantConfig]:
     """The study of issue #8: 4 x r=16 (sequence and token routing) against LoRA r=16 and r=64 (the same
     trainable adapter parameters as 4 x r=16), plus sweeps of the balance coefficient, the router
     temperature and the data mixing, each changing one setting of the sequence-routed mixture the study
-    started from (the default then: temperature 2), and the temperature of the token-routed mixture. Every
+    started from (the default then: temperature 2), the temperature of the token-routed mixture, and the
+    straight-through gate on the defaults (token routing at temperature 1). Every
     mixture names its routing and temperature, so the variants mean the same whatever the defaults."""
     v, sequence, token, t2 = VariantConfig, "moe.routing=sequence", "moe.routing=token", "moe.temperature=2.0"
     seq, tok = [sequence, t2], [token, t2]
@@ -56,6 +57,8 @@ def default_variants() -> list[VariantConfig]:
         v("token_temp_1", [token, "moe.temperature=1.0"], "temperature", None, True,
           "token routing, router temperature 1 (the defaults since the study; every seed, with pass@1)"),
         v("concat", [*seq, "data.mixing=concatenate"], "mixing", [0], False, "plain concatenation (no 50/50)"),
+        v("token_st", [token, "moe.temperature=1.0", "moe.gate=straight_through"], "gate", None, False,
+          "token routing, temperature 1, straight-through gate (exactly 1; docs/results.md proposal 1)"),
     ]
 
 
