@@ -13,6 +13,7 @@ from dylora_moe import CheckpointError
 from dylora_moe.training import JointTrainer
 from dylora_moe.training.checkpoint import (
     ADAPTER_DIR,
+    LEGACY_FILES,
     MANIFEST_FILE,
     OPTIMIZER_FILE,
     newest_valid_checkpoint,
@@ -35,6 +36,28 @@ def run_dir(tmp_path, monkeypatch):
 
 def trained(trainer):
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+def test_a_checkpoint_without_manifest_must_still_hold_every_file_it_resumes_from(run_dir):
+    """Checkpoints from before manifests have nothing to compare against, but a folder with only
+    trainer_state.json (hand-damaged, or half-deleted by an old prune) is not taken for one."""
+    out, _, _ = run_dir
+    ckpt = out / "checkpoint-4"
+    (ckpt / MANIFEST_FILE).unlink()
+    verify_checkpoint(ckpt)  # complete: accepted
+    for name in LEGACY_FILES:
+        path = ckpt / name
+        data = path.read_bytes()
+        path.write_bytes(b"")
+        with pytest.raises(CheckpointError, match=f"{name}: empty"):
+            verify_checkpoint(ckpt)
+        path.unlink()
+        gone = "not a checkpoint" if name == "trainer_state.json" else f"{name}: missing .*without manifest.json"
+        with pytest.raises(CheckpointError, match=gone):
+            verify_checkpoint(ckpt)
+        assert newest_valid_checkpoint(out)[0].name != "checkpoint-4"
+        path.write_bytes(data)
+    verify_checkpoint(ckpt)
 
 
 def test_manifest_lists_every_file_and_detects_damage(run_dir):

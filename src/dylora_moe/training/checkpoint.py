@@ -62,6 +62,9 @@ STATE_FILE = "trainer_state.json"
 TRAIN_CONFIG_FILE = "train_config.json"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT_VERSION = 1
+#: what every checkpoint holds, checked by presence in one written before manifests
+LEGACY_FILES = (STATE_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE, f"{ADAPTER_DIR}/{ADAPTER_CONFIG_FILE}",
+                f"{ADAPTER_DIR}/{WEIGHTS_FILE}")
 _NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
@@ -173,12 +176,18 @@ def write_manifest(directory: str | Path) -> None:
 
 def verify_checkpoint(directory: str | Path) -> None:
     """Check every file of a checkpoint against its manifest; a ``CheckpointError`` names the first file that
-    is missing, truncated or corrupt. (A checkpoint from before manifests has nothing to check against.)"""
+    is missing, truncated or corrupt. A checkpoint from before manifests has no sizes or digests to check
+    against: it must still hold every file a checkpoint is resumed from, none of them empty."""
     directory = Path(directory)
     if not (directory / MANIFEST_FILE).is_file():
-        if (directory / STATE_FILE).is_file():
-            return
-        raise CheckpointError(f"{directory}: no {MANIFEST_FILE} and no {STATE_FILE}: not a checkpoint")
+        if not (directory / STATE_FILE).is_file():
+            raise CheckpointError(f"{directory}: no {MANIFEST_FILE} and no {STATE_FILE}: not a checkpoint")
+        for name in LEGACY_FILES:
+            path = directory / name
+            if not path.is_file() or path.stat().st_size == 0:
+                raise CheckpointError(f"{path}: {'empty' if path.is_file() else 'missing'} (a checkpoint "
+                                      f"without {MANIFEST_FILE} must still hold {', '.join(LEGACY_FILES)})")
+        return
     manifest = read_versioned_json(directory, MANIFEST_FILE, what="checkpoint manifest",
                                    max_version=MANIFEST_FORMAT_VERSION, required=("files",))
     for name, entry in manifest["files"].items():
