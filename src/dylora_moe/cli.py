@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .continual.commands import add_commands as add_continual_commands
     from .evaluation.commands import add_commands
 
-    add_commands(sub)  # eval, analyze
+    add_commands(sub)  # eval, compare, analyze
     add_continual_commands(sub)  # learn-skill, continual
     return parser
 

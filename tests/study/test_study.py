@@ -10,6 +10,7 @@ import yaml
 
 from dylora_moe.cli import main
 from dylora_moe.config import ConfigError
+from dylora_moe.evaluation.compare import sign_test
 from dylora_moe.study import (
     StudyConfig,
     StudyError,
@@ -19,7 +20,6 @@ from dylora_moe.study import (
     results_table,
     run_study,
     run_unit,
-    sign_test,
 )
 from tests.tiny import make_base, make_tokenizer
 from tests.training import isolate_data_registry, write_data_dir
@@ -286,13 +286,6 @@ def test_results_table_says_when_pass_at_1_covers_fewer_seeds_than_the_losses():
     assert "| 0.058 ± 0.004 (2 of 3 seeds) |" in part
     assert "| 0.061 ± 0.009 |" in full and "of 3 seeds" not in full
     assert "| 0.7500 ± 0.0020 |" in part
-
-
-def test_sign_test_exact_values():
-    assert sign_test(0, 0) == 1.0 and sign_test(3, 3) == 1.0
-    assert sign_test(5, 0) == pytest.approx(2 / 32) == sign_test(0, 5)
-    assert sign_test(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 4096)
-    assert sign_test(1, 0) == 1.0  # one discordant problem says nothing
 
 
 def _write_verdicts(path: Path, passed: dict[str, bool]) -> None:

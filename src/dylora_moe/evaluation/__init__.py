@@ -7,7 +7,8 @@
 * :mod:`.harness` -- :func:`evaluate`, tying them together (``results.jsonl``, ``summary.json``), and
   :func:`rescore`, which scores stored completions again;
 * :mod:`.analysis` -- :func:`analyze`, per-domain loss and domain x expert routing statistics;
-* :mod:`.commands` -- the ``eval`` and ``analyze`` subcommands.
+* :mod:`.compare` -- :func:`compare_runs`, two runs paired problem by problem (exact sign test);
+* :mod:`.commands` -- the ``eval``, ``compare`` and ``analyze`` subcommands.
 
 See ``docs/evaluation.md``. The model-side modules are imported lazily, so importing the sandbox alone
 stays cheap::
@@ -49,6 +50,8 @@ _LAZY = {
     "run_references": ".harness",
     "analyze": ".analysis",
     "normalized_mutual_information": ".analysis",
+    "compare_runs": ".compare",
+    "sign_test": ".compare",
     "add_commands": ".commands",
 }
 
@@ -80,6 +83,7 @@ __all__ = [
     "SandboxLimits",
     "add_commands",
     "analyze",
+    "compare_runs",
     "evaluate",
     "extract_code",
     "generate_samples",
@@ -92,4 +96,5 @@ __all__ = [
     "run_many",
     "run_program",
     "run_references",
+    "sign_test",
 ]

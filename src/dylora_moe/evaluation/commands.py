@@ -1,6 +1,6 @@
-"""The ``eval`` and ``analyze`` subcommands of the ``dylora-moe`` command line.
+"""The ``eval``, ``compare`` and ``analyze`` subcommands of the ``dylora-moe`` command line.
 
-``add_commands(subparsers)`` registers both on an argparse subparsers object (the main CLI calls it);
+``add_commands(subparsers)`` registers them on an argparse subparsers object (the main CLI calls it);
 until then, or standalone, run them as ``python -m dylora_moe.evaluation.commands eval ...``::
 
     dylora-moe eval runs/ckpt --benchmark humaneval --output eval/he
@@ -8,6 +8,7 @@ until then, or standalone, run them as ``python -m dylora_moe.evaluation.command
     dylora-moe eval --references --benchmark humaneval --output eval/refs      # no model needed
     dylora-moe eval runs/ckpt --n-samples 20 --temperature 0.8 --k 1,10 --output eval/he-k
     dylora-moe eval --rescore eval/he --output eval/he-rescored    # stored completions, today's harness
+    dylora-moe compare eval/lora-mbpp eval/moe-mbpp        # paired: problems only one run solves, sign test
     dylora-moe analyze runs/ckpt --data code_alpaca mbpp my_sql.jsonl --output analysis/
 
 Errors (bad options, missing data, a folder that is not a checkpoint, ...) print
@@ -20,6 +21,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 __all__ = ["add_commands", "main"]
@@ -87,9 +89,22 @@ def _add_analyze(sub: Any) -> None:
     p.set_defaults(func=_guarded(_cmd_analyze))
 
 
+def _add_compare(sub: Any) -> None:
+    p = sub.add_parser("compare", help="pair two evaluation runs problem by problem (exact sign test)",
+                       description="Pair two runs of `dylora-moe eval` on the same problems: how many problems "
+                       "only one of them solves, and the exact two-sided sign test on those.")
+    p.add_argument("run_a", help="folder of the first run (results.jsonl)")
+    p.add_argument("run_b", help="folder of the second run")
+    p.add_argument("--json", default=None, help="also write the comparison here")
+    p.add_argument("--list", action="store_true", help="print the task ids only one run solves")
+    p.set_defaults(func=_guarded(_cmd_compare))
+
+
 def add_commands(subparsers: Any) -> None:
-    """Register the ``eval`` and ``analyze`` subcommands (each sets ``func`` returning an exit status)."""
+    """Register the ``eval``, ``compare`` and ``analyze`` subcommands (each sets ``func`` returning an exit
+    status)."""
     _add_eval(subparsers)
+    _add_compare(subparsers)
     _add_analyze(subparsers)
 
 
@@ -172,6 +187,24 @@ def _cmd_rescore(ns: argparse.Namespace) -> int:
     _print_scores(summary)
     print(f"stored run: {_scores_text(summary['previous']['pass@k'])}")
     print(f"wrote {ns.output}/results.jsonl and {ns.output}/summary.json")
+    return 0
+
+
+def _cmd_compare(ns: argparse.Namespace) -> int:
+    from .compare import compare_runs
+
+    result = compare_runs(ns.run_a, ns.run_b)
+    a, b = result.pass_at_1
+    print(f"{result.benchmark or 'benchmark unknown'}: {result.pairs} problems in both runs")
+    print(f"  A {ns.run_a}: pass@1 {a:.4f}; B {ns.run_b}: pass@1 {b:.4f}")
+    print(f"  both solve {result.both}, only A {result.only_a}, only B {result.only_b}, neither {result.neither}; "
+          f"exact sign test p = {result.p_value:.3f}")
+    if ns.list:
+        print(f"  only A: {' '.join(result.only_a_tasks) or '-'}")
+        print(f"  only B: {' '.join(result.only_b_tasks) or '-'}")
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        print(f"wrote {ns.json}")
     return 0
 
 

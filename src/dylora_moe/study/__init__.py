@@ -32,9 +32,9 @@ formatting, optimiser and evaluation are identical by construction. docs/results
 """
 
 from .config import STUDY_FORMAT_VERSION, UNIT_FILE, StudyConfig, StudyError, VariantConfig, default_variants
-from .report import plot_study, report, results_table, sign_test
+from .report import plot_study, report, results_table
 from .runner import run_study
 from .unit import run_unit
 
 __all__ = ["STUDY_FORMAT_VERSION", "UNIT_FILE", "StudyConfig", "StudyError", "VariantConfig", "default_variants",
-           "plot_study", "report", "results_table", "run_study", "run_unit", "sign_test"]
+           "plot_study", "report", "results_table", "run_study", "run_unit"]

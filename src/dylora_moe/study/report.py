@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..evaluation.compare import count_pairs, read_verdicts, sign_test
 from .config import STUDY_FORMAT_VERSION, UNIT_FILE, StudyConfig, StudyError
 from .unit import _write_json, per_decision
 
@@ -73,27 +74,9 @@ def report(study: StudyConfig) -> dict[str, Any]:
 
 
 def _verdicts(study: StudyConfig, variant: str, seed: int, benchmark: str) -> dict[str, bool] | None:
-    """``{task_id: passed}`` of a unit's greedy pass@1 (first sample), or None when its results are gone."""
-    path = study.unit_dir(variant, seed) / "eval" / benchmark / "results.jsonl"
-    if not path.is_file():
-        return None
-    verdicts = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            if row.get("sample", 0) == 0:
-                verdicts[row["task_id"]] = row["status"] == "passed"
-    return verdicts
-
-
-def sign_test(only_a: int, only_b: int) -> float:
-    """Exact two-sided sign test (McNemar's exact test) on the discordant pairs of a paired comparison: the
-    probability, if both sides were equally good, of a split at least this uneven. 1.0 with no discordant pair."""
-    n, k = only_a + only_b, min(only_a, only_b)
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n
-    return min(1.0, 2.0 * tail)
+    """``{task_id: passed}`` of a unit's greedy pass@1, or None when its results are gone."""
+    path = study.unit_dir(variant, seed) / "eval" / benchmark
+    return read_verdicts(path) if (path / "results.jsonl").is_file() else None
 
 
 def _paired_pass_at_1(study: StudyConfig, variants: dict[str, Any]) -> dict[str, Any]:
@@ -115,10 +98,10 @@ def _paired_pass_at_1(study: StudyConfig, variants: dict[str, Any]) -> dict[str,
                 if mine is None or theirs is None:
                     continue
                 seeds.append(seed)
-                for task in mine.keys() & theirs.keys():
-                    key = {(True, True): "both", (True, False): "only_variant", (False, True): "only_baseline",
-                           (False, False): "neither"}[(mine[task], theirs[task])]
-                    counts[key] += 1
+                pairs = count_pairs(mine, theirs)
+                for key, theirs_key in (("both", "both"), ("only_variant", "only_a"),
+                                        ("only_baseline", "only_b"), ("neither", "neither")):
+                    counts[key] += pairs[theirs_key]
             if seeds:
                 table.setdefault(name, {})[b] = {
                     "seeds": seeds, "pairs": sum(counts.values()), **counts,
