@@ -62,6 +62,9 @@ def _add_eval(sub: Any) -> None:
     p.add_argument("--workers", type=_positive_int, default=None, help="sandbox workers (default: CPU count)")
     p.add_argument("--timeout", type=float, default=20.0, help="wall-clock seconds per program (default 20)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-resume", action="store_true",
+                   help="discard the samples an interrupted run into --output journaled (default: keep them and "
+                        "generate only the rest)")
     p.add_argument("--data-dir", default=None, help="data folder holding mbpp/mbpp.jsonl")
     p.add_argument("--device", default="auto", help="auto (CUDA when available, default), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
@@ -150,7 +153,7 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
         n_samples=ns.n_samples, temperature=ns.temperature, top_p=ns.top_p, k=ns.k, batch_size=ns.batch_size,
         max_new_tokens=ns.max_new_tokens, prompt_style=ns.prompt_style, seed=ns.seed, workers=ns.workers,
         timeout_s=ns.timeout, data_dir=ns.data_dir, references=ns.references, base_only=ns.base_only,
-        progress=not ns.no_progress, device=ns.device, dtype=ns.dtype,
+        progress=not ns.no_progress, device=ns.device, dtype=ns.dtype, resume=not ns.no_resume,
     )
     if ns.references:
         refs = summary["references"]
@@ -162,6 +165,8 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
         print(line)
     else:
         _print_scores(summary)
+        if summary.get("resumed_samples"):
+            print(f"resumed: {summary['resumed_samples']} samples kept from the interrupted run's journal")
     print(f"wrote {output}/results.jsonl and {output}/summary.json")
     return 0
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import ast
 import functools
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -326,11 +326,15 @@ def generate_samples(
     config: GenerationConfig | None = None,
     *,
     on_batch: Callable[[list[Sample]], None] | None = None,
+    done: Mapping[tuple[str, int], Sample] | None = None,
 ) -> list[Sample]:
     """Generate ``config.n_samples`` samples per problem, in problem order then sample order.
 
     Prompts are sorted by length and generated ``batch_size`` at a time (left padding, KV cache).
-    ``on_batch(samples)`` is called after each batch (e.g. to start executing them).
+    ``on_batch(samples)`` is called after each generated batch (e.g. to start executing them).
+    ``done`` holds samples generated earlier, by ``(task_id, sample index)`` (a resumed run): a batch whose
+    every sample is there is not generated again and is not passed to ``on_batch``. Batches are planned and
+    seeded over all problems either way, so the other batches come out as in a run from scratch.
     """
     config = config or GenerationConfig()
     config.validate()
@@ -347,9 +351,14 @@ def generate_samples(
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     samples: dict[tuple[int, int], Sample] = {}
+    done = done or {}
     try:
         for number, batch in enumerate(plan_batches(jobs, [lengths[i] for i, _ in jobs], config.batch_size,
                                                     config.min_fill)):
+            kept = [done.get((problems[i].task_id, s)) for i, s in batch]
+            if all(sample is not None for sample in kept):
+                samples.update(zip(batch, kept))
+                continue
             enc = tokenizer([prompts[i] for i, _ in batch], add_special_tokens=add_special, padding=True,
                             return_tensors="pt").to(device)
             width = enc["input_ids"].shape[1]

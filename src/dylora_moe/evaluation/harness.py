@@ -9,6 +9,8 @@ a pool of sandbox workers while the next batch is generated. Outputs in ``output
   ``duration_s``. The program itself (solution + tests) is not stored.
 * ``summary.json``: ``pass@k`` for every k asked for, ``outcomes`` (count per status), per-expert counts
   and pass@1, timings, the settings and the sandbox's active isolation layers.
+* ``generation.partial.jsonl`` while the run lasts: the samples generated so far (:mod:`.journal`); the
+  same call into the same folder after an interruption resumes from it.
 
 ``references=True`` runs the dataset's own solutions instead of a model (HumanEval: also a body of
 ``pass`` for every problem, which must fail) and reports failures by task id::
@@ -21,6 +23,7 @@ a pool of sandbox workers while the next batch is generated. Outputs in ``output
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -32,7 +35,8 @@ from typing import Any
 
 from .benchmarks import Problem, load_problems
 from .execution import ERROR, STATUSES, ExecutionResult, SandboxLimits, run_program
-from .generation import GenerationConfig, Sample, generate_samples, resolve_prompt_style, solution_for
+from .generation import GenerationConfig, Sample, generate_samples, render_prompt, resolve_prompt_style, solution_for
+from .journal import JOURNAL_FILE, GenerationJournal, JournalError, model_fingerprint
 from .passk import pass_at_k_table
 
 __all__ = ["MBPP_KNOWN_REFERENCE_FAILURES", "EvaluationError", "evaluate", "load_for_eval", "rescore",
@@ -82,10 +86,30 @@ class _Sandbox:
             self.bar.close()
 
 
+def _write_text(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all (a temporary file renamed over it)."""
+    partial = path.with_name(path.name + ".tmp")
+    with open(partial, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+
+
 def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    _write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def _fingerprint(model: Any, tokenizer: Any, problems: Sequence[Problem], style: str,
+                 gen: GenerationConfig) -> dict[str, Any]:
+    """What decides an evaluation's samples, for its generation journal (see :mod:`.journal`)."""
+    prompts = hashlib.sha256("\0".join(render_prompt(p, tokenizer, style) for p in problems).encode())
+    return {"benchmark": problems[0].benchmark if problems else None, "problems": len(problems),
+            "prompts_sha256": prompts.hexdigest()[:16], "prompt_style": style,
+            "tokenizer": f"{type(tokenizer).__name__}/{len(tokenizer)}", "model": model_fingerprint(model),
+            "max_new_tokens": gen.max_new_tokens, "temperature": gen.temperature,
+            "top_p": gen.top_p if gen.temperature > 0 else None, "n_samples": gen.n_samples,
+            "batch_size": gen.batch_size, "min_fill": gen.min_fill, "seed": gen.seed}
 
 
 def _outcomes(results: Sequence[ExecutionResult]) -> dict[str, int]:
@@ -250,8 +274,13 @@ def evaluate(
     progress: bool = True,
     device: str | None = "auto",
     dtype: Any = None,
+    resume: bool = True,
 ) -> dict[str, Any]:
     """Evaluate and write ``results.jsonl`` and ``summary.json`` to ``output_dir``; return the summary.
+
+    Generated samples are journaled batch by batch (:mod:`.journal`): with ``resume`` (default) a run cut
+    short and started again into the same ``output_dir`` keeps them and generates only the rest; a journal
+    from a different evaluation raises :class:`EvaluationError`. ``resume=False`` discards the journal.
 
     ``model`` is a loaded model (with ``tokenizer``), or a checkpoint folder, or with ``base_only`` a base
     model name, path or alias; it is not needed with ``references=True``. A model given by name is loaded in
@@ -272,7 +301,7 @@ def evaluate(
         _write_jsonl(out / "results.jsonl", rows)
         summary = {**settings, "mode": "references", "references": refs,
                    "timing": {"total_s": round(time.monotonic() - started, 2)}}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
     if model is None:
         raise EvaluationError("a model is needed (or use references=True)")
@@ -292,18 +321,30 @@ def evaluate(
     style = resolve_prompt_style(tokenizer, prompt_style)
     by_id = {p.task_id: p for p in problems}
     total = len(problems) * n_samples
+    journal = GenerationJournal(out / JOURNAL_FILE, _fingerprint(model, tokenizer, problems, style, gen))
+    try:
+        done = journal.open(resume=resume)
+    except JournalError as exc:
+        raise EvaluationError(str(exc)) from None
     sandbox = _Sandbox(limits, workers, progress, total)
     gen_bar = _tqdm(total, "generate", progress, position=0)
 
-    def on_batch(samples: list[Sample]) -> None:
+    def execute(samples: Sequence[Sample]) -> None:
         for sample in samples:
             sandbox.submit((sample.task_id, sample.index), by_id[sample.task_id].program(sample.solution))
+
+    def on_batch(samples: list[Sample]) -> None:
+        journal.append(samples)
+        execute(samples)
         gen_bar.update(len(samples))
 
     try:
-        samples = generate_samples(model, tokenizer, problems, gen, on_batch=on_batch)
+        execute(list(done.values()))  # generated before an interruption: through the sandbox again
+        gen_bar.update(len(done))
+        samples = generate_samples(model, tokenizer, problems, gen, on_batch=on_batch, done=done)
     finally:
         gen_bar.close()
+        journal.close()
         generated = time.monotonic()
         results = sandbox.results()
     rows = []
@@ -325,12 +366,13 @@ def evaluate(
         "max_new_tokens": max_new_tokens, "batch_size": batch_size, "batch_min_fill": gen.min_fill, "seed": seed,
         "device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype).replace(
             "torch.", ""), **summary,
-        "note": ks_note,
+        "note": ks_note, "resumed_samples": len(done),
         "timing": {"load_s": round(loaded - started, 2), "generation_s": round(generated - loaded, 2),
                    "execution_tail_s": round(finished - generated, 2), "total_s": round(finished - started, 2),
-                   "samples_per_s": round(total / max(generated - loaded, 1e-9), 3)},
+                   "samples_per_s": round((total - len(done)) / max(generated - loaded, 1e-9), 3)},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    journal.finish()
     return summary
 
 
@@ -395,7 +437,7 @@ def rescore(
                "memory_bytes": limits.memory_bytes,
                "previous": {"mode": old["mode"], "pass@k": old["pass@k"], "outcomes": old["outcomes"]},
                "timing": {"total_s": round(time.monotonic() - started, 2)}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
