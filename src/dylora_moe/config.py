@@ -27,6 +27,12 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the value."""
 
 
+def help_metadata(text: str) -> dict[str, str]:
+    """``field(metadata=help_metadata("..."))``: the help text of a config dataclass field (shown by the CLI
+    and the generated option tables)."""
+    return {"help": text}
+
+
 @dataclass
 class DyLoRAMoEConfig:
     """Settings of the expert pool and router (defaults are the seed's)."""

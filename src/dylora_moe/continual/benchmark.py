@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import DyLoRAMoEConfig
+from ..config import help_metadata as _help
 from ..data import Example
 from .config import ContinualConfig
 from .learner import batched_outputs, learn_skill, train_expert
@@ -37,10 +38,6 @@ from .novelty import NoveltyDetector
 from .skills import load_skill_examples
 
 __all__ = ["ContinualRunConfig", "forgetting_metrics", "run_continual", "skill_loss"]
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
 
 
 @dataclass

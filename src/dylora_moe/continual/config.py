@@ -10,14 +10,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..config import ConfigError
+from ..config import help_metadata as _help
 
 __all__ = ["PROTECTIONS", "ContinualConfig"]
 
 PROTECTIONS = ("replay", "freeze_rows", "both", "none")
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
 
 
 @dataclass

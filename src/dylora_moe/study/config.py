@@ -9,13 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
+from ..config import help_metadata as _help
 
 STUDY_FORMAT_VERSION = 1
 UNIT_FILE = "unit.json"
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
 
 
 @dataclass

@@ -74,7 +74,7 @@ def _pass_at_1(study: StudyConfig, model: Any, tokenizer: Any, benchmark: str, u
                        data_dir=config.data.data_dir, progress=progress)
     return {"pass@1": summary["pass@k"]["pass@1"], "problems": summary["problems"],
             "outcomes": summary["outcomes"], "experts": summary["experts"],
-            "eval_time_s": summary["timing"]["total_s"]}
+            "eval_time_s": summary["timing"]["total_s"], "resumed_samples": summary.get("resumed_samples", 0)}
 
 
 def _train_and_analyse(study: StudyConfig, variant: VariantConfig, seed: int, config: Any,

@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 
 from ..config import ConfigError, DyLoRAMoEConfig
+from ..config import help_metadata as _help
 from ..data.mixing import MODES
 
 CONFIG_FORMAT_VERSION = 1
@@ -43,10 +44,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BASE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULERS = ("cosine", "linear", "constant")
 DEFAULT_MODEL = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
 
 
 @dataclass
