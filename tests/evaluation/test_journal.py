@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,3 +171,19 @@ def test_eval_command_no_resume(moe, tmp_path, monkeypatch, capsys):
     assert main(["eval", "ckpt", "--output", str(tmp_path), "--no-progress"]) == 0
     assert "resumed: 5 samples" in capsys.readouterr().out
     assert seen == [False, True]
+
+
+def test_eval_command_interrupted_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, output_dir, **kwargs):
+        journal = GenerationJournal(output_dir / JOURNAL_FILE, {"seed": 0})
+        journal.open()
+        journal.append([sample("T/0", 0)])
+        journal.append([sample("T/1", 0)])
+        journal.close()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness, "evaluate", lambda *a, output_dir, **k: interrupted(output_dir=Path(output_dir)))
+    assert main(["eval", "ckpt", "--output", str(tmp_path), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert f"2 generated batch(es) are kept in {tmp_path / JOURNAL_FILE}: run the same command again" in err
+    assert "dylora-moe: interrupted" in err

@@ -148,13 +148,17 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
                               "unless --references or --rescore is given")
     _threads(ns)
     output = ns.output or f"eval/{ns.benchmark}"
-    summary = evaluate(
-        None if ns.references else ns.model, benchmark=ns.benchmark, output_dir=output, limit=ns.limit,
-        n_samples=ns.n_samples, temperature=ns.temperature, top_p=ns.top_p, k=ns.k, batch_size=ns.batch_size,
-        max_new_tokens=ns.max_new_tokens, prompt_style=ns.prompt_style, seed=ns.seed, workers=ns.workers,
-        timeout_s=ns.timeout, data_dir=ns.data_dir, references=ns.references, base_only=ns.base_only,
-        progress=not ns.no_progress, device=ns.device, dtype=ns.dtype, resume=not ns.no_resume,
-    )
+    try:
+        summary = evaluate(
+            None if ns.references else ns.model, benchmark=ns.benchmark, output_dir=output, limit=ns.limit,
+            n_samples=ns.n_samples, temperature=ns.temperature, top_p=ns.top_p, k=ns.k, batch_size=ns.batch_size,
+            max_new_tokens=ns.max_new_tokens, prompt_style=ns.prompt_style, seed=ns.seed, workers=ns.workers,
+            timeout_s=ns.timeout, data_dir=ns.data_dir, references=ns.references, base_only=ns.base_only,
+            progress=not ns.no_progress, device=ns.device, dtype=ns.dtype, resume=not ns.no_resume,
+        )
+    except KeyboardInterrupt:
+        _explain_interruption(Path(output))
+        raise
     if ns.references:
         refs = summary["references"]
         line = f"references: {refs['passed']}/{refs['total']} pass"
@@ -169,6 +173,17 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
             print(f"resumed: {summary['resumed_samples']} samples kept from the interrupted run's journal")
     print(f"wrote {output}/results.jsonl and {output}/summary.json")
     return 0
+
+
+def _explain_interruption(output: Path) -> None:
+    """After Ctrl-C: how many samples the journal kept, and how to go on from them."""
+    from .journal import JOURNAL_FILE
+
+    journal = output / JOURNAL_FILE
+    if journal.is_file():
+        batches = journal.read_bytes().count(b"\n") - 1
+        print(f"dylora-moe: {max(batches, 0)} generated batch(es) are kept in {journal}: run the same command "
+              "again to resume from them", file=sys.stderr)
 
 
 def _scores_text(pass_at_k: dict[str, float | None]) -> str:
