@@ -382,3 +382,35 @@ def test_old_units_routing_comes_from_their_saved_train_config(tmp_path):
         saved = {"format_version": 1, "config": {"moe": {"routing": routing}}}
         (tmp_path / "train" / "train_config.json").write_text(json.dumps(saved))
         assert per_decision(old, "nmi", tmp_path) == expected
+
+
+def test_a_unit_that_died_after_training_is_analysed_from_its_adapter_not_retrained(setup):
+    """Training finished (final adapter and metrics.json written) but the unit died before unit.json: the next
+    run reuses that training. An unfinished run, or one trained with other settings, trains again."""
+    study_path, out = setup
+    one = ["variants=[{name: moe2}]", "seeds=[0]", "baseline=moe2", "benchmarks=[]"]
+    run_study(StudyConfig.from_yaml(study_path, one), progress=False)
+    unit_path = out / "moe2" / "seed0" / "unit.json"
+    first = json.loads(unit_path.read_text())
+    weights = out / "moe2" / "seed0" / "train" / "final" / "dylora_moe_weights.safetensors"
+    stamp = weights.stat().st_mtime_ns
+
+    unit_path.unlink()  # died in the routing analysis
+    again = run_unit(StudyConfig.from_yaml(study_path, one), VariantConfig("moe2"), 0, progress=False)
+    assert weights.stat().st_mtime_ns == stamp  # not trained again
+    assert {k: v for k, v in again.items() if k != "unit_time_s"} == {
+        k: v for k, v in first.items() if k != "unit_time_s"}
+    metrics_path = weights.parent.parent / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    assert again["unit_time_s"] > metrics["wall_time_s"]  # the reused training's time counts
+
+    metrics_path.write_text(json.dumps({**metrics, "global_step": metrics["total_steps"] - 1}))  # cut short
+    unit_path.unlink()
+    run_unit(StudyConfig.from_yaml(study_path, one), VariantConfig("moe2"), 0, progress=False)
+    assert weights.stat().st_mtime_ns != stamp  # trained again
+    stamp = weights.stat().st_mtime_ns
+
+    unit_path.unlink()  # now the study asks for other settings than the saved run had
+    other = run_unit(StudyConfig.from_yaml(study_path, [*one, "overrides=[train.lr=0.05]"]), VariantConfig("moe2"),
+                     0, progress=False)
+    assert weights.stat().st_mtime_ns != stamp and other["eval_loss_end"] != first["eval_loss_end"]

@@ -85,9 +85,15 @@ def _train_and_analyse(study: StudyConfig, variant: VariantConfig, seed: int, co
 
     unit_dir = study.unit_dir(variant.name, seed)
     started = time.monotonic()
-    result = JointTrainer(config).train()
-    metrics = result.metrics
-    del result
+    metrics = finished_training(unit_dir / "train", config)
+    earlier = 0.0 if metrics is None else float(metrics.get("wall_time_s") or 0.0)  # the reused training's time
+    if metrics is None:
+        result = JointTrainer(config).train()
+        metrics = result.metrics
+        del result
+    else:
+        print(f"{variant.name} seed {seed}: training finished earlier ({unit_dir / 'train'}): analysing its adapter",
+              flush=True)
     model, tokenizer = load_for_eval(unit_dir / "train" / "final", device=study.device)
     model.eval()
     routing = _analyse(study, variant, seed, config, model, tokenizer, progress)
@@ -104,7 +110,7 @@ def _train_and_analyse(study: StudyConfig, variant: VariantConfig, seed: int, co
         "steps": metrics["global_step"],
         "precision": metrics["precision"],
         "train_time_s": metrics["train_time_s"],
-        "unit_time_s": time.monotonic() - started,
+        "unit_time_s": time.monotonic() - started + earlier,
         "device": str(next(model.parameters()).device),
         "eval_loss_start": metrics["eval_loss"]["start"],
         "eval_loss_end": metrics["eval_loss"]["end"],
@@ -119,6 +125,25 @@ def _train_and_analyse(study: StudyConfig, variant: VariantConfig, seed: int, co
     }
     _write_json(unit_dir / UNIT_FILE, unit)
     return unit, model, tokenizer
+
+
+def finished_training(train_dir: Path, config: Any) -> dict[str, Any] | None:
+    """``metrics.json`` of a training run in ``train_dir`` that finished with exactly ``config`` (its final
+    adapter saved, every step done), else None. A unit that died after training (in the routing analysis,
+    say) then resumes from its adapter instead of training again."""
+    from ..serialization import WEIGHTS_FILE
+
+    metrics_path, saved = train_dir / "metrics.json", train_dir / "train_config.json"
+    if not ((train_dir / "final" / WEIGHTS_FILE).is_file() and metrics_path.is_file() and saved.is_file()):
+        return None
+    try:
+        metrics = json.loads(metrics_path.read_text())
+        same = json.loads(saved.read_text()).get("config") == json.loads(config.to_json())["config"]
+    except (json.JSONDecodeError, KeyError, AttributeError):
+        return None
+    if not same or metrics.get("global_step") != metrics.get("total_steps"):
+        return None
+    return metrics
 
 
 def _analyse(study: StudyConfig, variant: VariantConfig, seed: int, config: Any, model: Any, tokenizer: Any,
