@@ -318,8 +318,50 @@ def test_paired_pass_at_1_counts_problems_only_one_side_solves(setup):
     table = (out / "results_table.md").read_text()
     assert "| `moe2` | humaneval | 2 | 16 | 6 | 1 | 1 | 0.12 |" in table
     (out / "lora_r8" / "seed1" / "eval" / "humaneval" / "results.jsonl").unlink()
+    unit_path = out / "lora_r8" / "seed1" / "unit.json"  # and the verdicts unit.json kept of them
+    unit = json.loads(unit_path.read_text())
+    del unit["pass_at_1"]["humaneval"]["verdicts"]
+    unit_path.write_text(json.dumps(unit))
     row = report(study)["paired_pass_at_1"]["moe2"]["humaneval"]
     assert row["seeds"] == [0] and (row["only_variant"], row["only_baseline"]) == (4, 1)
+
+
+def test_units_keep_their_verdicts_so_pairing_survives_the_eval_folders(setup):
+    """unit.json keeps each pass@1's per-problem verdicts (those of results.jsonl); with every eval/ folder gone
+    (units evaluated on another machine), the paired comparison reads them from unit.json and counts the same."""
+    import shutil
+
+    from dylora_moe.evaluation.compare import read_verdicts
+
+    study_path, out = setup
+    two = ["variants=[{name: moe2}, {name: lora_r8, overrides: [moe.num_experts=1, moe.r=8, moe.alpha=16]}]",
+           "benchmarks=[humaneval]"]
+    study = StudyConfig.from_yaml(study_path, two)
+    run_study(study, progress=False)
+    for name in ("moe2", "lora_r8"):
+        for seed in (0, 1):
+            unit = json.loads((out / name / f"seed{seed}" / "unit.json").read_text())
+            kept = unit["pass_at_1"]["humaneval"]["verdicts"]
+            assert kept == read_verdicts(out / name / f"seed{seed}" / "eval" / "humaneval") and len(kept) == 2
+    # give the units other verdicts than their real ones, so the counts show where they were read from
+    tasks = sorted(kept)
+    for name, seed, passed in (("moe2", 0, [True, True]), ("moe2", 1, [True, False]),
+                               ("lora_r8", 0, [False, True]), ("lora_r8", 1, [False, False])):
+        unit_path = out / name / f"seed{seed}" / "unit.json"
+        unit = json.loads(unit_path.read_text())
+        unit["pass_at_1"]["humaneval"]["verdicts"] = dict(zip(tasks, passed))
+        unit_path.write_text(json.dumps(unit))
+        shutil.rmtree(out / name / f"seed{seed}" / "eval")
+    row = report(study)["paired_pass_at_1"]["moe2"]["humaneval"]
+    assert row["seeds"] == [0, 1] and row["pairs"] == 4
+    assert (row["both"], row["only_variant"], row["only_baseline"], row["neither"]) == (1, 2, 0, 1)
+    # a unit that kept no verdicts (from before they were kept) and has no results is left out
+    unit_path = out / "lora_r8" / "seed1" / "unit.json"
+    unit = json.loads(unit_path.read_text())
+    del unit["pass_at_1"]["humaneval"]["verdicts"]
+    unit_path.write_text(json.dumps(unit))
+    row = report(study)["paired_pass_at_1"]["moe2"]["humaneval"]
+    assert row["seeds"] == [0] and (row["both"], row["only_variant"], row["only_baseline"]) == (1, 1, 0)
 
 
 def test_a_unit_from_before_the_per_decision_view_is_analysed_again_not_retrained(setup):

@@ -73,10 +73,14 @@ def report(study: StudyConfig) -> dict[str, Any]:
     return quality
 
 
-def _verdicts(study: StudyConfig, variant: str, seed: int, benchmark: str) -> dict[str, bool] | None:
-    """``{task_id: passed}`` of a unit's greedy pass@1, or None when its results are gone."""
-    path = study.unit_dir(variant, seed) / "eval" / benchmark
-    return read_verdicts(path) if (path / "results.jsonl").is_file() else None
+def _verdicts(study: StudyConfig, unit: dict[str, Any], benchmark: str) -> dict[str, bool] | None:
+    """``{task_id: passed}`` of a unit's greedy pass@1: from its ``results.jsonl``, else from the verdicts its
+    ``unit.json`` kept (units evaluated on another machine); None when neither has them."""
+    path = study.unit_dir(unit["variant"], unit["seed"]) / "eval" / benchmark
+    if (path / "results.jsonl").is_file():
+        return read_verdicts(path)
+    kept = unit.get("pass_at_1", {}).get(benchmark, {}).get("verdicts")
+    return {str(task): bool(ok) for task, ok in kept.items()} if isinstance(kept, dict) else None
 
 
 def _paired_pass_at_1(study: StudyConfig, variants: dict[str, Any]) -> dict[str, Any]:
@@ -93,8 +97,10 @@ def _paired_pass_at_1(study: StudyConfig, variants: dict[str, Any]) -> dict[str,
         for b in v["pass_at_1"]:
             counts = {"both": 0, "only_variant": 0, "only_baseline": 0, "neither": 0}
             seeds = []
-            for seed in sorted(set(v["seeds"]) & set(variants[base]["seeds"])):
-                mine, theirs = _verdicts(study, name, seed, b), _verdicts(study, base, seed, b)
+            units = {u["seed"]: u for u in v["units"]}
+            baseline_units = {u["seed"]: u for u in variants[base]["units"]}
+            for seed in sorted(units.keys() & baseline_units.keys()):
+                mine, theirs = _verdicts(study, units[seed], b), _verdicts(study, baseline_units[seed], b)
                 if mine is None or theirs is None:
                     continue
                 seeds.append(seed)

@@ -14,6 +14,9 @@ from .config import STUDY_FORMAT_VERSION, UNIT_FILE, StudyConfig, VariantConfig
 def run_unit(study: StudyConfig, variant: VariantConfig, seed: int, progress: bool = True) -> dict[str, Any]:
     """Train, analyse and evaluate one (variant, seed); returns (and writes) the unit's ``unit.json``.
 
+    Each pass@1 keeps its per-problem ``verdicts`` (``{task_id: passed}``) in ``unit.json``, so the study can
+    pair two units problem by problem after their ``eval/`` folders are gone (another machine, say).
+
     ``unit.json`` is written after training and the routing analysis, then rewritten after each benchmark's
     pass@1, so a unit cut short keeps what it measured. A unit whose ``unit.json`` lacks a pass@1 the study
     asks for (cut short, or run earlier with fewer benchmarks) resumes from its saved adapter and only
@@ -67,6 +70,7 @@ def _unit_stale(study: StudyConfig, variant: VariantConfig, unit: dict[str, Any]
 def _pass_at_1(study: StudyConfig, model: Any, tokenizer: Any, benchmark: str, unit_dir: Path, config: Any,
                progress: bool) -> dict[str, Any]:
     from ..evaluation import evaluate
+    from ..evaluation.compare import read_verdicts
 
     summary = evaluate(model, tokenizer, benchmark=benchmark, output_dir=unit_dir / "eval" / benchmark,
                        limit=study.eval_limit, batch_size=study.eval_batch_size,
@@ -74,7 +78,8 @@ def _pass_at_1(study: StudyConfig, model: Any, tokenizer: Any, benchmark: str, u
                        data_dir=config.data.data_dir, progress=progress)
     return {"pass@1": summary["pass@k"]["pass@1"], "problems": summary["problems"],
             "outcomes": summary["outcomes"], "experts": summary["experts"],
-            "eval_time_s": summary["timing"]["total_s"], "resumed_samples": summary.get("resumed_samples", 0)}
+            "eval_time_s": summary["timing"]["total_s"], "resumed_samples": summary.get("resumed_samples", 0),
+            "verdicts": read_verdicts(unit_dir / "eval" / benchmark)}
 
 
 def _train_and_analyse(study: StudyConfig, variant: VariantConfig, seed: int, config: Any,
