@@ -315,3 +315,45 @@ def test_straight_through_gate_gives_each_chosen_expert_full_weight(routing, bat
     model.train()
     model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     assert all(r.weight.grad is not None and r.weight.grad.abs().sum() > 0 for r in model.routers)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("routing", ["sequence", "token"])
+def test_supervised_logits_only_gives_the_same_loss_and_gradients(arch, routing, batch):
+    """The LM head on the supervised positions only: the same loss, aux loss, routing and gradients as over the
+    full [B, T, V] logits (sequence routing still decides on the prompt, which only the labels mark)."""
+    ids, mask, labels = batch
+    model = build(arch, routing=routing, balance_coef=0.1)
+    randomize_experts(model)  # eval mode (no base dropout in gpt2), gradients still flow
+    results = []
+    for only in (False, True):
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, supervised_logits_only=only)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (full, full_grads), (only, only_grads) = results
+    assert full.logits.shape == (3, 12, VOCAB) and only.logits is None
+    assert torch.allclose(only.lm_loss, full.lm_loss, atol=1e-6) and only.lm_loss.dtype == torch.float32
+    assert torch.allclose(only.aux_loss, full.aux_loss) and torch.equal(only.router_probs, full.router_probs)
+    assert only_grads.keys() == full_grads.keys() and any(n.startswith("routers.") for n in only_grads)
+    for name, grad in full_grads.items():
+        assert torch.allclose(only_grads[name], grad, atol=1e-6, rtol=1e-4), name
+    # without labels there is nothing to select: the usual logits
+    plain = model(input_ids=ids, attention_mask=mask, supervised_logits_only=True)
+    assert plain.logits.shape == (3, 12, VOCAB) and plain.loss is None
+
+
+def test_supervised_logits_only_feeds_the_head_only_supervised_rows(batch):
+    """The head sees [N, H] with N the number of positions whose next token is supervised."""
+    ids, mask, labels = batch
+    model = build()
+    seen = []
+    handle = model.base_model.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: seen.append((tuple(args[0].shape), tuple(output.shape))))
+    try:
+        model(input_ids=ids, attention_mask=mask, labels=labels, supervised_logits_only=True)
+    finally:
+        handle.remove()
+    supervised = int((labels[:, 1:] != -100).sum())
+    assert seen == [((supervised, 64), (supervised, VOCAB))] and supervised < ids.numel()

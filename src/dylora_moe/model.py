@@ -284,7 +284,9 @@ class DyLoRAMoEForCausalLM(nn.Module):
         if (ctx.generating or continuing) and pinned is not None and pinned.probs.shape[0] == batch:
             ctx.sequence = pinned
             return None
-        features = self._sequence_features(input_ids, embeds, token_mask, kwargs.get("labels"), ctx.routing_mask)
+        labels = kwargs.get("labels")
+        labels = ctx.labels if labels is None else labels
+        features = self._sequence_features(input_ids, embeds, token_mask, labels, ctx.routing_mask)
         logits = self.routers[0](features)
         ctx.sequence = self._decide(logits, torch.ones(batch, dtype=torch.bool, device=logits.device))
         ctx.pinned = _detached(ctx.sequence)
@@ -380,12 +382,17 @@ class DyLoRAMoEForCausalLM(nn.Module):
         *,
         routing_mask: torch.Tensor | None = None,
         forced_expert: int | None = None,
+        supervised_logits_only: bool = False,
         **kwargs: Any,
     ) -> DyLoRAMoECausalLMOutput:
         """Run the LM; ``input_ids [B, T]``, ``attention_mask [B, T]``, ``labels [B, T]`` (-100 ignored).
 
         ``routing_mask [B, T]`` chooses the tokens that decide sequence routing (default: the prompt,
         i.e. labels == -100). ``forced_expert`` sends everything to one expert with weight 1.
+
+        ``supervised_logits_only`` (with ``labels``): the LM head runs only at the ``N`` positions whose next
+        token is supervised, so the ``[B, T, vocab]`` logits (and their gradient) are never built; the loss is
+        the same mean cross-entropy, and ``logits`` is ``None``. Training and evaluation use it.
         """
         ctx = self.context
         previous_forced = ctx.forced_expert
@@ -393,25 +400,63 @@ class DyLoRAMoEForCausalLM(nn.Module):
             if not 0 <= forced_expert < self.num_experts:
                 raise IndexError(f"forced_expert={forced_expert} out of range for {self.num_experts} experts")
             ctx.forced_expert = forced_expert
-        ctx.routing_mask = routing_mask
+        ctx.routing_mask, ctx.labels = routing_mask, labels
+        head = self.base_model.get_output_embeddings() if supervised_logits_only and labels is not None else None
         try:
-            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+            if head is None:
+                out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+                lm_loss = out.get("loss")
+            else:
+                out, lm_loss = self._supervised_forward(head, input_ids, attention_mask, labels, kwargs)
             decisions = ctx.decisions()
         finally:
-            ctx.routing_mask = None
+            ctx.routing_mask = ctx.labels = None
             ctx.forced_expert = previous_forced
-        return self._output(out, decisions)
+        return self._output(out, lm_loss, decisions, keep_logits=head is None)
 
-    def _output(self, out, decisions: list[RoutingDecision]) -> DyLoRAMoECausalLMOutput:
+    def _supervised_forward(self, head: nn.Module, input_ids, attention_mask, labels: torch.Tensor,
+                            kwargs: dict[str, Any]):
+        """The base forward with the LM head applied to the supervised positions only; ``(out, lm_loss)``.
+
+        A pre-hook on the head replaces its input ``[B, T, H]`` by the ``[N, H]`` rows whose next label is
+        not -100 (row-major, as ``targets``), so the head's output is ``[N, vocab]``; the loss is their mean
+        cross-entropy in float32, as transformers computes it over the full logits.
+        """
+        following = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # [B, T]: the label to predict
+        keep = following != -100
+        selected = []
+
+        def select(module, args):
+            hidden = args[0]
+            if hidden.shape[:2] != keep.shape:  # not the full sequence (logits_to_keep): leave it as it is
+                return None
+            selected.append(True)
+            return (hidden[keep], *args[1:])
+
+        handle = head.register_forward_pre_hook(select)
+        try:
+            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        finally:
+            handle.remove()
+        logits = out.logits
+        if selected:
+            return out, torch.nn.functional.cross_entropy(logits.float(), following[keep])
+        if logits.shape[:2] != labels.shape:
+            raise ValueError(f"supervised_logits_only: the LM head of {type(self.base_model).__name__} returned "
+                             f"logits of shape {tuple(logits.shape)} for labels of shape {tuple(labels.shape)}")
+        # the head never saw the [B, T, H] hidden states: the usual shifted loss over the logits it returned
+        return out, torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), following.flatten())
+
+    def _output(self, out, lm_loss: torch.Tensor | None, decisions: list[RoutingDecision],
+                keep_logits: bool = True) -> DyLoRAMoECausalLMOutput:
         cfg = self.moe_config
         aux = torch.stack([balance_loss(d, cfg.balance_loss) for d in decisions]).mean()
         share = torch.stack([expert_share(d) for d in decisions]).mean(0)
         entropy = torch.stack([router_entropy(d) for d in decisions]).mean()
         choice, probs = sequence_routing(decisions)
-        lm_loss = out.get("loss")
         loss = None if lm_loss is None else lm_loss + cfg.balance_coef * aux.to(lm_loss.dtype)
         known = {f.name for f in dataclasses.fields(DyLoRAMoECausalLMOutput)}
-        fields = {k: v for k, v in out.items() if k in known and k != "loss"}
+        fields = {k: v for k, v in out.items() if k in known and k != "loss" and (keep_logits or k != "logits")}
         return DyLoRAMoECausalLMOutput(
             loss=loss,
             lm_loss=lm_loss,

@@ -89,7 +89,7 @@ def batched_outputs(model: Any, tokenizer: Any, examples: Sequence[Example], *, 
     with _eval_mode(model):
         for batch in _collated(tokenizer, examples, batch_size, max_seq_length):
             inputs = {k: batch[k].to(model.device) for k in ("input_ids", "attention_mask", "labels")}
-            yield inputs, model(**inputs)
+            yield inputs, model(**inputs, supervised_logits_only=True)
 
 
 def router_entropy_on(model: Any, tokenizer: Any, examples: Sequence[Example], *, batch_size: int = 8,
@@ -259,7 +259,7 @@ def train_expert(model: Any, tokenizer: Any, examples: Sequence[Example], expert
                 targets = torch.tensor([t for _, t in picked], device=model.device)
                 inputs = {k: v.to(model.device) for k, v in batch.items()
                           if k in ("input_ids", "attention_mask", "labels")}
-                out = model(**inputs, forced_expert=expert if fine_tune else None)
+                out = model(**inputs, forced_expert=expert if fine_tune else None, supervised_logits_only=True)
                 loss = out.lm_loss
                 route = torch.zeros((), device=model.device)
                 if train_router and config.router_loss_coef > 0:

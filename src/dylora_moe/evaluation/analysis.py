@@ -140,7 +140,8 @@ def _run_domain(model: Any, batches: list[dict[str, torch.Tensor]], num_experts:
     for batch in batches:
         labels = batch["labels"].to(device)
         mask = batch["attention_mask"].to(device)
-        out = model(input_ids=batch["input_ids"].to(device), attention_mask=mask, labels=labels)
+        out = model(input_ids=batch["input_ids"].to(device), attention_mask=mask, labels=labels,
+                    supervised_logits_only=True)
         count = int((labels[:, 1:] != -100).sum())
         if count:
             loss_sum += float(out.lm_loss) * count

@@ -102,7 +102,7 @@ def evaluate(
                 batch = collate(chunk)
                 batch.pop("domain_ids", None)
                 batch = {k: v.to(device) for k, v in batch.items()}
-                out = model(**batch)
+                out = model(**batch, supervised_logits_only=True)
                 n_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
                 rows = batch["input_ids"].shape[0]
                 sums[0] += out.lm_loss.double() * n_tokens

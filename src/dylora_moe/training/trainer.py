@@ -436,7 +436,7 @@ class JointTrainer:
                 batch.pop("domain_ids", None)
                 bad = False
                 with acc.accumulate(prepared):
-                    out = prepared(**batch)
+                    out = prepared(**batch, supervised_logits_only=True)
                     acc.backward(out.loss)
                     if acc.sync_gradients:
                         # The gradients are reduced across processes here, so every process sees the same norm
