@@ -22,14 +22,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
-from train_step import rss_bytes, sync, trim
+from train_step import interleaved_times, peak_step_memory, run_with_mmap_threshold
 
 from dylora_moe import DyLoRAMoEConfig, DyLoRAMoEForCausalLM, load_base_model
 
@@ -78,23 +75,9 @@ def agreement(base, batch) -> dict[str, float]:
 
 def peak_memory(base, batch, only: bool, device: str) -> int:
     """Peak bytes of two training steps (the second has optimizer state) above the base model."""
-    trim()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        before = rss_bytes("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM
-    model = DyLoRAMoEForCausalLM(copy.deepcopy(base), DyLoRAMoEConfig(num_experts=4), mature=True)
-    step = step_fn(model, batch, only)
-    for _ in range(2):
-        step()
-    sync(device)
-    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else rss_bytes("VmHWM")
-    del model, step
-    trim()
-    return max(peak - before - sum(p.numel() * p.element_size() for p in base.parameters()), 0)
+    return peak_step_memory(
+        lambda: step_fn(DyLoRAMoEForCausalLM(copy.deepcopy(base), DyLoRAMoEConfig(num_experts=4), mature=True),
+                        batch, only), base, device)
 
 
 def main(argv=None) -> int:
@@ -120,16 +103,7 @@ def main(argv=None) -> int:
         steps[side] = step_fn(DyLoRAMoEForCausalLM(copy.deepcopy(base), DyLoRAMoEConfig(num_experts=4), mature=True),
                               batch, side == "supervised")
         steps[side]()  # warm-up
-    times = {side: [] for side in SIDES}
-    for r in range(args.repeats):
-        for side, step in steps.items():
-            sync(args.device)
-            start = time.perf_counter()
-            step()
-            sync(args.device)
-            times[side].append(time.perf_counter() - start)
-        print(f"  round {r + 1}/{args.repeats}: " + ", ".join(f"{s}={t[-1]:.3f}s" for s, t in times.items()),
-              flush=True)
+    times = interleaved_times(steps, args.repeats, args.device)
     del steps
     med = {side: statistics.median(t) for side, t in times.items()}
     memory = {side: peak_memory(base, batch, side == "supervised", args.device) for side in SIDES}
@@ -153,8 +127,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux"):
-        # large buffers go straight to mmap, so freed memory leaves the RSS and VmHWM stays meaningful
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-        os.execv(sys.executable, [sys.executable, *sys.argv])
-    sys.exit(main())
+    run_with_mmap_threshold(main)

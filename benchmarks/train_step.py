@@ -136,8 +136,25 @@ def trim() -> None:
         pass
 
 
-def peak_memory(variant, base, batch, device, workdir) -> int:
-    """Peak bytes of a training step (2 steps: optimizer state exists in the second) above the base."""
+def interleaved_times(steps: dict, repeats: int, device: str, label: str = "") -> dict[str, list[float]]:
+    """Seconds of each call of every step, ``repeats`` rounds, each round calling every step once in turn (so
+    machine noise hits them alike); prints each round."""
+    times = {name: [] for name in steps}
+    for r in range(repeats):
+        for name, step in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+        print(f"  {label}round {r + 1}/{repeats}: " + ", ".join(f"{n}={t[-1]:.3f}s" for n, t in times.items()),
+              flush=True)
+    return times
+
+
+def peak_step_memory(make_step, base, device: str) -> int:
+    """Peak bytes of two calls of the step ``make_step()`` builds (optimizer state exists in the second), above
+    the base model (the deep copy each variant makes of it is subtracted)."""
     trim()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -146,17 +163,29 @@ def peak_memory(variant, base, batch, device, workdir) -> int:
     else:
         before = rss_bytes("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM
-    model = build(variant, base, workdir)
-    step = step_fn(model, batch)
+    step = make_step()
     for _ in range(2):
         step()
     sync(device)
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else rss_bytes("VmHWM")
-    del model, step
+    del step
     trim()
-    # the deep copy of the base is part of every variant alike; subtract it
     base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     return max(peak - before - base_bytes, 0)
+
+
+def peak_memory(variant, base, batch, device, workdir) -> int:
+    """Peak bytes of a training step of ``variant`` above the base."""
+    return peak_step_memory(lambda: step_fn(build(variant, base, workdir), batch), base, device)
+
+
+def run_with_mmap_threshold(main) -> None:
+    """``sys.exit(main())``, first re-executing the script with ``MALLOC_MMAP_THRESHOLD_`` set on Linux: large
+    buffers then go straight to mmap, so freed memory leaves the RSS and VmHWM stays meaningful."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux"):
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+    sys.exit(main())
 
 
 def run_setting(name, args, workdir):
@@ -173,16 +202,7 @@ def run_setting(name, args, workdir):
         except Exception as exc:  # X-LoRA is optional: report why it did not run
             errors[v] = f"{type(exc).__name__}: {exc}"[:300]
             steps.pop(v, None)
-    times = {v: [] for v in steps}
-    for r in range(args.repeats):
-        for v, step in steps.items():
-            sync(args.device)
-            t0 = time.perf_counter()
-            step()
-            sync(args.device)
-            times[v].append(time.perf_counter() - t0)
-        print(f"  [{name}] round {r + 1}/{args.repeats}: "
-              + ", ".join(f"{v}={t[-1]:.3f}s" for v, t in times.items()), flush=True)
+    times = interleaved_times(steps, args.repeats, args.device, f"[{name}] ")
     med = {v: statistics.median(t) for v, t in times.items()}
     del steps
     trim()
@@ -254,8 +274,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux"):
-        # large buffers go straight to mmap, so freed memory leaves the RSS and VmHWM stays meaningful
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-        os.execv(sys.executable, [sys.executable, *sys.argv])
-    sys.exit(main())
+    run_with_mmap_threshold(main)
