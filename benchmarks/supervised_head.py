@@ -42,6 +42,11 @@ def make_batch(vocab: int, batch: int, seq: int, supervised: float, device: str)
             "labels": labels.to(device)}
 
 
+def mixture(base, **config):
+    """The default mixture (4 experts, all mature) on a private copy of ``base``."""
+    return DyLoRAMoEForCausalLM(copy.deepcopy(base), DyLoRAMoEConfig(num_experts=4, **config), mature=True)
+
+
 def step_fn(model, batch, only: bool):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -57,7 +62,7 @@ def step_fn(model, batch, only: bool):
 
 def agreement(base, batch) -> dict[str, float]:
     """The two sides' loss and gradients on one model (no optimizer step): largest absolute differences."""
-    model = DyLoRAMoEForCausalLM(copy.deepcopy(base), DyLoRAMoEConfig(num_experts=4, dropout=0.0), mature=True)
+    model = mixture(base, dropout=0.0)
     with torch.no_grad():
         for b in model.expert_parameters():
             b.normal_(0.0, 0.01)  # non-zero B: the experts change the output, every parameter gets a gradient
@@ -75,9 +80,7 @@ def agreement(base, batch) -> dict[str, float]:
 
 def peak_memory(base, batch, only: bool, device: str) -> int:
     """Peak bytes of two training steps (the second has optimizer state) above the base model."""
-    return peak_step_memory(
-        lambda: step_fn(DyLoRAMoEForCausalLM(copy.deepcopy(base), DyLoRAMoEConfig(num_experts=4), mature=True),
-                        batch, only), base, device)
+    return peak_step_memory(lambda: step_fn(mixture(base), batch, only), base, device)
 
 
 def main(argv=None) -> int:
@@ -100,8 +103,7 @@ def main(argv=None) -> int:
     steps = {}
     for side in SIDES:
         torch.manual_seed(0)
-        steps[side] = step_fn(DyLoRAMoEForCausalLM(copy.deepcopy(base), DyLoRAMoEConfig(num_experts=4), mature=True),
-                              batch, side == "supervised")
+        steps[side] = step_fn(mixture(base), batch, side == "supervised")
         steps[side]()  # warm-up
     times = interleaved_times(steps, args.repeats, args.device)
     del steps

@@ -357,3 +357,16 @@ def test_supervised_logits_only_feeds_the_head_only_supervised_rows(batch):
         handle.remove()
     supervised = int((labels[:, 1:] != -100).sum())
     assert seen == [((supervised, 64), (supervised, VOCAB))] and supervised < ids.numel()
+
+
+def test_supervised_logits_only_when_the_head_never_sees_the_sequence(batch, monkeypatch):
+    """A head that is not called on [B, T, H] (here: the declared head is a module the model never calls) gives
+    the usual shifted loss over the returned logits; logits not of the labels' shape raise, naming both shapes."""
+    ids, mask, labels = batch
+    model = build()
+    reference = model(input_ids=ids, attention_mask=mask, labels=labels).lm_loss
+    monkeypatch.setattr(model.base_model, "get_output_embeddings", lambda: torch.nn.Identity())
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, supervised_logits_only=True)
+    assert out.logits is None and torch.allclose(out.lm_loss, reference, atol=1e-6)
+    with pytest.raises(ValueError, match=r"logits of shape \(3, 1, 96\) for labels of shape \(3, 12\)"):
+        model(input_ids=ids, attention_mask=mask, labels=labels, supervised_logits_only=True, logits_to_keep=1)

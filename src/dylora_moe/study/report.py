@@ -91,14 +91,14 @@ def _paired_pass_at_1(study: StudyConfig, variants: dict[str, Any]) -> dict[str,
     if base not in variants:
         return {}
     table: dict[str, Any] = {}
+    baseline_units = {u["seed"]: u for u in variants[base]["units"]}
     for name, v in variants.items():
         if name == base:
             continue
+        units = {u["seed"]: u for u in v["units"]}
         for b in v["pass_at_1"]:
             counts = {"both": 0, "only_variant": 0, "only_baseline": 0, "neither": 0}
             seeds = []
-            units = {u["seed"]: u for u in v["units"]}
-            baseline_units = {u["seed"]: u for u in variants[base]["units"]}
             for seed in sorted(units.keys() & baseline_units.keys()):
                 mine, theirs = _verdicts(study, units[seed], b), _verdicts(study, baseline_units[seed], b)
                 if mine is None or theirs is None:
