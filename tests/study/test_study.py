@@ -244,6 +244,42 @@ def test_parallel_units_get_their_own_gpu_round_robin(setup, monkeypatch, capsys
     assert launched == [("0", "0")]
 
 
+def test_parallel_units_share_the_cpu_cores(setup, monkeypatch, capsys):
+    """Each child gets its share of the usable cores as OMP_NUM_THREADS / MKL_NUM_THREADS (at least one), so
+    that parallel units do not each start a thread per core; a thread count the user set is passed on as is."""
+    import dylora_moe.study.runner as study_module
+
+    study_path, out = setup
+    study = StudyConfig.from_yaml(study_path, ["seeds=[0, 1, 2]", "parallel=3", "variants=[{name: moe2}]",
+                                               "device=cpu", "baseline=moe2"])
+    envs = []
+
+    class FakeChild:
+        def __init__(self, cmd, env, **kwargs):
+            self.returncode = 0
+            envs.append(env)
+
+        def poll(self):
+            return self.returncode
+
+    for name in study_module.THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(study_module.subprocess, "Popen", FakeChild)
+    monkeypatch.setattr(study_module.time, "sleep", lambda s: None)
+    monkeypatch.setattr(study_module, "_usable_cpus", lambda: 16)
+    assert study_module._run_parallel(study, out / "config.json", study.units()) == []
+    assert [(e["OMP_NUM_THREADS"], e["MKL_NUM_THREADS"]) for e in envs] == [("5", "5")] * 3  # 16 cores // 3
+    assert "3 units at a time, 5 CPU thread(s) each" in capsys.readouterr().out
+    monkeypatch.setattr(study_module, "_usable_cpus", lambda: 2)  # more units than cores: one thread each
+    envs.clear()
+    study_module._run_parallel(study, out / "config.json", study.units())
+    assert {e["OMP_NUM_THREADS"] for e in envs} == {"1"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # the user's choice is kept
+    envs.clear()
+    study_module._run_parallel(study, out / "config.json", study.units()[:1])
+    assert envs[0]["OMP_NUM_THREADS"] == "7" and envs[0]["MKL_NUM_THREADS"] == "1"
+
+
 def test_report_refuses_units_trained_on_different_tokens(setup, capsys):
     """Units record the digest of their token ids; a unit made with another tokenization (or an older unit that
     did not record one) is not averaged in with the others: the report names the units instead."""

@@ -85,7 +85,8 @@ class StudyConfig:
     parallel: int = field(default=1, metadata=_help(
         "Units run at once, each in its own process; with several GPUs each running unit gets its own. "
         "On one GPU, training units share it well (9 at once kept an H100 at 100%: 18 units in 7.3 min), "
-        "but each pass@1 at batch 256 needs about 38 GB: run losses first with benchmarks=[]."))
+        "but each pass@1 at batch 256 needs about 38 GB: run losses first with benchmarks=[]. Each unit gets "
+        "its share of the CPU cores (OMP_NUM_THREADS / MKL_NUM_THREADS, unless set already)."))
     data_dir: str | None = field(default=None, metadata=_help("Data directory (sets data.data_dir of every unit)."))
 
     def validate(self, source: str = "study config") -> None:

@@ -56,18 +56,42 @@ def _visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _usable_cpus() -> int:
+    """The CPU cores this process may run on (its affinity mask where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _child_threads(parallel: int) -> dict[str, str]:
+    """The CPU thread count each of ``parallel`` children gets, as environment variables: the usable cores
+    shared out (at least one each), so that ``parallel`` PyTorch processes do not each start one thread per
+    core (oversubscribed, they run many times slower). A variable already set in the environment wins."""
+    threads = str(max(1, _usable_cpus() // parallel))
+    return {name: os.environ.get(name, threads) for name in THREAD_VARIABLES}
+
+
 def _run_parallel(study: StudyConfig, config_path: Path, pending: list[tuple[VariantConfig, int]]) -> list[str]:
     """Each unit in a child process (``python -m dylora_moe.study unit ...``), ``parallel`` at a time. With
-    several GPUs, each running unit gets its own (``CUDA_VISIBLE_DEVICES``, round robin over free slots)."""
+    several GPUs, each running unit gets its own (``CUDA_VISIBLE_DEVICES``, round robin over free slots).
+    Each child gets its share of the CPU cores as ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``
+    (:func:`_child_threads`) unless those are set already."""
     queue, running, failures = list(pending), [], []
     gpus = _visible_gpus() if study.device in ("auto", "cuda") else []
+    threads = _child_threads(study.parallel)
+    print(f"{study.parallel} units at a time, {threads['OMP_NUM_THREADS']} CPU thread(s) each "
+          f"(OMP_NUM_THREADS; set it to choose)", flush=True)
     while queue or running:
         while queue and len(running) < study.parallel:
             variant, seed = queue.pop(0)
             log = study.unit_dir(variant.name, seed) / "unit.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             slot = min(set(range(study.parallel)) - {item[4] for item in running})
-            env = dict(os.environ)
+            env = {**os.environ, **threads}
             if len(gpus) > 1:
                 env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
             handle = open(log, "w")  # noqa: SIM115 (closed when the child ends)
