@@ -53,9 +53,10 @@ def test_mixture_matches_naive(ranks, per, mode, k, token_kernel, monkeypatch):
     assert torch.allclose(got.detach(), want, atol=1e-5)
 
 
-def test_sparse_weights_are_softmax_probabilities():
+def test_probability_gate_weights_are_softmax_probabilities():
     logits = torch.tensor([[1.0, 3.0, 0.0, -1.0]])
-    d = decide(logits, torch.ones(1, dtype=torch.bool), mode="sparse", top_k=1, temperature=2.0)
+    d = decide(logits, torch.ones(1, dtype=torch.bool), mode="sparse", top_k=1, temperature=2.0,
+               gate="probability")
     p = torch.softmax(logits / 2.0, -1)
     assert d.indices.tolist() == [[1]]
     assert torch.allclose(d.gates, p[:, 1:2])

@@ -308,7 +308,7 @@ def test_straight_through_gate_gives_each_chosen_expert_full_weight(routing, bat
                            forced_expert=int(out.expert_choice[row]))
             real = mask[row].bool()
             assert torch.allclose(out.logits[row, real], forced.logits[0, real], atol=1e-5)
-    probability = build(routing=routing, balance_coef=0.0)
+    probability = build(routing=routing, gate="probability", balance_coef=0.0)
     probability.load_state_dict(model.state_dict())
     probability.eval()
     assert not torch.allclose(probability(input_ids=ids, attention_mask=mask).logits, out.logits, atol=1e-4)

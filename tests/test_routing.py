@@ -62,8 +62,10 @@ def test_straight_through_gate_is_one_forward_and_passes_the_probability_gradien
     logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.3, 0.2]], requires_grad=True)
     mask = torch.ones(2, dtype=torch.bool)
     st = decide(logits, mask, mode="sparse", top_k=1, temperature=1.0, gate="straight_through")
-    prob = decide(logits, mask, mode="sparse", top_k=1, temperature=1.0)
+    prob = decide(logits, mask, mode="sparse", top_k=1, temperature=1.0, gate="probability")
     assert torch.equal(st.indices, prob.indices) and torch.equal(st.gates, torch.ones(2, 1))  # exactly 1
+    default = decide(logits, mask, mode="sparse", top_k=1, temperature=1.0)  # straight-through since the study
+    assert torch.equal(default.gates, st.gates) and default.gates.requires_grad
     assert torch.all(prob.gates < 1)
     upstream = torch.tensor([[0.7], [-1.3]])
     (grad_st,) = torch.autograd.grad((st.gates * upstream).sum(), logits)

@@ -84,6 +84,28 @@ def test_checkpoints_without_recorded_architecture_still_load(tmp_path):
         DyLoRAMoEForCausalLM.from_pretrained(tmp_path / "ckpt", base_model=make_base("qwen2"))
 
 
+def test_gate_round_trips_and_checkpoints_from_before_it_keep_the_probability_gate(tmp_path, batch):
+    """The gate is saved with the config; a checkpoint written before the field existed was weighted by the
+    router probability, and loads so (outputs equal to a probability-gated model), not with today's default."""
+    ids, mask, _ = batch
+    model = trained_model("token")
+    assert model.moe_config.gate == "straight_through"  # the default since the quality study
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = DyLoRAMoEForCausalLM.from_pretrained(tmp_path / "ckpt", base_model=make_base("llama"))
+    assert loaded.moe_config.gate == "straight_through"
+    cfg = tmp_path / "ckpt" / CONFIG_FILE
+    meta = json.loads(cfg.read_text())
+    del meta["moe_config"]["gate"]
+    cfg.write_text(json.dumps(meta))
+    old = DyLoRAMoEForCausalLM.from_pretrained(tmp_path / "ckpt", base_model=make_base("llama"))
+    assert old.moe_config.gate == "probability"
+    model.moe_config.gate = "probability"
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(old(input_ids=ids, attention_mask=mask).logits, expected)
+        assert not torch.allclose(loaded(input_ids=ids, attention_mask=mask).logits, expected)
+
+
 def test_newer_format_and_malformed_files(tmp_path):
     trained_model().save_pretrained(tmp_path / "ckpt")
     cfg = tmp_path / "ckpt" / CONFIG_FILE

@@ -54,12 +54,14 @@ class DyLoRAMoEConfig:
     )
     top_k: int = field(default=1, metadata={"help": "Experts chosen per routed unit in sparse mode."})
     gate: str = field(
-        default="probability",
+        default="straight_through",
         metadata={
-            "help": "Weight of a chosen expert in sparse mode: 'probability' (its router probability, as in "
-            "Switch Transformer; below 1 whenever the router is unsure, so the expert's update is shrunk) or "
-            "'straight_through' (exactly 1 in the forward pass, like a single LoRA, while the router still "
-            "gets the gradient of its probability: p / p.detach()). docs/results.md proposes the latter."
+            "help": "Weight of a chosen expert in sparse mode: 'straight_through' (exactly 1 in the forward "
+            "pass, like a single LoRA, while the router still gets the gradient of its probability: "
+            "p / p.detach(); the default since the quality study in docs/results.md, where it gave lower "
+            "held-out loss) or 'probability' (its router probability, as in Switch Transformer and the seed; "
+            "below 1 whenever the router is unsure, so the expert's update is shrunk). Checkpoints saved "
+            "before this field existed load with 'probability'."
         },
     )
     temperature: float = field(

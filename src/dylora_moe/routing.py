@@ -80,7 +80,7 @@ def decide(
     top_k: int,
     temperature: float,
     forced_expert: int | None = None,
-    gate: str = "probability",
+    gate: str = "straight_through",
 ) -> RoutingDecision:
     """Turn router logits ``[..., E]`` into a decision.
 

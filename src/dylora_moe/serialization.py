@@ -179,7 +179,9 @@ def load_model(directory: str | Path, base_model=None, *, dtype=None, device=Non
     if base_model is None:
         base_model, _ = load_base_model(fingerprint["name_or_path"], dtype=dtype, device=device)
     check_fingerprint(fingerprint, base_model, str(directory))
-    config = DyLoRAMoEConfig.from_dict(meta["moe_config"], source=str(directory / CONFIG_FILE))
+    # a checkpoint from before the gate field was weighted by the router probability, the only gate then
+    saved = {"gate": "probability", **meta["moe_config"]}
+    config = DyLoRAMoEConfig.from_dict(saved, source=str(directory / CONFIG_FILE))
     model = DyLoRAMoEForCausalLM(base_model, config, base_name_or_path=fingerprint["name_or_path"])
     ranks, alphas = meta["expert_ranks"], meta["expert_alphas"]
     for rank, alpha in zip(ranks[config.num_experts :], alphas[config.num_experts :]):

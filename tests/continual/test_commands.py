@@ -93,6 +93,17 @@ def test_continual_benchmark_writes_the_forgetting_matrix(checkpoint, tmp_path, 
     assert "max forgetting" in capsys.readouterr().out
 
 
+def test_continual_benchmark_keeps_the_router_settings_it_was_measured_with(checkpoint, tmp_path):
+    """`dylora-moe continual` builds its models with sequence routing, temperature 2 and the probability gate
+    (what docs/continual.md measured), whatever the joint-training defaults are."""
+    from dylora_moe.continual.benchmark import ContinualRunConfig, _fresh_model
+
+    model, _ = _fresh_model(ContinualRunConfig(model=str(tmp_path / "base"), rank=4), mature=True)
+    cfg = model.moe_config
+    assert (cfg.routing, cfg.temperature, cfg.gate) == ("sequence", 2.0, "probability")
+    assert DyLoRAMoEConfig().gate == "straight_through"  # differs from the joint-training default
+
+
 def test_forgetting_metrics():
     m = [[1.0, 5.0, 5.0], [1.1, 2.0, 5.0], [1.05, 2.1, 3.0]]
     f = forgetting_metrics(m)

@@ -188,8 +188,9 @@ def test_default_study_is_the_issue_design():
     assert isinstance(study.variants[0], VariantConfig)
 
 
-def test_every_default_mixture_variant_names_its_routing(tmp_path):
-    """The published units must mean the same after the defaults change: each mixture pins routing and temperature."""
+def test_every_default_mixture_variant_names_its_routing_temperature_and_gate(tmp_path):
+    """The published units must mean the same after the defaults change: each mixture pins routing, temperature
+    and gate (a single LoRA has no choice to make: its one expert always has probability 1)."""
     study = StudyConfig(output_dir=str(tmp_path))
     moe = {v.name: study.unit_train_config(v, 0).moe for v in study.variants}
     routing = {name: cfg.routing for name, cfg in moe.items()}
@@ -198,12 +199,13 @@ def test_every_default_mixture_variant_names_its_routing(tmp_path):
         if moe[v.name].num_experts > 1:
             assert any(o.startswith("moe.routing=") for o in v.overrides), v.name
             assert any(o.startswith("moe.temperature=") for o in v.overrides), v.name
+            assert any(o.startswith("moe.gate=") for o in v.overrides), v.name
     assert temperature["temp_1"] == temperature["token_temp_1"] == 1.0 and temperature["temp_4"] == 4.0
     assert {temperature[n] for n in ("moe4_seq", "moe4_token", "coef_0", "coef_0.1", "concat")} == {2.0}
     assert routing["moe4_seq"] == "sequence" and routing["moe4_token"] == "token"
     assert {routing[n] for n in ("coef_0", "coef_0.001", "coef_0.1", "temp_1", "temp_4", "concat")} == {"sequence"}
     assert routing["token_temp_1"] == "token"
-    gates = {name: cfg.gate for name, cfg in moe.items()}
+    gates = {name: cfg.gate for name, cfg in moe.items() if cfg.num_experts > 1}
     assert gates.pop("token_st") == "straight_through" and set(gates.values()) == {"probability"}
     assert routing["token_st"] == "token" and temperature["token_st"] == 1.0
 

@@ -98,9 +98,10 @@ def _fresh_model(run: ContinualRunConfig, mature: bool):
     from ..model import DyLoRAMoEForCausalLM
 
     base, tokenizer = load_base_model(run.model, device=resolve_device(run.device))
-    # sequence routing at temperature 2: a skill (one request) goes to one expert, as docs/continual.md measured
+    # sequence routing at temperature 2 with the probability gate: a skill (one request) goes to one expert,
+    # as docs/continual.md measured
     cfg = DyLoRAMoEConfig(num_experts=1, r=run.rank, alpha=run.continual.alpha_ratio * run.rank,
-                          routing="sequence", temperature=2.0, init_seed=run.continual.seed)
+                          routing="sequence", temperature=2.0, gate="probability", init_seed=run.continual.seed)
     model = DyLoRAMoEForCausalLM(base, cfg, mature=mature, base_name_or_path=run.model)
     return model, tokenizer
 

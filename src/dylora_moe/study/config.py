@@ -36,10 +36,11 @@ def default_variants() -> list[VariantConfig]:
     trainable adapter parameters as 4 x r=16), plus sweeps of the balance coefficient, the router
     temperature and the data mixing, each changing one setting of the sequence-routed mixture the study
     started from (the default then: temperature 2), the temperature of the token-routed mixture, and the
-    straight-through gate on the defaults (token routing at temperature 1). Every
-    mixture names its routing and temperature, so the variants mean the same whatever the defaults."""
-    v, sequence, token, t2 = VariantConfig, "moe.routing=sequence", "moe.routing=token", "moe.temperature=2.0"
-    seq, tok = [sequence, t2], [token, t2]
+    straight-through gate on token routing at temperature 1. Every mixture names its routing, temperature
+    and gate, so the variants mean the same whatever the defaults."""
+    v, pg = VariantConfig, "moe.gate=probability"
+    sequence, token, t2 = ["moe.routing=sequence", pg], ["moe.routing=token", pg], "moe.temperature=2.0"
+    seq, tok = [*sequence, t2], [*token, t2]
     return [
         v("moe4_seq", seq, "main", description="DyLoRA-MoE 4 x r=16, sequence routing, temperature 2"),
         v("moe4_token", tok, "main", description="DyLoRA-MoE 4 x r=16, token routing, temperature 2"),
@@ -49,13 +50,15 @@ def default_variants() -> list[VariantConfig]:
         v("coef_0", [*seq, "moe.balance_coef=0.0"], "balance_coef", [0], False, "balance_coef 0"),
         v("coef_0.001", [*seq, "moe.balance_coef=0.001"], "balance_coef", [0], False, "balance_coef 0.001"),
         v("coef_0.1", [*seq, "moe.balance_coef=0.1"], "balance_coef", [0], False, "balance_coef 0.1"),
-        v("temp_1", [sequence, "moe.temperature=1.0"], "temperature", [0], False, "router temperature 1"),
-        v("temp_4", [sequence, "moe.temperature=4.0"], "temperature", [0], False, "router temperature 4"),
-        v("token_temp_1", [token, "moe.temperature=1.0"], "temperature", None, True,
-          "token routing, router temperature 1 (the defaults since the study; every seed, with pass@1)"),
+        v("temp_1", [*sequence, "moe.temperature=1.0"], "temperature", [0], False, "router temperature 1"),
+        v("temp_4", [*sequence, "moe.temperature=4.0"], "temperature", [0], False, "router temperature 4"),
+        v("token_temp_1", [*token, "moe.temperature=1.0"], "temperature", None, True,
+          "token routing, router temperature 1, probability gate (the defaults before the gate study; every "
+          "seed, with pass@1)"),
         v("concat", [*seq, "data.mixing=concatenate"], "mixing", [0], False, "plain concatenation (no 50/50)"),
-        v("token_st", [token, "moe.temperature=1.0", "moe.gate=straight_through"], "gate", None, False,
-          "token routing, temperature 1, straight-through gate (exactly 1; docs/results.md proposal 1)"),
+        v("token_st", ["moe.routing=token", "moe.temperature=1.0", "moe.gate=straight_through"], "gate", None,
+          True, "token routing, temperature 1, straight-through gate (exactly 1; docs/results.md proposal 1; "
+          "the defaults since; every seed, with pass@1)"),
     ]
 
 
