@@ -75,3 +75,23 @@ def test_straight_through_gate_is_one_forward_and_passes_the_probability_gradien
     assert grad_st.abs().sum() > 0
     with pytest.raises(ValueError, match="gate='half'"):
         decide(logits, mask, mode="sparse", top_k=1, temperature=1.0, gate="half")
+
+
+def test_straight_through_gates_of_top_k_sum_to_one_and_keep_the_router_gradient():
+    """With k=2 the chosen experts together weigh exactly what one LoRA does (1), split as their
+    renormalised probabilities, and each gate still passes the gradient of its probability."""
+    logits = torch.tensor([[2.0, 0.5, -1.0, 0.0], [0.1, 0.3, 0.2, -0.4]], requires_grad=True)
+    mask = torch.ones(2, dtype=torch.bool)
+    st = decide(logits, mask, mode="sparse", top_k=2, temperature=1.0, gate="straight_through")
+    prob = decide(logits, mask, mode="sparse", top_k=2, temperature=1.0, gate="probability")
+    assert torch.equal(st.indices, prob.indices)
+    assert torch.allclose(st.gates.sum(-1), torch.ones(2), atol=1e-6)
+    chosen = prob.gates.detach()
+    assert torch.allclose(st.gates.detach(), chosen / chosen.sum(-1, keepdim=True), atol=1e-6)
+    assert not torch.allclose(st.gates[:, 0], st.gates[:, 1])  # not an even split: the router still ranks them
+    upstream = torch.tensor([[0.7, 0.2], [-1.3, 0.4]])
+    (grad_st,) = torch.autograd.grad((st.gates * upstream).sum(), logits)
+    (grad_prob,) = torch.autograd.grad((prob.gates * upstream).sum(), logits)
+    assert torch.allclose(grad_st, grad_prob / chosen.sum(-1, keepdim=True), atol=1e-6)
+    assert grad_st.abs().sum() > 0
+    assert torch.allclose(st.dense_weights().sum(-1), torch.ones(2), atol=1e-6)  # the dense [B, E] view agrees

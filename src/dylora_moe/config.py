@@ -57,8 +57,9 @@ class DyLoRAMoEConfig:
         default="straight_through",
         metadata={
             "help": "Weight of a chosen expert in sparse mode: 'straight_through' (exactly 1 in the forward "
-            "pass, like a single LoRA, while the router still gets the gradient of its probability: "
-            "p / p.detach(); the default since the quality study in docs/results.md, where it gave lower "
+            "pass with top_k=1, like a single LoRA, while the router still gets the gradient of its probability: "
+            "p / p.detach(); with top_k>1 the chosen experts' probabilities renormalised to sum to 1; "
+            "the default since the quality study in docs/results.md, where it gave lower "
             "held-out loss) or 'probability' (its router probability, as in Switch Transformer and the seed; "
             "below 1 whenever the router is unsure, so the expert's update is shrunk). Checkpoints saved "
             "before this field existed load with 'probability'."

@@ -4,7 +4,8 @@ The hybrid rule of the seed: while any expert is immature the router is *dense* 
 softmax over all experts mixes every expert); once all experts are mature it is *sparse* (each
 routed unit goes to its top-k experts). In sparse mode the chosen experts are weighted by their
 softmax probabilities (Switch Transformer), so the router still receives a gradient from the LM
-loss when k=1; ``gate='straight_through'`` weights them by exactly 1 and keeps that gradient.
+loss when k=1; ``gate='straight_through'`` gives the chosen experts weights that sum to exactly 1
+(1 when k=1) and keeps that gradient.
 
 A routed *unit* is a sequence (sequence routing, tensors ``[B, E]``) or a token of one decoder
 layer (token routing, tensors ``[B, T, E]``).
@@ -86,8 +87,10 @@ def decide(
 
     ``mode`` is 'dense' or 'sparse' (already resolved from the maturity flags); ``forced_expert``
     overrides both and sends every unit to that expert with weight 1. In sparse mode ``gate`` says how a
-    chosen expert is weighted: 'probability' (its probability) or 'straight_through' (``p / p.detach()``:
-    exactly 1 forward, the gradient of ``log p`` backward, so the router still learns from the LM loss).
+    chosen expert is weighted: 'probability' (its probability) or 'straight_through'
+    (``p / sum(p_chosen).detach()``: forward, the chosen probabilities renormalised to sum to exactly 1,
+    so 1 when k=1 and never k times a single LoRA's update when k>1; backward, the gradient of ``p``
+    divided by that sum, so the router still learns from the LM loss).
     """
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if forced_expert is not None:
@@ -98,7 +101,7 @@ def decide(
         return RoutingDecision(probs, None, None, "dense", mask)
     gates, indices = torch.topk(probs, k=min(top_k, probs.shape[-1]), dim=-1)
     if gate == "straight_through":
-        gates = gates / gates.detach()
+        gates = gates / gates.detach().sum(-1, keepdim=True)
     elif gate != "probability":
         raise ValueError(f"gate={gate!r} is not 'probability' or 'straight_through'")
     return RoutingDecision(probs, indices, gates, "sparse", mask)
