@@ -21,6 +21,9 @@ ROUTING_GRANULARITIES = ("sequence", "token")
 ROUTING_MODES = ("auto", "dense", "sparse")
 BALANCE_LOSSES = ("seed", "switch")
 GATES = ("probability", "straight_through")
+# Fields added to DyLoRAMoEConfig after files were first saved with it, and the value that reproduces
+# what those older files were trained with (the probability gate was the only gate before `gate`).
+PREDATING_VALUES = {"gate": "probability"}
 
 
 class ConfigError(ValueError):

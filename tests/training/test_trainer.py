@@ -16,6 +16,7 @@ from dylora_moe.training.checkpoint import (
     SCHEDULER_FILE,
     STATE_FILE,
     TRAIN_CONFIG_FILE,
+    write_manifest,
 )
 from tests.tiny import make_base
 
@@ -144,12 +145,30 @@ def test_resume_and_output_dir_guards(tmp_path, data_dir):
     run(config)
     with pytest.raises(ConfigError, match="already holds checkpoints.*--resume"):
         run(config)
-    with pytest.raises(CheckpointError, match="different 'moe'"):
+    with pytest.raises(CheckpointError, match=r"different 'moe.r' \(checkpoint: 4, now: 8\); set moe.r=4"):
         run(config.replace(resume=True, **{"moe.r": 8}))
     result = run(config.replace(resume=True))  # already complete: nothing more to train, outputs rewritten
     assert result.global_step == 2 and (tmp_path / "run" / "metrics.json").is_file()
     again = run(config.replace(overwrite_output_dir=True))
     assert again.global_step == 2 and again.resumed_from is None
+
+
+def test_a_run_saved_before_the_gate_field_resumes_only_with_the_probability_gate(tmp_path, data_dir):
+    """Its saved config has no moe.gate; it was trained with the probability gate (the only one then), so a
+    resume under today's default (straight-through) is refused by name instead of silently switching."""
+    config = tiny_config(tmp_path / "run", data_dir, **{"train.max_steps": 2})
+    run(config)
+    (latest,) = list_checkpoints(tmp_path / "run")[-1:]
+    saved = json.loads((latest / TRAIN_CONFIG_FILE).read_text())
+    assert saved["config"]["moe"].pop("gate") == "straight_through"
+    (latest / TRAIN_CONFIG_FILE).write_text(json.dumps(saved))  # as a version before the field wrote it
+    write_manifest(latest)  # and its manifest agrees, as it would have
+    with pytest.raises(CheckpointError, match=r"different 'moe.gate' \(checkpoint: 'probability', now: "
+                       r"'straight_through'\); set moe.gate=probability"):
+        run(config.replace(resume=True))
+    trainer = JointTrainer(config.replace(resume=True, **{"moe.gate": "probability"}), *tiny_model_and_tokenizer())
+    result = trainer.train()
+    assert result.resumed_from == latest and trainer.model.moe_config.gate == "probability"
 
 
 def test_gradient_checkpointing_keeps_gradients_flowing(tmp_path, data_dir):

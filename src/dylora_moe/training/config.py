@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, DyLoRAMoEConfig
+from ..config import PREDATING_VALUES, ConfigError, DyLoRAMoEConfig
 from ..config import help_metadata as _help
 from ..data.mixing import MODES
 
@@ -182,7 +182,10 @@ class TrainConfig:
         if version > CONFIG_FORMAT_VERSION:
             raise ConfigError(f"{path}: format_version {version} is newer than this dylora-moe reads "
                               f"({CONFIG_FORMAT_VERSION}); upgrade dylora-moe")
-        return cls.from_dict(payload["config"], str(path))
+        data = payload["config"]
+        if isinstance(data, dict) and isinstance(data.get("moe"), dict):  # a saved run: fields it predates
+            data = {**data, "moe": {**PREDATING_VALUES, **data["moe"]}}  # keep what it was trained with
+        return cls.from_dict(data, str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -200,8 +200,11 @@ class JointTrainer:
         for key in _RESUME_FIXED:
             a, b = _get(now, key), _get(old, key)
             if a != b:
+                if isinstance(a, dict) and isinstance(b, dict):  # name the field, not the whole section
+                    field_name = next(k for k in [*b, *a] if a.get(k) != b.get(k))
+                    key, a, b = f"{key}.{field_name}", a.get(field_name), b.get(field_name)
                 raise CheckpointError(f"{where}: cannot resume with a different '{key}' "
-                                      f"(checkpoint: {b!r}, now: {a!r})")
+                                      f"(checkpoint: {b!r}, now: {a!r}); set {key}={b} to continue it")
 
     def _specs(self, split: str) -> list[DatasetSpec]:
         specs = []
