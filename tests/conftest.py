@@ -1,9 +1,27 @@
 """Shared pytest fixtures (tiny models live in tests/tiny.py)."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
 from tests.tiny import VOCAB
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real data directory of the ``integration`` tests: ``$DYLORA_MOE_DATA_DIR``, else ``../shared/data``.
+
+    A missing directory fails the test (never skips it): a run that cannot check the real data must say so.
+    """
+    path = Path(os.environ.get("DYLORA_MOE_DATA_DIR") or ROOT.parent / "shared" / "data")
+    if not (path / "mbpp" / "mbpp.jsonl").is_file() or not (path / "code_alpaca").is_dir():
+        pytest.fail(f"real data not found at {path} (no mbpp/mbpp.jsonl or code_alpaca/): set DYLORA_MOE_DATA_DIR "
+                    "or deselect with -m \"not integration\"")
+    return path
 
 
 @pytest.fixture

@@ -308,20 +308,15 @@ def test_mbpp_lone_carriage_return_is_normalised(tmp_path):
 
 
 # ----------------------------------------------------------------------------- real data
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-
 @pytest.mark.integration
-def test_real_shared_data_counts():
-    if not (SHARED_DATA / "mbpp" / "mbpp.jsonl").is_file():
-        pytest.fail(f"real data not found at {SHARED_DATA}: deselect with -m \"not integration\"")
+def test_real_shared_data_counts(shared_data):
     counts = {
-        s: len(load_examples("mbpp", SHARED_DATA, split=s)) for s in ("train", "test", "validation", "prompt", "all")
+        s: len(load_examples("mbpp", shared_data, split=s)) for s in ("train", "test", "validation", "prompt", "all")
     }
     assert counts == {"train": 374, "test": 500, "validation": 90, "prompt": 10, "all": 974}
-    alpaca = load_examples("code_alpaca", SHARED_DATA, split="all", skip_empty=False)
+    alpaca = load_examples("code_alpaca", shared_data, split="all", skip_empty=False)
     assert len(alpaca) == 2017
-    train = load_examples("code_alpaca", SHARED_DATA, skip_empty=False)
-    val = load_examples("code_alpaca", SHARED_DATA, split="validation", skip_empty=False)
+    train = load_examples("code_alpaca", shared_data, skip_empty=False)
+    val = load_examples("code_alpaca", shared_data, split="validation", skip_empty=False)
     assert len(train) + len(val) == 2017 and len(val) == round(0.05 * 2017)
-    assert all("\r" not in ex.output for ex in load_examples("mbpp", SHARED_DATA, split="all"))
+    assert all("\r" not in ex.output for ex in load_examples("mbpp", shared_data, split="all"))

@@ -7,7 +7,6 @@ here; the full sets are behind the ``integration`` marker.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -16,8 +15,6 @@ from dylora_moe.evaluation import SandboxLimits
 from dylora_moe.evaluation.benchmarks import load_humaneval, load_mbpp, load_problems, mbpp_entry_point
 from dylora_moe.evaluation.harness import run_references
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-needs_mbpp = pytest.mark.skipif(not (SHARED_DATA / "mbpp" / "mbpp.jsonl").is_file(), reason="no shared/data/mbpp")
 LIMITS = SandboxLimits(timeout_s=20.0)
 
 
@@ -92,9 +89,9 @@ def test_mbpp_missing_file_is_a_data_error(tmp_path):
         load_mbpp(tmp_path)
 
 
-@needs_mbpp
-def test_mbpp_test_split_from_the_shared_file():
-    problems = load_mbpp(SHARED_DATA)
+@pytest.mark.integration
+def test_mbpp_test_split_from_the_shared_file(shared_data):
+    problems = load_mbpp(shared_data)
     assert len(problems) == 500
     assert problems[0].task_id == "MBPP/11" and problems[-1].task_id == "MBPP/510"
     p367 = next(p for p in problems if p.task_id == "MBPP/367")
@@ -102,19 +99,18 @@ def test_mbpp_test_split_from_the_shared_file():
     assert p367.meta["test_setup_code"] and program.index("class Node") < program.index(p367.meta["test_setup_code"])
 
 
-@needs_mbpp
-def test_some_mbpp_references_pass_and_the_known_defect_fails():
+@pytest.mark.integration
+def test_some_mbpp_references_pass_and_the_known_defect_fails(shared_data):
     wanted = ["MBPP/11", "MBPP/12", "MBPP/341", "MBPP/367"]
-    problems = load_problems("mbpp", data_dir=SHARED_DATA, task_ids=wanted)
+    problems = load_problems("mbpp", data_dir=shared_data, task_ids=wanted)
     _, summary = run_references(problems, LIMITS, workers=2)
     assert summary["failed_task_ids"] == ["MBPP/341"]  # relies on set ordering (shared/data/README.md)
     assert summary["known_failures"] == ["MBPP/341"] and summary["unexpected_failures"] == []
 
 
-@needs_mbpp
 @pytest.mark.integration
-def test_all_mbpp_test_references_only_the_known_defect_fails():
-    _, summary = run_references(load_mbpp(SHARED_DATA), SandboxLimits(timeout_s=60.0), workers=2)
+def test_all_mbpp_test_references_only_the_known_defect_fails(shared_data):
+    _, summary = run_references(load_mbpp(shared_data), SandboxLimits(timeout_s=60.0), workers=2)
     assert summary["failed_task_ids"] == ["MBPP/341"], summary["outcomes"]
 
 

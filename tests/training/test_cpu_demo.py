@@ -12,18 +12,15 @@ from dylora_moe.cli import main
 from . import isolate_data_registry
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 @pytest.mark.integration
-def test_cpu_demo_config_two_steps(tmp_path, monkeypatch, capsys):
-    if not (SHARED_DATA / "mbpp" / "mbpp.jsonl").is_file():
-        pytest.fail(f"real data not found at {SHARED_DATA}: deselect with -m \"not integration\"")
+def test_cpu_demo_config_two_steps(tmp_path, monkeypatch, capsys, shared_data):
     isolate_data_registry(monkeypatch)
     out = tmp_path / "run"
     argv = ["train", "--config", str(ROOT / "configs" / "cpu-demo.yaml"),
             "train.max_steps=2", "train.gradient_accumulation_steps=1", "train.eval_every=0", "train.save_every=0",
-            "data.eval_examples_per_domain=4", "--data-dir", str(SHARED_DATA), "--output-dir", str(out)]
+            "data.eval_examples_per_domain=4", "--data-dir", str(shared_data), "--output-dir", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "Verifying trainable parameters" in printed and "truncated" in printed
