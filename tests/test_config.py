@@ -47,3 +47,13 @@ def test_json_round_trip(tmp_path):
 def test_unknown_field_is_named():
     with pytest.raises(ConfigError, match=r"x.json: unknown DyLoRAMoEConfig field\(s\) \['lora_rank'\]"):
         DyLoRAMoEConfig.from_dict({"lora_rank": 8}, source="x.json")
+
+
+def test_with_predating_values_fills_only_missing_fields_and_leaves_non_dicts_to_from_dict():
+    from dylora_moe.config import PREDATING_VALUES, with_predating_values
+
+    assert with_predating_values({"r": 4}) == {"r": 4, **PREDATING_VALUES}
+    assert with_predating_values({"gate": "straight_through"})["gate"] == "straight_through"  # saved value wins
+    assert with_predating_values([1, 2]) == [1, 2]
+    with pytest.raises(ConfigError):
+        DyLoRAMoEConfig.from_dict(with_predating_values([1, 2]), source="x.json")

@@ -26,6 +26,14 @@ GATES = ("probability", "straight_through")
 PREDATING_VALUES = {"gate": "probability"}
 
 
+def with_predating_values(saved: Any) -> Any:
+    """A saved ``DyLoRAMoEConfig`` dict with :data:`PREDATING_VALUES` filled in where the file predates a field.
+
+    Anything but a dict is returned unchanged, for ``DyLoRAMoEConfig.from_dict`` to reject with its own error.
+    """
+    return {**PREDATING_VALUES, **saved} if isinstance(saved, dict) else saved
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the value."""
 

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .atomic import write_folder_atomically
-from .config import PREDATING_VALUES, DyLoRAMoEConfig
+from .config import DyLoRAMoEConfig, with_predating_values
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "dylora_moe_config.json"
@@ -179,7 +179,7 @@ def load_model(directory: str | Path, base_model=None, *, dtype=None, device=Non
     if base_model is None:
         base_model, _ = load_base_model(fingerprint["name_or_path"], dtype=dtype, device=device)
     check_fingerprint(fingerprint, base_model, str(directory))
-    saved = {**PREDATING_VALUES, **meta["moe_config"]}  # a field it predates keeps what it was trained with
+    saved = with_predating_values(meta["moe_config"])  # a field it predates keeps what it was trained with
     config = DyLoRAMoEConfig.from_dict(saved, source=str(directory / CONFIG_FILE))
     model = DyLoRAMoEForCausalLM(base_model, config, base_name_or_path=fingerprint["name_or_path"])
     ranks, alphas = meta["expert_ranks"], meta["expert_alphas"]

@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from ..config import PREDATING_VALUES, ConfigError, DyLoRAMoEConfig
+from ..config import ConfigError, DyLoRAMoEConfig, with_predating_values
 from ..config import help_metadata as _help
 from ..data.mixing import MODES
 
@@ -183,8 +183,8 @@ class TrainConfig:
             raise ConfigError(f"{path}: format_version {version} is newer than this dylora-moe reads "
                               f"({CONFIG_FORMAT_VERSION}); upgrade dylora-moe")
         data = payload["config"]
-        if isinstance(data, dict) and isinstance(data.get("moe"), dict):  # a saved run: fields it predates
-            data = {**data, "moe": {**PREDATING_VALUES, **data["moe"]}}  # keep what it was trained with
+        if isinstance(data, dict) and "moe" in data:  # a saved run: fields it predates keep what it was trained with
+            data = {**data, "moe": with_predating_values(data["moe"])}
         return cls.from_dict(data, str(path))
 
     def to_dict(self) -> dict[str, Any]:
