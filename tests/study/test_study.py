@@ -210,6 +210,23 @@ def test_every_default_mixture_variant_names_its_routing_temperature_and_gate(tm
     assert routing["token_st"] == "token" and temperature["token_st"] == 1.0
 
 
+def _fake_popen(children: list, polls_to_finish: int):
+    """A stand-in for ``subprocess.Popen`` that records ``(cmd, env)`` and exits 0 on its n-th ``poll()``."""
+
+    class FakeChild:
+        def __init__(self, cmd, env, **kwargs):
+            self.polls, self.returncode = 0, None
+            children.append((cmd, env))
+
+        def poll(self):
+            self.polls += 1
+            if self.polls >= polls_to_finish:
+                self.returncode = 0
+            return self.returncode
+
+    return FakeChild
+
+
 def test_parallel_units_get_their_own_gpu_round_robin(setup, monkeypatch, capsys):
     """With several visible GPUs each running unit is pinned to one (CUDA_VISIBLE_DEVICES), reusing a slot only
     after its unit ended; the children are faked, so this runs without a GPU."""
@@ -218,32 +235,20 @@ def test_parallel_units_get_their_own_gpu_round_robin(setup, monkeypatch, capsys
     study_path, out = setup
     study = StudyConfig.from_yaml(study_path, ["seeds=[0, 1, 2]", "parallel=2", "variants=[{name: moe2}]",
                                                "device=auto", "baseline=moe2"])
-    launched = []
-
-    class FakeChild:
-        def __init__(self, cmd, env, **kwargs):
-            self.polls = 0
-            self.returncode = None
-            launched.append((cmd[-1], env.get("CUDA_VISIBLE_DEVICES")))
-
-        def poll(self):
-            self.polls += 1
-            if self.polls >= 2:
-                self.returncode = 0
-            return self.returncode
-
+    children = []
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
-    monkeypatch.setattr(study_module.subprocess, "Popen", FakeChild)
+    monkeypatch.setattr(study_module.subprocess, "Popen", _fake_popen(children, polls_to_finish=2))
     monkeypatch.setattr(study_module.time, "sleep", lambda s: None)
     failures = study_module._run_parallel(study, out / "config.json", study.units())
     assert failures == []
+    launched = [(cmd[-1], env.get("CUDA_VISIBLE_DEVICES")) for cmd, env in children]
     assert launched[:2] == [("0", "4"), ("1", "6")]  # seeds 0 and 1 at once, one GPU each
     assert launched[2][0] == "2" and launched[2][1] in ("4", "6")
     assert "on GPU 4" in capsys.readouterr().out
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # one GPU: the environment is left alone
-    launched.clear()
+    children.clear()
     study_module._run_parallel(study, out / "config.json", study.units()[:1])
-    assert launched == [("0", "0")]
+    assert [(cmd[-1], env.get("CUDA_VISIBLE_DEVICES")) for cmd, env in children] == [("0", "0")]
 
 
 def test_parallel_units_share_the_cpu_cores(setup, monkeypatch, capsys):
@@ -254,32 +259,24 @@ def test_parallel_units_share_the_cpu_cores(setup, monkeypatch, capsys):
     study_path, out = setup
     study = StudyConfig.from_yaml(study_path, ["seeds=[0, 1, 2]", "parallel=3", "variants=[{name: moe2}]",
                                                "device=cpu", "baseline=moe2"])
-    envs = []
-
-    class FakeChild:
-        def __init__(self, cmd, env, **kwargs):
-            self.returncode = 0
-            envs.append(env)
-
-        def poll(self):
-            return self.returncode
-
+    children = []
     for name in study_module.THREAD_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(study_module.subprocess, "Popen", FakeChild)
+    monkeypatch.setattr(study_module.subprocess, "Popen", _fake_popen(children, polls_to_finish=1))
     monkeypatch.setattr(study_module.time, "sleep", lambda s: None)
     monkeypatch.setattr(study_module, "_usable_cpus", lambda: 16)
     assert study_module._run_parallel(study, out / "config.json", study.units()) == []
-    assert [(e["OMP_NUM_THREADS"], e["MKL_NUM_THREADS"]) for e in envs] == [("5", "5")] * 3  # 16 cores // 3
+    assert [(e["OMP_NUM_THREADS"], e["MKL_NUM_THREADS"]) for _, e in children] == [("5", "5")] * 3  # 16 cores // 3
     assert "3 units at a time, 5 CPU thread(s) each" in capsys.readouterr().out
     monkeypatch.setattr(study_module, "_usable_cpus", lambda: 2)  # more units than cores: one thread each
-    envs.clear()
+    children.clear()
     study_module._run_parallel(study, out / "config.json", study.units())
-    assert {e["OMP_NUM_THREADS"] for e in envs} == {"1"}
+    assert {e["OMP_NUM_THREADS"] for _, e in children} == {"1"}
     monkeypatch.setenv("OMP_NUM_THREADS", "7")  # the user's choice is kept
-    envs.clear()
+    children.clear()
     study_module._run_parallel(study, out / "config.json", study.units()[:1])
-    assert envs[0]["OMP_NUM_THREADS"] == "7" and envs[0]["MKL_NUM_THREADS"] == "1"
+    env = children[0][1]
+    assert env["OMP_NUM_THREADS"] == "7" and env["MKL_NUM_THREADS"] == "1"
 
 
 def test_report_refuses_units_trained_on_different_tokens(setup, capsys):
