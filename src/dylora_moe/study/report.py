@@ -7,6 +7,7 @@ import json
 import math
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -208,10 +209,36 @@ def results_table(quality: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class PassBar:
+    """One bar of ``pass_at_1.png``: a variant's mean pass@1 on a benchmark over the ``seeds`` units that
+    measured it, with the standard deviation between them (``None`` for a single seed)."""
+
+    variant: str
+    benchmark: str
+    mean: float
+    std: float | None
+    seeds: int
+
+
+def pass_at_1_bars(quality: dict[str, Any]) -> list[PassBar]:
+    """The bars of ``pass_at_1.png``, in variant then benchmark order: only the (variant, benchmark) pairs
+    that some unit measured, so that a missing measurement shows as no bar rather than as a zero."""
+    bars = []
+    for name, v in quality["variants"].items():
+        for b in quality["benchmarks"]:
+            spread = v["pass_at_1"].get(b)
+            if spread and spread.get("mean") is not None:
+                bars.append(PassBar(name, b, spread["mean"], spread["std"] if spread["n"] > 1 else None,
+                                    spread["n"]))
+    return bars
+
+
 def plot_study(quality: dict[str, Any], out: Path) -> list[Path]:
     """``loss_curves.png`` (held-out loss per domain over steps), ``share_matrices.png`` (one heatmap per
     mixture variant, first seed: the share of routing decisions, per token for token routing, where the unit
-    recorded it) and ``pass_at_1.png`` (bars with the spread over seeds)."""
+    recorded it) and ``pass_at_1.png`` (:func:`pass_at_1_bars`: the mean over the seeds measured, the spread
+    as a whisker)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -264,19 +291,26 @@ def plot_study(quality: dict[str, Any], out: Path) -> list[Path]:
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
 
-    scored = [(n, v) for n, v in variants.items() if v["pass_at_1"]]
-    if scored:
-        benchmarks = [b for b in quality["benchmarks"] if any(b in v["pass_at_1"] for _, v in scored)]
-        fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(scored), 3.6))
+    bars = pass_at_1_bars(quality)
+    if bars:
+        names = list(dict.fromkeys(bar.variant for bar in bars))
+        benchmarks = [b for b in quality["benchmarks"] if any(bar.benchmark == b for bar in bars)]
+        fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(names), 3.6))
         width = 0.8 / len(benchmarks)
         for k, b in enumerate(benchmarks):
-            xs = [i + k * width for i in range(len(scored))]
-            means = [v["pass_at_1"].get(b, {}).get("mean") or 0.0 for _, v in scored]
-            errs = [v["pass_at_1"].get(b, {}).get("std") or 0.0 for _, v in scored]
-            ax.bar(xs, means, width, yerr=errs, label=b, capsize=3)
-        ax.set_xticks([i + width * (len(benchmarks) - 1) / 2 for i in range(len(scored))], [n for n, _ in scored],
-                      fontsize=8)
+            mine = [bar for bar in bars if bar.benchmark == b]
+            xs = [names.index(bar.variant) + k * width for bar in mine]
+            drawn = ax.bar(xs, [bar.mean for bar in mine], width, label=b, color=f"C{k}")
+            spread = [(x, bar) for x, bar in zip(xs, mine) if bar.std is not None]
+            if spread:
+                ax.errorbar([x for x, _ in spread], [bar.mean for _, bar in spread],
+                            yerr=[bar.std for _, bar in spread], fmt="none", ecolor="black", capsize=3)
+            # how many seeds each bar averages (inside the bar); a bar without a whisker is one seed
+            ax.bar_label(drawn, labels=[f"n={bar.seeds}" for bar in mine], fontsize=7, label_type="center",
+                         color="white")
+        ax.set_xticks([i + width * (len(benchmarks) - 1) / 2 for i in range(len(names))], names, fontsize=8)
         ax.set_ylabel("pass@1 (greedy)")
+        ax.set_title("variants without a bar for a benchmark have not been measured on it", fontsize=7)
         ax.legend(fontsize=8)
         fig.tight_layout()
         written.append(out / "pass_at_1.png")
