@@ -161,10 +161,13 @@ def test_eval_command_references(tmp_path, capsys):
     (["eval", "x", "--base-only", "--limit", "1", "--device", "tpu:7"], "device must be"),
     (["analyze", "{tmp}", "--data", "mbpp", "--output", "{tmp}/a"], "not a DyLoRA-MoE checkpoint"),
 ])
-def test_command_errors_exit_2_without_traceback(argv, message, tmp_path, capsys):
+def test_command_errors_exit_2_without_traceback(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the default output folder (eval/<benchmark>) would go
     code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("dylora-moe: error: ") and message in err and "Traceback" not in err
+    # a rejected command leaves no output folder behind
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "a").exists()
 
 
 def test_add_commands_registers_on_another_parser():

@@ -292,12 +292,12 @@ def evaluate(
     workers = workers or os.cpu_count() or 1
     limits = limits or SandboxLimits(timeout_s=timeout_s)
     problems = load_problems(benchmark, limit=limit, data_dir=data_dir, task_ids=task_ids)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(output_dir)  # created only once the arguments and the model are known to be good
     settings: dict[str, Any] = {"benchmark": benchmark.lower(), "problems": len(problems), "limit": limit,
                                 "workers": workers, "timeout_s": limits.timeout_s, "memory_bytes": limits.memory_bytes}
     if references:
         rows, refs = run_references(problems, limits, workers, progress)
+        out.mkdir(parents=True, exist_ok=True)
         _write_jsonl(out / "results.jsonl", rows)
         summary = {**settings, "mode": "references", "references": refs,
                    "timing": {"total_s": round(time.monotonic() - started, 2)}}
@@ -318,6 +318,7 @@ def evaluate(
     elif tokenizer is None:
         raise EvaluationError("a tokenizer is needed with a loaded model")
     loaded = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
     style = resolve_prompt_style(tokenizer, prompt_style)
     by_id = {p.task_id: p for p in problems}
     total = len(problems) * n_samples
