@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dylora_moe import CheckpointError, ConfigError, DyLoRAMoEForCausalLM
+from dylora_moe.data import DataError
 from dylora_moe.training import JointTrainer, list_checkpoints
 from dylora_moe.training.checkpoint import (
     ADAPTER_DIR,
@@ -150,6 +151,25 @@ def test_resume_and_output_dir_guards(tmp_path, data_dir):
     result = run(config.replace(resume=True))  # already complete: nothing more to train, outputs rewritten
     assert result.global_step == 2 and (tmp_path / "run" / "metrics.json").is_file()
     again = run(config.replace(overwrite_output_dir=True))
+    assert again.global_step == 2 and again.resumed_from is None
+
+
+def test_a_run_that_fails_during_setup_leaves_the_output_dir_as_it_was(tmp_path, data_dir):
+    """Bad data found after the output check: the folders the run created are removed again, and with
+    overwrite_output_dir the earlier run's checkpoints are still there (they go only once setup succeeded)."""
+    fresh = tiny_config(tmp_path / "new" / "deeper" / "run", tmp_path / "no-data", **{"train.max_steps": 2})
+    with pytest.raises(DataError, match="no-data"):
+        run(fresh)
+    assert not (tmp_path / "new").exists()
+
+    config = tiny_config(tmp_path / "run", data_dir, **{"train.max_steps": 2})
+    run(config)
+    before = sorted(p.relative_to(tmp_path / "run") for p in (tmp_path / "run").rglob("*"))
+    assert [c.name for c in list_checkpoints(tmp_path / "run")] == ["checkpoint-2"]
+    with pytest.raises(DataError, match="no-data"):
+        run(config.replace(overwrite_output_dir=True, **{"data.data_dir": str(tmp_path / "no-data")}))
+    assert sorted(p.relative_to(tmp_path / "run") for p in (tmp_path / "run").rglob("*")) == before
+    again = run(config.replace(overwrite_output_dir=True))  # and a good overwrite still starts afresh
     assert again.global_step == 2 and again.resumed_from is None
 
 

@@ -144,7 +144,8 @@ class TrainConfig:
     resume: bool = field(default=False, metadata=_help(
         "Continue from the latest checkpoint-<step> in output_dir (optimizer, scheduler, RNG, data position)."))
     overwrite_output_dir: bool = field(default=False, metadata=_help(
-        "Start afresh even if output_dir holds checkpoints of an earlier run (they are deleted)."))
+        "Start afresh even if output_dir holds checkpoints of an earlier run (deleted once data and model "
+        "have loaded)."))
     moe: DyLoRAMoEConfig = field(default_factory=DyLoRAMoEConfig, metadata=_help(
         "Expert pool and router (DyLoRAMoEConfig; all experts are created up front and mature)."))
     data: DataConfig = field(default_factory=DataConfig, metadata=_help("Datasets and formatting."))

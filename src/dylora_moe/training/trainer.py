@@ -160,11 +160,20 @@ class JointTrainer:
         )
 
     def _prepare_output_dir(self) -> Path | None:
-        """Return the checkpoint to resume from (or None); refuse to mix with an earlier run's files."""
+        """Return the checkpoint to resume from (or None); refuse to mix with an earlier run's files.
+
+        Nothing is deleted here: with ``overwrite_output_dir`` the earlier run's checkpoints are only noted,
+        and :meth:`_clear_stale_outputs` removes them once the data and the model have loaded, so a run that
+        fails during setup leaves them as they were.
+        """
         cfg, out = self.config, self.output_dir
+        self._stale_outputs: list[Path] = []
+        self._created_output_dir = None
         if self.accelerator.is_main_process:  # fail now, not after an hour of training at the first save
             try:
+                missing = [p for p in (out, *out.parents) if not p.exists()]
                 out.mkdir(parents=True, exist_ok=True)
+                self._created_output_dir = missing[-1] if missing else None
                 probe = out / f".write-test-{os.getpid()}"
                 probe.write_bytes(b"")
                 probe.unlink()
@@ -189,11 +198,29 @@ class JointTrainer:
             raise ConfigError(f"output_dir {out} already holds checkpoints ({existing[-1].name}) of an earlier run: "
                               "pass --resume to continue it, choose another --output-dir, or set "
                               "overwrite_output_dir=true to start afresh")
-        if existing and self.accelerator.is_main_process:
-            for path in [*existing, out / ckpt.FINAL_DIR, out / "tensorboard"]:
+        if existing:
+            self._stale_outputs = [*existing, out / ckpt.FINAL_DIR, out / "tensorboard"]
+        return None
+
+    def _clear_stale_outputs(self) -> None:
+        """Delete the earlier run's outputs noted by :meth:`_prepare_output_dir` (``overwrite_output_dir``)."""
+        if self.accelerator.is_main_process:
+            for path in self._stale_outputs:
                 shutil.rmtree(path, ignore_errors=True)
         self.accelerator.wait_for_everyone()
-        return None
+
+    def _remove_created_output_dir(self) -> None:
+        """After a failed setup: remove the folders this run created for its outputs if still empty."""
+        top = self._created_output_dir
+        if top is None or not self.accelerator.is_main_process:
+            return
+        for path in (self.output_dir, *self.output_dir.parents):
+            try:
+                path.rmdir()  # only ever succeeds on an empty folder
+            except OSError:
+                return
+            if path == top:
+                return
 
     def _check_resume_config(self, saved: TrainConfig, where: Path) -> None:
         now, old = self.config.to_dict(), saved.to_dict()
@@ -305,13 +332,18 @@ class JointTrainer:
         check_engine(str(acc.distributed_type))
         set_seed(cfg.seed)
         resume_from = self._prepare_output_dir()
-        train_raw, eval_raw = self._load("train"), self._load("validation")  # data errors before model loading
-        model, tokenizer = self._build_model()
-        if t.allow_expert_growth:
-            self._grow_experts(model, tokenizer, train_raw)
-        self.model = model
-        train_set, stats = self._tokenize(train_raw, tokenizer, "training")
-        eval_tokenized, eval_stats = self._tokenize(eval_raw, tokenizer, "held-out")
+        try:
+            train_raw, eval_raw = self._load("train"), self._load("validation")  # data errors before the model
+            model, tokenizer = self._build_model()
+            if t.allow_expert_growth:
+                self._grow_experts(model, tokenizer, train_raw)
+            self.model = model
+            train_set, stats = self._tokenize(train_raw, tokenizer, "training")
+            eval_tokenized, eval_stats = self._tokenize(eval_raw, tokenizer, "held-out")
+        except BaseException:
+            self._remove_created_output_dir()
+            raise
+        self._clear_stale_outputs()
         domains = [ds.domain_label for ds in cfg.data.datasets]
         eval_sets = {d: [x for x in eval_tokenized if x.domain == d] for d in domains}
         acc.print(model.parameter_report())
