@@ -152,6 +152,36 @@ def test_a_unit_without_pass_at_1_resumes_from_its_adapter_and_only_evaluates(se
     assert again["eval_loss_end"] == pytest.approx(first["eval_loss_end"])  # same seed, same data: same unit
 
 
+def test_a_unit_trained_again_keeps_the_pass_at_1_it_measured_only_if_the_training_reproduces(setup, capsys):
+    """A unit.json copied without its adapter trains again for the pass@1 it lacks; what it measured before is
+    kept (noting the earlier losses) when the held-out losses reproduce, and measured again when they do not."""
+    study_path, out = setup
+    one = ["variants=[{name: moe2}]", "seeds=[0]", "baseline=moe2"]
+    study = StudyConfig.from_yaml(study_path, one)
+    first = run_unit(study, VariantConfig("moe2"), 0, progress=False)
+    unit_path = out / "moe2" / "seed0" / "unit.json"
+    weights = out / "moe2" / "seed0" / "train" / "final" / "dylora_moe_weights.safetensors"
+    earlier_mbpp = {"pass@1": 0.5, "problems": 2, "verdicts": {"Mbpp/11": True, "Mbpp/12": False}}
+
+    unit_path.write_text(json.dumps({**first, "pass_at_1": {"mbpp": earlier_mbpp}}))
+    weights.unlink()
+    again = run_unit(study, VariantConfig("moe2"), 0, progress=False)
+    assert weights.is_file()  # trained again
+    assert again["eval_loss_end"] == pytest.approx(first["eval_loss_end"], abs=1e-6)
+    assert again["pass_at_1"]["mbpp"] == {**earlier_mbpp, "from_earlier_training": {
+        "eval_loss_end": first["eval_loss_end"]}}
+    assert again["pass_at_1"]["humaneval"]["verdicts"] == first["pass_at_1"]["humaneval"]["verdicts"]
+    assert json.loads(unit_path.read_text()) == again
+
+    shifted = {d: loss + 0.01 for d, loss in first["eval_loss_end"].items()}  # another training's losses
+    unit_path.write_text(json.dumps({**first, "eval_loss_end": shifted, "pass_at_1": {"mbpp": earlier_mbpp}}))
+    weights.unlink()
+    capsys.readouterr()
+    other = run_unit(study, VariantConfig("moe2"), 0, progress=False)
+    assert "mbpp" not in other["pass_at_1"] and "humaneval" in other["pass_at_1"]
+    assert "the pass@1 measured on that training (mbpp) is not kept" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("changes,message", [
     ({"variants": [{"name": "a"}, {"name": "a"}], "baseline": "a"}, "unique"),
     ({"variants": [{"name": "a"}], "baseline": "b"}, "baseline 'b' is not a variant"),
