@@ -52,6 +52,7 @@ def test_exported_adapter_loads_in_peft(arch, tmp_path, batch):
         assert torch.allclose(peft_model(input_ids=ids, attention_mask=mask).logits, want, atol=1e-5)
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_merge_expert(arch, batch):
     ids, mask, _ = batch

@@ -58,6 +58,7 @@ def test_unknown_balance_loss():
         balance_loss(d, "zloss")
 
 
+@pytest.mark.exact
 def test_straight_through_gate_is_one_forward_and_passes_the_probability_gradient():
     logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.3, 0.2]], requires_grad=True)
     mask = torch.ones(2, dtype=torch.bool)
@@ -77,6 +78,7 @@ def test_straight_through_gate_is_one_forward_and_passes_the_probability_gradien
         decide(logits, mask, mode="sparse", top_k=1, temperature=1.0, gate="half")
 
 
+@pytest.mark.exact
 def test_straight_through_gates_of_top_k_sum_to_one_and_keep_the_router_gradient():
     """With k=2 the chosen experts together weigh exactly what one LoRA does (1), split as their
     renormalised probabilities, and each gate still passes the gradient of its probability."""

@@ -19,6 +19,7 @@ def trained_model(routing="sequence"):
     return model
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("routing", ["sequence", "token"])
 def test_round_trip_is_bit_exact(tmp_path, batch, routing):
     ids, mask, _ = batch
@@ -84,6 +85,7 @@ def test_checkpoints_without_recorded_architecture_still_load(tmp_path):
         DyLoRAMoEForCausalLM.from_pretrained(tmp_path / "ckpt", base_model=make_base("qwen2"))
 
 
+@pytest.mark.exact
 def test_gate_round_trips_and_checkpoints_from_before_it_keep_the_probability_gate(tmp_path, batch):
     """The gate is saved with the config; a checkpoint written before the field existed was weighted by the
     router probability, and loads so (outputs equal to a probability-gated model), not with today's default."""

@@ -192,8 +192,10 @@ class DyLoRAMoEForCausalLM(nn.Module):
     def add_expert(self, rank: int | None = None, alpha: float | None = None) -> int:
         """Grow the pool by one immature expert (and one router output); return its index.
 
-        Existing experts and router rows keep their values, so outputs of old experts are unchanged.
-        The optimizer must be rebuilt to include the new parameters.
+        Existing experts and router rows keep their values: outside autograd (evaluation, ``generate``) the
+        old experts' outputs are unchanged bit for bit, and the routers' old logits agree within
+        ``router.ROUTER_GROWTH_RTOL`` (see ``router.py``). The optimizer must be rebuilt to include the new
+        parameters.
         """
         cfg = self.moe_config
         rank = cfg.r if rank is None else rank

@@ -7,6 +7,13 @@ whatever the scale of the base model's hidden states.
 
 ``build_router(kind, in_features, num_experts)`` is the factory; new router kinds subclass
 ``Router`` and register themselves in ``ROUTER_TYPES``.
+
+What growing promises (``add_expert``): every existing parameter keeps its bits, so the old experts' logits
+are the same function of the input; they are computed by one matmul whose output is one column wider, and
+BLAS may then sum in another order (on some CPUs, e.g. AVX-512 with MKL, 3e-8 was seen). So the old logits
+agree within ``ROUTER_GROWTH_RTOL`` / ``ROUTER_GROWTH_ATOL``, and every routing decision among the old
+experts is unchanged except at a tie within that tolerance. The experts' own outputs keep the stronger
+promise (bit for bit, see ``experts.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +23,10 @@ from abc import ABC, abstractmethod
 
 import torch
 from torch import nn
+
+#: the tolerance within which a router's old logits agree after ``add_expert`` (see the module docstring)
+ROUTER_GROWTH_RTOL = 1e-6
+ROUTER_GROWTH_ATOL = 1e-6
 
 
 def rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -54,7 +65,8 @@ class Router(nn.Module, ABC):
 
     @abstractmethod
     def add_expert(self) -> None:
-        """Add one output for a new expert, keeping every existing output's parameters."""
+        """Add one output for a new expert, keeping every existing parameter bit for bit (the old logits then
+        agree within ``ROUTER_GROWTH_RTOL`` / ``ROUTER_GROWTH_ATOL``: see the module docstring)."""
 
 
 def _grow_rows(param: nn.Parameter, new_rows: torch.Tensor) -> nn.Parameter:

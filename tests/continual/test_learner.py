@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dylora_moe import DyLoRAMoEConfig, DyLoRAMoEForCausalLM
@@ -21,6 +22,7 @@ def snapshot(model, index):
     return [p.detach().clone() for p in model.expert_parameters(index)]
 
 
+@pytest.mark.exact
 def test_lifecycle_grows_a_new_expert_and_keeps_old_ones_bit_exact():
     tok = make_tokenizer()
     model = fresh()

@@ -81,6 +81,7 @@ def test_manifest_lists_every_file_and_detects_damage(run_dir):
         verify_checkpoint(ckpt)
 
 
+@pytest.mark.exact
 def test_resume_falls_back_to_the_newest_intact_checkpoint(run_dir, capsys):
     out, data, uninterrupted = run_dir
     import shutil

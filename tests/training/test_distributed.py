@@ -75,6 +75,7 @@ def trained(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.exact
 def test_two_processes_match_one_and_resume_under_one(tmp_path, data_dir):
     two = config_for(tmp_path / "two", data_dir, accum=1)
     launch_two(two, tmp_path)

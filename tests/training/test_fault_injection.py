@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -67,6 +68,7 @@ def check_every_checkpoint(out: Path) -> None:
         DyLoRAMoEForCausalLM.from_pretrained(ckpt / ADAPTER_DIR, base_model=make_base("llama"))
 
 
+@pytest.mark.exact
 def test_repeated_sigkill_and_resume_equal_an_uninterrupted_run(tmp_path, monkeypatch):
     isolate_data_registry(monkeypatch)
     data = write_data_dir(tmp_path / "data")

@@ -111,6 +111,7 @@ def interrupt_at_training_call(model, call: int) -> None:
     model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+@pytest.mark.exact
 def test_interrupted_then_resumed_run_equals_uninterrupted(tmp_path, data_dir, capsys):
     # dropout > 0 and several micro-batches per step, so RNG, optimizer, scheduler and data position all matter
     straight = JointTrainer(tiny_config(tmp_path / "a", data_dir), *tiny_model_and_tokenizer())
