@@ -7,6 +7,8 @@ half-written one, plus at worst a hidden ``.NAME.tmp-*`` / ``.NAME.old-*`` sibli
 ``remove_folder_atomically(directory)`` is the same for deletion: the folder is renamed aside before
 its files are removed, so a crash never leaves it half-deleted under its own name.
 Used for adapters, exported experts and training checkpoints (written and rotated).
+``write_text_atomically(path, text)`` is the same for one file (a temporary sibling, fsync, rename): used for
+evaluation results and study records.
 """
 
 from __future__ import annotations
@@ -73,3 +75,16 @@ def remove_folder_atomically(directory: str | Path) -> None:
     old = _move_aside(directory)
     _fsync_dir(directory.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text_atomically(path: str | Path, text: str) -> Path:
+    """Write ``path`` whole or not at all: a temporary sibling, fsynced, renamed over it (parents created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    with open(partial, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+    return path

@@ -27,7 +27,8 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from .config import ConfigError, DyLoRAMoEConfig
+from .config import DyLoRAMoEConfig
+from .errors import USER_ERRORS, ConfigError
 
 
 def _field_type(cls: type, f: dataclasses.Field) -> Any:
@@ -257,13 +258,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .data import DataError
-    from .loading import BaseModelError
-    from .serialization import CheckpointError
-    from .study import StudyError
-    from .targets import TargetError
-    from .training.trainer import TrainingError
-
     parser = build_parser()
     ns, extra = parser.parse_known_args(argv)
     if extra:  # KEY=VALUE overrides given after options (argparse only takes the first run of positionals)
@@ -273,8 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return ns.func(ns)
-    except (ConfigError, DataError, TargetError, CheckpointError, BaseModelError, TrainingError,
-            StudyError) as exc:
+    except USER_ERRORS as exc:
         print(f"dylora-moe: error: {exc}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:

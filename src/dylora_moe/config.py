@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 ROUTING_GRANULARITIES = ("sequence", "token")
 ROUTING_MODES = ("auto", "dense", "sparse")
 BALANCE_LOSSES = ("seed", "switch")
@@ -32,10 +34,6 @@ def with_predating_values(saved: Any) -> Any:
     Anything but a dict is returned unchanged, for ``DyLoRAMoEConfig.from_dict`` to reject with its own error.
     """
     return {**PREDATING_VALUES, **saved} if isinstance(saved, dict) else saved
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and the value."""
 
 
 def help_metadata(text: str) -> dict[str, str]:

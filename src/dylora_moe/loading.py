@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from .errors import BaseModelError
+
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
@@ -39,10 +41,6 @@ CACHE_MARKER = "dylora_moe_cache.json"
 SMOLLM2_CACHE_VERSION = 2
 _GGUF_TOKEN_KEYS = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
                     "pad": "tokenizer.ggml.padding_token_id", "unk": "tokenizer.ggml.unknown_token_id"}
-
-
-class BaseModelError(RuntimeError):
-    """The base model cannot be found or loaded; the message says how to fix it."""
 
 
 def cache_dir() -> Path:

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import write_folder_atomically
 from .config import DyLoRAMoEConfig, with_predating_values
+from .errors import CheckpointError
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "dylora_moe_config.json"
@@ -34,10 +35,6 @@ _VOLATILE_CONFIG_KEYS = {
     "_attn_implementation", "_attn_implementation_autoset", "_attn_implementation_internal",
     "quantization_config", "architectures", "output_attentions", "output_hidden_states", "return_dict",
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, malformed, from a newer format, or for another base model."""
 
 
 # The configuration keys that fix a base model's architecture (shapes and layer count), across families.

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .errors import TargetError
+
 _LLAMA_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _LLAMA_MLP = ("gate_proj", "up_proj", "down_proj")
 FAMILY_PROJECTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -36,10 +38,6 @@ FAMILY_PROJECTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "gpt_neox": (("query_key_value", "attention.dense"), ("dense_h_to_4h", "dense_4h_to_h")),
 }
 PRESETS = ("attention", "all-linear")
-
-
-class TargetError(ValueError):
-    """No usable target module, or a requested one does not exist."""
 
 
 @dataclass(frozen=True)

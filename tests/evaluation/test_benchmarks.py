@@ -100,18 +100,20 @@ def test_mbpp_test_split_from_the_shared_file(shared_data):
 
 
 @pytest.mark.integration
-def test_some_mbpp_references_pass_and_the_known_defect_fails(shared_data):
-    wanted = ["MBPP/11", "MBPP/12", "MBPP/341", "MBPP/367"]
+def test_some_mbpp_references_pass_judged(shared_data):
+    """367 builds its tests' objects from the solution's class (handles); 126 names its function ``sum``;
+    341 fails as one program (set order, shared/data/README.md) but passes judged: the set crosses as plain
+    data, in its own order."""
+    wanted = ["MBPP/11", "MBPP/12", "MBPP/126", "MBPP/341", "MBPP/367"]
     problems = load_problems("mbpp", data_dir=shared_data, task_ids=wanted)
     _, summary = run_references(problems, LIMITS, workers=2)
-    assert summary["failed_task_ids"] == ["MBPP/341"]  # relies on set ordering (shared/data/README.md)
-    assert summary["known_failures"] == ["MBPP/341"] and summary["unexpected_failures"] == []
+    assert summary["failed_task_ids"] == [] and summary["unexpected_failures"] == [], summary
 
 
 @pytest.mark.integration
-def test_all_mbpp_test_references_only_the_known_defect_fails(shared_data):
+def test_all_mbpp_test_references_pass_judged(shared_data):
     _, summary = run_references(load_mbpp(shared_data), SandboxLimits(timeout_s=60.0), workers=2)
-    assert summary["failed_task_ids"] == ["MBPP/341"], summary["outcomes"]
+    assert summary["failed_task_ids"] == [], summary["outcomes"]
 
 
 def test_load_problems_selection_and_errors():

@@ -12,9 +12,9 @@ from dylora_moe import DyLoRAMoEConfig, DyLoRAMoEForCausalLM
 from dylora_moe.evaluation import SandboxLimits, harness
 from dylora_moe.evaluation.benchmarks import load_problems
 from dylora_moe.evaluation.commands import add_commands, main
-from dylora_moe.evaluation.execution import STATUSES
 from dylora_moe.evaluation.generation import Sample
 from dylora_moe.evaluation.harness import EvaluationError, evaluate
+from dylora_moe.sandbox import STATUSES
 from tests.tiny import make_base, randomize_experts
 
 try:  # the tiny tokenizer lives in tests/tiny.py (it used to live in tests/data/conftest.py)

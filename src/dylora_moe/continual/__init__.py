@@ -8,12 +8,27 @@
   router protection, maturity, library update): :func:`learn_skill`.
 * :mod:`.benchmark`: a sequence of skills with the forgetting matrix against a sequential LoRA baseline.
 * :mod:`.skills`: skill data (Code Alpaca split by language, instruction files).
+
+The torch-using names are imported on first use (:mod:`dylora_moe.lazy`).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
 from .config import ContinualConfig
-from .library import Skill, SkillLibrary, embed_examples
-from .novelty import NoveltyDecision, NoveltyDetector, ThresholdSuggestion, calibrate_threshold
-from .skills import code_alpaca_language, load_skill_examples
+
+_LAZY = {"Skill": ".library", "SkillLibrary": ".library", "embed_examples": ".library",
+         "NoveltyDecision": ".novelty", "NoveltyDetector": ".novelty", "ThresholdSuggestion": ".novelty",
+         "calibrate_threshold": ".novelty", "code_alpaca_language": ".skills", "load_skill_examples": ".skills"}
+
+if TYPE_CHECKING:
+    from .library import Skill, SkillLibrary, embed_examples
+    from .novelty import NoveltyDecision, NoveltyDetector, ThresholdSuggestion, calibrate_threshold
+    from .skills import code_alpaca_language, load_skill_examples
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 __all__ = [
     "ContinualConfig",

@@ -4,7 +4,7 @@
   :class:`Example` records; data-directory lookup (``data_dir`` / ``$DYLORA_MOE_DATA_DIR`` /
   ``../shared/data``).
 * :mod:`.formatting` — prompt building (chat template or plain instruction template), tokenization
-  with prompt masking and truncation (:class:`FormatStats` report), padding collator.
+  with prompt masking and truncation (:class:`FormatStats` report); :mod:`.collate` — padding collator.
 * :mod:`.mixing` — :class:`InterleavedSampler`, a seeded, resumable weighted domain sampler.
 * :mod:`.errors` — :class:`DataError`, raised for any invalid data with file/line/field.
 
@@ -23,23 +23,25 @@ Typical pipeline::
 See docs/data.md for formats, policies and the error catalogue.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
 from .errors import DataError
 from .formatting import (
     IGNORE_INDEX,
-    DataCollator,
     DomainStats,
     FormatStats,
     TokenizedExample,
     build_prompt,
     build_prompt_ids,
-    collate_batch,
     encode_example,
     resolve_pad_token_id,
     tokenize_examples,
     use_chat_format,
     user_message,
 )
-from .mixing import MODES, InterleavedSampler, normalize_weights
 from .sources import (
     CODE_ALPACA_HUB_ID,
     DATA_DIR_ENV,
@@ -60,6 +62,18 @@ from .sources import (
     register_local_dataset,
     resolve_data_dir,
 )
+
+# the torch-using parts, imported on first use: reading data and building prompts needs no torch
+_LAZY = {"DataCollator": ".collate", "collate_batch": ".collate", "MODES": ".mixing",
+         "InterleavedSampler": ".mixing", "normalize_weights": ".mixing"}
+
+if TYPE_CHECKING:
+    from .collate import DataCollator, collate_batch
+    from .mixing import MODES, InterleavedSampler, normalize_weights
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
+
 
 __all__ = [
     "CODE_ALPACA_HUB_ID",

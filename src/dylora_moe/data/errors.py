@@ -13,54 +13,6 @@ The parts are also available as attributes (``path``, ``line``, ``record``, ``fi
 ``reason``) so callers and tests can inspect them without parsing the message.
 """
 
-from __future__ import annotations
-
-from pathlib import Path
+from ..errors import DataError
 
 __all__ = ["DataError"]
-
-
-class DataError(ValueError):
-    """A data file, record or dataset selection is invalid.
-
-    Args:
-        message: what is wrong, e.g. ``"missing field 'output'"``.
-        path: the file concerned (``str`` or ``Path``), if any.
-        line: 1-based line number in ``path`` (JSON Lines record, or JSON syntax error).
-        record: 0-based index of the record in a JSON array.
-        field: name of the offending field; prefixed to the message as ``field 'x': `` unless
-            the message already quotes it.
-
-    The formatted message is ``"{path}:{line}: {message}"`` when a line is known, else
-    ``"{path}: record {record}: {message}"``, else ``"{path}: {message}"``.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        path: str | Path | None = None,
-        line: int | None = None,
-        field: str | None = None,
-        record: int | None = None,
-    ) -> None:
-        self.reason = message
-        self.path = None if path is None else Path(path)
-        self.line = line
-        self.record = record
-        self.field = field
-        super().__init__(self._format())
-
-    def _format(self) -> str:
-        text = self.reason
-        if self.field is not None and f"'{self.field}'" not in text:
-            text = f"field '{self.field}': {text}"
-        location = ""
-        if self.path is not None:
-            location = str(self.path)
-            if self.line is not None:
-                location += f":{self.line}"
-        elif self.line is not None:
-            location = f"line {self.line}"
-        if self.record is not None and self.line is None:
-            location = f"{location}: record {self.record}" if location else f"record {self.record}"
-        return f"{location}: {text}" if location else text

@@ -1,6 +1,7 @@
 """Evaluation: sandboxed pass@k on HumanEval and MBPP, and routing specialisation analysis.
 
-* :mod:`.execution` -- the sandbox that runs untrusted, model-generated programs (``docs/sandbox.md``);
+* :mod:`dylora_moe.sandbox` -- the sandbox that judges untrusted, model-generated code (``docs/sandbox.md``);
+  its names are re-exported here;
 * :mod:`.benchmarks` -- HumanEval and MBPP problems, prompts and test programs;
 * :mod:`.generation` -- batched generation, stop sequences, code extraction, routing per prompt;
 * :mod:`.passk` -- the unbiased pass@k estimator;
@@ -10,8 +11,8 @@
 * :mod:`.compare` -- :func:`compare_runs`, two runs paired problem by problem (exact sign test);
 * :mod:`.commands` -- the ``eval``, ``compare`` and ``analyze`` subcommands.
 
-See ``docs/evaluation.md``. The model-side modules are imported lazily, so importing the sandbox alone
-stays cheap::
+See ``docs/evaluation.md``. The model-side modules are imported lazily, so importing this package (and the
+sandbox) does not import torch::
 
     from dylora_moe.evaluation import evaluate, analyze, pass_at_k
     summary = evaluate("runs/ckpt", benchmark="humaneval", output_dir="eval/he")
@@ -19,9 +20,8 @@ stays cheap::
 
 from __future__ import annotations
 
-from typing import Any
-
-from .execution import (
+from ..lazy import lazy_exports
+from ..sandbox import (
     ERROR,
     FAILED,
     KILLED,
@@ -32,8 +32,10 @@ from .execution import (
     TIMEOUT,
     ExecutionResult,
     SandboxLimits,
+    Submission,
     run_many,
     run_program,
+    run_tests,
 )
 from .passk import mean_pass_at_k, pass_at_k, pass_at_k_table
 
@@ -56,14 +58,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 
 __all__ = [
@@ -81,6 +76,7 @@ __all__ = [
     "Problem",
     "Sample",
     "SandboxLimits",
+    "Submission",
     "add_commands",
     "analyze",
     "compare_runs",
@@ -96,5 +92,6 @@ __all__ = [
     "run_many",
     "run_program",
     "run_references",
+    "run_tests",
     "sign_test",
 ]

@@ -28,12 +28,14 @@ import ast
 import builtins
 import gzip
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..data import DataError, format_mbpp_instruction, load_examples, read_records, resolve_data_dir
+from ..sandbox import Submission
 
 __all__ = [
     "BENCHMARKS",
@@ -81,8 +83,22 @@ class Problem:
     reference: str
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def submission(self, solution: str) -> Submission:
+        """What the sandbox judges: ``solution`` (complete code) runs in the candidate's process, the tests in
+        the judge's, after the trusted prelude (HumanEval: the prompt, with the helpers its tests use)."""
+        prelude = self.prompt if self.benchmark == "humaneval" else ""
+        return Submission(candidate=solution, tests=self.test, prelude=prelude, entry_point=self.entry_point or None)
+
+    def completion_submission(self, completion: str) -> Submission:
+        """:meth:`submission` for a completion that continues :attr:`prompt` (kept byte for byte)."""
+        return self.submission(self.prompt + completion)
+
+    def reference_submission(self) -> Submission:
+        return self.submission(self.reference)
+
     def program(self, solution: str) -> str:
-        """The program the sandbox runs: ``solution`` (complete code) followed by the tests."""
+        """``solution`` followed by the tests, as one program (for ``run_program``; candidates are judged with
+        :meth:`submission`)."""
         if not solution.endswith("\n"):
             solution += "\n"
         return f"{solution}\n{self.test}"
@@ -144,16 +160,24 @@ def load_humaneval(path: str | Path | None = None) -> list[Problem]:
 
 
 # ----------------------------------------------------------------------------- MBPP
-def mbpp_entry_point(test: str) -> str | None:
-    """The function an MBPP assert calls (the first called name that is not a builtin), or None."""
+def mbpp_entry_point(test: str, reference: str = "") -> str | None:
+    """The function an MBPP assert calls: the first called name that ``reference`` (the dataset's solution)
+    defines -- which may shadow a builtin, as task 126's ``sum`` does -- else the first that is not a builtin."""
     try:
         tree = ast.parse(test)
     except SyntaxError:
         return None
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not hasattr(builtins, node.func.id):
-            return node.func.id
-    return None
+    try:
+        with warnings.catch_warnings():  # the dataset's code has invalid escapes ('\\w'): not ours to report
+            warnings.simplefilter("ignore")
+            body = ast.parse(reference).body
+        kinds = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+        defined = {node.name for node in body if isinstance(node, kinds)}
+    except SyntaxError:
+        defined = set()
+    called = [node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)]
+    return next((name for name in called if name in defined), None) or next(
+        (name for name in called if not hasattr(builtins, name)), None)
 
 
 def mbpp_prompt(text: str, first_test: str) -> str:
@@ -174,7 +198,7 @@ def load_mbpp(data_dir: str | Path | None = None, split: str = "test") -> list[P
         if not tests:
             raise DataError(f"task {task_id} has no tests", path=path, field="test_list")
         text = str(texts.get(task_id, "")).strip()
-        entry = mbpp_entry_point(tests[0]) or ""
+        entry = mbpp_entry_point(tests[0], ex.output) or ""
         setup = ex.meta.get("test_setup_code", "").strip()
         test = (setup + "\n" if setup else "") + "\n".join(tests) + "\n"
         problems.append(

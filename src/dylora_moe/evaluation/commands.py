@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import USER_ERRORS, EvaluationError
+
 __all__ = ["add_commands", "main"]
 
 
@@ -115,11 +117,9 @@ def _guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse
     """Turn the expected errors into ``dylora-moe: error: ...`` and exit status 2."""
 
     def run(ns: argparse.Namespace) -> int:
-        from ..loading import BaseModelError
-
         try:
             return command(ns)
-        except (ValueError, BaseModelError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        except (ValueError, *USER_ERRORS, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
             print(f"dylora-moe: error: {exc}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
@@ -137,8 +137,6 @@ def _threads(ns: argparse.Namespace) -> None:
 
 
 def _cmd_eval(ns: argparse.Namespace) -> int:
-    from .harness import EvaluationError, evaluate
-
     if ns.timeout <= 0:
         raise EvaluationError(f"--timeout must be > 0, got {ns.timeout}")
     if ns.rescore is not None:
@@ -146,19 +144,27 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
     if ns.model is None and not ns.references:
         raise EvaluationError("MODEL is required (a checkpoint folder, or a base model with --base-only) "
                               "unless --references or --rescore is given")
-    _threads(ns)
     output = ns.output or f"eval/{ns.benchmark}"
-    try:
-        summary = evaluate(
-            None if ns.references else ns.model, benchmark=ns.benchmark, output_dir=output, limit=ns.limit,
-            n_samples=ns.n_samples, temperature=ns.temperature, top_p=ns.top_p, k=ns.k, batch_size=ns.batch_size,
-            max_new_tokens=ns.max_new_tokens, prompt_style=ns.prompt_style, seed=ns.seed, workers=ns.workers,
-            timeout_s=ns.timeout, data_dir=ns.data_dir, references=ns.references, base_only=ns.base_only,
-            progress=not ns.no_progress, device=ns.device, dtype=ns.dtype, resume=not ns.no_resume,
-        )
-    except KeyboardInterrupt:
-        _explain_interruption(Path(output))
-        raise
+    if ns.references:  # no model: torch is never imported
+        from .scoring import evaluate_references
+
+        summary = evaluate_references(ns.benchmark, output, limit=ns.limit, workers=ns.workers,
+                                      timeout_s=ns.timeout, data_dir=ns.data_dir, progress=not ns.no_progress)
+    else:
+        from .harness import evaluate
+
+        _threads(ns)
+        try:
+            summary = evaluate(
+                ns.model, benchmark=ns.benchmark, output_dir=output, limit=ns.limit, n_samples=ns.n_samples,
+                temperature=ns.temperature, top_p=ns.top_p, k=ns.k, batch_size=ns.batch_size,
+                max_new_tokens=ns.max_new_tokens, prompt_style=ns.prompt_style, seed=ns.seed, workers=ns.workers,
+                timeout_s=ns.timeout, data_dir=ns.data_dir, base_only=ns.base_only, progress=not ns.no_progress,
+                device=ns.device, dtype=ns.dtype, resume=not ns.no_resume,
+            )
+        except KeyboardInterrupt:
+            _explain_interruption(Path(output))
+            raise
     if ns.references:
         refs = summary["references"]
         line = f"references: {refs['passed']}/{refs['total']} pass"
@@ -196,7 +202,7 @@ def _print_scores(summary: dict[str, Any]) -> None:
 
 
 def _cmd_rescore(ns: argparse.Namespace) -> int:
-    from .harness import EvaluationError, rescore
+    from .scoring import rescore
 
     if ns.output is None:
         raise EvaluationError("--rescore needs --output (a new folder: the stored results are kept as they are)")

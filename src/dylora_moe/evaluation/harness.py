@@ -1,7 +1,9 @@
 """``evaluate``: sandboxed pass@k of a DyLoRA-MoE checkpoint (or a plain base model) on HumanEval / MBPP.
 
-Generation (:mod:`.generation`) and execution (:mod:`.execution`) overlap: each generated batch is handed to
-a pool of sandbox workers while the next batch is generated. Outputs in ``output_dir``:
+Generation (:mod:`.generation`) and execution (:mod:`dylora_moe.sandbox`, behind its executor interface)
+overlap: each generated batch is handed to the sandbox's workers while the next batch is generated. Each
+sample is judged as a :class:`~dylora_moe.sandbox.Submission`: the solution in one sandboxed process, the
+benchmark's tests in another. Outputs in ``output_dir``:
 
 * ``results.jsonl``: one row per sample: ``task_id``, ``sample``, ``prompt``, ``completion``, ``solution``
   (chat styles: the extracted code), ``status`` (passed / failed / timeout / memory / syntax_error, or
@@ -27,78 +29,29 @@ import hashlib
 import json
 import os
 import time
-from collections import Counter, defaultdict
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_text_atomically
+from ..errors import EvaluationError
+from ..sandbox import SandboxLimits
 from .benchmarks import Problem, load_problems
-from .execution import ERROR, STATUSES, ExecutionResult, SandboxLimits, run_program
-from .generation import GenerationConfig, Sample, generate_samples, render_prompt, resolve_prompt_style, solution_for
+from .generation import GenerationConfig, Sample, generate_samples, render_prompt, resolve_prompt_style
 from .journal import JOURNAL_FILE, GenerationJournal, JournalError, model_fingerprint
-from .passk import pass_at_k_table
+from .scoring import (
+    MBPP_KNOWN_REFERENCE_FAILURES,
+    SandboxPool,
+    evaluate_references,
+    progress_bar,
+    rescore,
+    run_references,
+    summarise,
+    write_jsonl,
+)
 
 __all__ = ["MBPP_KNOWN_REFERENCE_FAILURES", "EvaluationError", "evaluate", "load_for_eval", "rescore",
            "resolve_device", "resolve_dtype", "run_references"]
-
-#: Reference solutions of the original MBPP that fail their own tests (shared/data/README.md); only 341 is
-#: in the test split (596 and 642 are in the training split).
-MBPP_KNOWN_REFERENCE_FAILURES = ("MBPP/341", "MBPP/596", "MBPP/642")
-
-
-class EvaluationError(ValueError):
-    """Invalid evaluation settings or inputs; the message says what to change."""
-
-
-def _tqdm(total: int, desc: str, enabled: bool, position: int = 0):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="prog" if "exec" in desc else "sample", disable=not enabled,
-                position=position, leave=True, dynamic_ncols=True)
-
-
-class _Sandbox:
-    """A pool of sandbox workers: programs are submitted as they are generated, results kept by key."""
-
-    def __init__(self, limits: SandboxLimits, workers: int, progress: bool, total: int) -> None:
-        self.limits = limits
-        self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="sandbox")
-        self.futures: dict[Any, Future] = {}
-        self.bar = _tqdm(total, "execute", progress, position=1)
-
-    def _one(self, program: str) -> ExecutionResult:
-        try:
-            return run_program(program, self.limits)
-        except Exception as exc:  # a harness-side failure for one program must not lose the run
-            return ExecutionResult(ERROR, f"harness error: {type(exc).__name__}: {exc}", 0.0, None)
-
-    def submit(self, key: Any, program: str) -> None:
-        future = self.pool.submit(self._one, program)
-        future.add_done_callback(lambda _: self.bar.update(1))
-        self.futures[key] = future
-
-    def results(self) -> dict[Any, ExecutionResult]:
-        try:
-            return {key: future.result() for key, future in self.futures.items()}
-        finally:
-            self.pool.shutdown(wait=True)
-            self.bar.close()
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write ``path`` whole or not at all (a temporary file renamed over it)."""
-    partial = path.with_name(path.name + ".tmp")
-    with open(partial, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
-
-
-def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    _write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-
 
 def _fingerprint(model: Any, tokenizer: Any, problems: Sequence[Problem], style: str,
                  gen: GenerationConfig) -> dict[str, Any]:
@@ -110,59 +63,6 @@ def _fingerprint(model: Any, tokenizer: Any, problems: Sequence[Problem], style:
             "max_new_tokens": gen.max_new_tokens, "temperature": gen.temperature,
             "top_p": gen.top_p if gen.temperature > 0 else None, "n_samples": gen.n_samples,
             "batch_size": gen.batch_size, "min_fill": gen.min_fill, "seed": gen.seed}
-
-
-def _outcomes(results: Sequence[ExecutionResult]) -> dict[str, int]:
-    counts = Counter(r.status for r in results)
-    return {status: counts.get(status, 0) for status in STATUSES}
-
-
-def _isolation(results: Sequence[ExecutionResult]) -> list[str]:
-    return list(next((r.isolation for r in results if r.isolation), ()))
-
-
-# ----------------------------------------------------------------------------- references
-def run_references(
-    problems: Sequence[Problem], limits: SandboxLimits, workers: int, progress: bool = False
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Run each problem's reference solution (and, for HumanEval, a ``pass`` body) through the sandbox.
-
-    Returns the rows for ``results.jsonl`` and the ``references`` part of the summary.
-    """
-    jobs = [(p, "reference", p.reference_program()) for p in problems]
-    jobs += [(p, "pass_body", p.completion_program("    pass\n")) for p in problems if p.benchmark == "humaneval"]
-    sandbox = _Sandbox(limits, workers, progress, len(jobs))
-    for index, (_, _, program) in enumerate(jobs):
-        sandbox.submit(index, program)
-    results = sandbox.results()
-    rows, by_kind = [], defaultdict(list)
-    for index, (problem, kind, _) in enumerate(jobs):
-        result = results[index]
-        by_kind[kind].append((problem.task_id, result))
-        rows.append({"task_id": problem.task_id, "kind": kind, "status": result.status, "reason": result.reason,
-                     "duration_s": round(result.duration_s, 4)})
-    refs = by_kind["reference"]
-    failures = [task for task, r in refs if not r.passed]
-    summary: dict[str, Any] = {
-        "total": len(refs),
-        "passed": len(refs) - len(failures),
-        "failed_task_ids": failures,
-        "outcomes": _outcomes([r for _, r in refs]),
-    }
-    if problems and problems[0].benchmark == "mbpp":
-        known = [t for t in failures if t in MBPP_KNOWN_REFERENCE_FAILURES]
-        summary["known_failures"] = known
-        summary["unexpected_failures"] = [t for t in failures if t not in MBPP_KNOWN_REFERENCE_FAILURES]
-    if by_kind["pass_body"]:
-        bodies = by_kind["pass_body"]
-        summary["pass_body"] = {
-            "total": len(bodies),
-            "passed": sum(r.passed for _, r in bodies),
-            "passed_task_ids": [t for t, r in bodies if r.passed],
-            "outcomes": _outcomes([r for _, r in bodies]),
-        }
-    summary["isolation"] = _isolation([r for _, r in refs])
-    return rows, summary
 
 
 # ----------------------------------------------------------------------------- models
@@ -296,13 +196,8 @@ def evaluate(
     settings: dict[str, Any] = {"benchmark": benchmark.lower(), "problems": len(problems), "limit": limit,
                                 "workers": workers, "timeout_s": limits.timeout_s, "memory_bytes": limits.memory_bytes}
     if references:
-        rows, refs = run_references(problems, limits, workers, progress)
-        out.mkdir(parents=True, exist_ok=True)
-        _write_jsonl(out / "results.jsonl", rows)
-        summary = {**settings, "mode": "references", "references": refs,
-                   "timing": {"total_s": round(time.monotonic() - started, 2)}}
-        _write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-        return summary
+        return evaluate_references(benchmark, output_dir, limit=limit, task_ids=task_ids, workers=workers,
+                                   limits=limits, data_dir=data_dir, progress=progress)
     if model is None:
         raise EvaluationError("a model is needed (or use references=True)")
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -327,12 +222,12 @@ def evaluate(
         done = journal.open(resume=resume)
     except JournalError as exc:
         raise EvaluationError(str(exc)) from None
-    sandbox = _Sandbox(limits, workers, progress, total)
-    gen_bar = _tqdm(total, "generate", progress, position=0)
+    sandbox = SandboxPool(limits, workers, progress, total)
+    gen_bar = progress_bar(total, "generate", progress, position=0)
 
     def execute(samples: Sequence[Sample]) -> None:
         for sample in samples:
-            sandbox.submit((sample.task_id, sample.index), by_id[sample.task_id].program(sample.solution))
+            sandbox.submit((sample.task_id, sample.index), by_id[sample.task_id].submission(sample.solution))
 
     def on_batch(samples: list[Sample]) -> None:
         journal.append(samples)
@@ -358,8 +253,8 @@ def evaluate(
             "router_probs": sample.router_probs, "new_tokens": sample.new_tokens,
             "duration_s": round(result.duration_s, 4),
         })
-    _write_jsonl(out / "results.jsonl", rows)
-    summary = _summarise(rows, problems, ks, [results[key] for key in sorted(results)])
+    write_jsonl(out / "results.jsonl", rows)
+    summary = summarise(rows, problems, ks, [results[key] for key in sorted(results)])
     finished = time.monotonic()
     summary = {
         **settings, "mode": "base-only" if base_only else "model", "model": model_name, "prompt_style": style,
@@ -372,98 +267,6 @@ def evaluate(
                    "execution_tail_s": round(finished - generated, 2), "total_s": round(finished - started, 2),
                    "samples_per_s": round((total - len(done)) / max(generated - loaded, 1e-9), 3)},
     }
-    _write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomically(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     journal.finish()
     return summary
-
-
-# ----------------------------------------------------------------------------- rescore
-def rescore(
-    results_dir: str | Path,
-    *,
-    output_dir: str | Path,
-    workers: int | None = None,
-    timeout_s: float = 20.0,
-    limits: SandboxLimits | None = None,
-    data_dir: str | Path | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Score the completions stored in ``results_dir`` again, without a model: each completion goes through
-    today's extraction (:func:`~.generation.solution_for`) and the sandbox. Use it after a harness fix or to
-    change the sandbox limits; generation, routing and token counts are kept from the stored rows.
-
-    Writes ``results.jsonl`` and ``summary.json`` to ``output_dir`` (which must differ from ``results_dir``);
-    the summary has ``mode: "rescore"``, ``rescored_from`` and the stored run's ``previous`` pass@k and outcomes.
-    """
-    source, out = Path(results_dir), Path(output_dir)
-    started = time.monotonic()
-    if out.resolve() == source.resolve():
-        raise EvaluationError(f"rescore writes a new folder: --output must differ from {source}")
-    try:
-        old = json.loads((source / "summary.json").read_text())
-        rows = [json.loads(line) for line in (source / "results.jsonl").read_text().splitlines() if line.strip()]
-    except FileNotFoundError as exc:
-        raise EvaluationError(f"{source}: not an evaluation folder ({Path(exc.filename).name} not found)") from None
-    except json.JSONDecodeError as exc:
-        raise EvaluationError(f"{source}: unreadable results ({exc})") from None
-    if old.get("mode") not in ("model", "base-only", "rescore"):
-        raise EvaluationError(f"{source}: holds a {old.get('mode')!r} run; only model evaluations can be rescored")
-    missing = [f for f in ("task_id", "sample", "completion") if rows and f not in rows[0]]
-    if missing:
-        raise EvaluationError(f"{source / 'results.jsonl'}: line 1 lacks field(s) {missing}")
-    benchmark, style = old["benchmark"], old["prompt_style"]
-    task_ids = list(dict.fromkeys(row["task_id"] for row in rows))
-    problems = load_problems(benchmark, data_dir=data_dir, task_ids=task_ids)
-    by_id = {p.task_id: p for p in problems}
-    limits = limits or SandboxLimits(timeout_s=timeout_s)
-    workers = workers or os.cpu_count() or 1
-    sandbox = _Sandbox(limits, workers, progress, len(rows))
-    solutions = []
-    for index, row in enumerate(rows):
-        solution = solution_for(by_id[row["task_id"]], row["completion"], style)
-        solutions.append(solution)
-        sandbox.submit(index, by_id[row["task_id"]].program(solution))
-    results = sandbox.results()
-    new_rows = []
-    for index, row in enumerate(rows):
-        result = results[index]
-        new_rows.append({**row, "solution": None if style == "completion" else solutions[index],
-                         "status": result.status, "reason": result.reason,
-                         "duration_s": round(result.duration_s, 4)})
-    out.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(out / "results.jsonl", new_rows)
-    ks = [int(name.split("@")[1]) for name in old["pass@k"]]
-    summary = {**old, **_summarise(new_rows, problems, ks, [results[i] for i in range(len(rows))]),
-               "mode": "rescore", "rescored_from": str(source), "workers": workers, "timeout_s": limits.timeout_s,
-               "memory_bytes": limits.memory_bytes,
-               "previous": {"mode": old["mode"], "pass@k": old["pass@k"], "outcomes": old["outcomes"]},
-               "timing": {"total_s": round(time.monotonic() - started, 2)}}
-    _write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
-
-
-def _summarise(rows: list[dict[str, Any]], problems: Sequence[Problem], ks: list[int],
-               results: list[ExecutionResult]) -> dict[str, Any]:
-    per_problem: dict[str, list[bool]] = defaultdict(list)
-    experts: dict[str, Counter] = defaultdict(Counter)
-    for row in rows:
-        per_problem[row["task_id"]].append(row["status"] == "passed")
-    counts = [(len(per_problem[p.task_id]), sum(per_problem[p.task_id])) for p in problems]
-    for row in rows:
-        if row["sample"] == 0 and row["expert"] is not None:
-            passed = per_problem[row["task_id"]]
-            stats = experts[str(row["expert"])]
-            stats["problems"] += 1
-            stats["passed_samples"] += sum(passed)
-            stats["samples"] += len(passed)
-    by_expert = {
-        name: {"problems": s["problems"], "pass@1": round(s["passed_samples"] / max(s["samples"], 1), 6)}
-        for name, s in sorted(experts.items(), key=lambda kv: int(kv[0]))
-    }
-    return {
-        "pass@k": pass_at_k_table(counts, ks),
-        "outcomes": _outcomes(results),
-        "problems_solved": sum(1 for _, c in counts if c > 0),
-        "experts": by_expert or None,
-        "isolation": _isolation(results),
-    }

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import JournalError
 from .generation import Sample
 
 __all__ = ["JOURNAL_FILE", "JOURNAL_VERSION", "GenerationJournal", "JournalError", "model_fingerprint"]
@@ -34,10 +35,6 @@ __all__ = ["JOURNAL_FILE", "JOURNAL_VERSION", "GenerationJournal", "JournalError
 JOURNAL_FILE = "generation.partial.jsonl"
 JOURNAL_VERSION = 1
 _SAMPLE_FIELDS = tuple(f.name for f in dataclasses.fields(Sample))
-
-
-class JournalError(ValueError):
-    """A journal that cannot be resumed from; the message names the file, the line or field, and the fix."""
 
 
 def model_fingerprint(model: Any) -> str:

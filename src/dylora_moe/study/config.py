@@ -10,6 +10,7 @@ from typing import Any
 
 from ..config import ConfigError
 from ..config import help_metadata as _help
+from ..errors import StudyError as StudyError
 
 STUDY_FORMAT_VERSION = 1
 UNIT_FILE = "unit.json"
@@ -158,6 +159,3 @@ class StudyConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-
-class StudyError(RuntimeError):
-    """The study's units cannot be aggregated as they are; the message names the units."""

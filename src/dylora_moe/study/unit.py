@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_text_atomically
 from .config import STUDY_FORMAT_VERSION, UNIT_FILE, StudyConfig, VariantConfig
 
 
@@ -213,13 +213,7 @@ def _analyse(study: StudyConfig, variant: VariantConfig, seed: int, config: Any,
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(payload, indent=2) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(payload, indent=2) + "\n")
 
 
 def per_decision(unit: dict[str, Any], name: str, unit_dir: Path | None = None) -> Any:

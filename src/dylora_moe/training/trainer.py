@@ -52,6 +52,7 @@ from ..data import (
     load_examples,
     tokenize_examples,
 )
+from ..errors import TrainingError
 from ..serialization import CheckpointError
 from . import checkpoint as ckpt
 from .config import DatasetConfig, TrainConfig
@@ -601,10 +602,6 @@ def library_versions() -> dict[str, str | None]:
         except PackageNotFoundError:
             out[name] = None
     return out
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. too many consecutive non-finite steps); the message says what to do."""
 
 
 def check_engine(distributed_type: str) -> None:

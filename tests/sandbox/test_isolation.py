@@ -1,4 +1,4 @@
-"""Adversarial tests of the pass@k sandbox (dylora_moe.evaluation.execution).
+"""Adversarial tests of the sandbox's isolation (dylora_moe.sandbox), with whole programs (``run_program``).
 
 Every run goes through ``run_checked``, which asserts -- besides the verdict each test checks -- that the
 harness and the machine are unharmed: no process of the sandbox's uid range is still running, the test
@@ -19,130 +19,19 @@ from pathlib import Path
 
 import pytest
 
-from dylora_moe.evaluation import (
+from dylora_moe.sandbox import (
     FAILED,
     MEMORY,
     PASSED,
     SYNTAX_ERROR,
     TIMEOUT,
-    ExecutionResult,
     SandboxLimits,
-    execution,
+    client,
     run_many,
     run_program,
 )
 
-ROOT = os.geteuid() == 0
-FAST = SandboxLimits(timeout_s=5.0, memory_bytes=512 << 20, max_processes=16)
-
-
-def _world_executable_python() -> str | None:
-    """An interpreter any uid can run: needed when the sandbox has no mount namespace to expose one."""
-    for candidate in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
-        path = os.path.realpath(candidate)
-        parts = Path(path).parents
-        if os.path.isfile(path) and os.stat(path).st_mode & 0o001 and all(p.stat().st_mode & 0o001 for p in parts):
-            return path
-    return None
-
-
-# Without namespaces, as root: the fresh uid, rlimits and the uid sweep are what is left.
-_PLAIN_PYTHON = _world_executable_python() if ROOT else None
-NO_NAMESPACES = SandboxLimits(
-    timeout_s=5.0, memory_bytes=512 << 20, max_processes=16, namespaces=False, interpreter=_PLAIN_PYTHON
-)
-# Programs are forked from the server's pristine interpreter by default; FRESH executes a new one per program.
-FRESH = SandboxLimits(timeout_s=5.0, memory_bytes=512 << 20, max_processes=16, fresh_interpreter=True)
-MODES = [pytest.param(FAST, id="full"), pytest.param(FRESH, id="fresh-interpreter")] + (
-    [pytest.param(NO_NAMESPACES, id="no-namespaces")] if _PLAIN_PYTHON else []
-)
-FULL_LAYERS = {"pid-ns", "net-ns", "mount-ns", "readonly-root", "private-proc", "scratch-tmpfs", "uid", "rlimits"}
-
-root_only = pytest.mark.skipif(not ROOT, reason="the isolation layers checked here need root")
-
-
-@pytest.fixture(autouse=True)
-def narrow_uid_range(monkeypatch):
-    """Sandbox uids come from a range private to this test, so leftovers can be found (and are ours)."""
-    base = execution._UID_BASE + secrets.randbelow(execution._UID_SPAN // 1000) * 1000
-    monkeypatch.setattr(execution, "_UID_BASE", base)
-    monkeypatch.setattr(execution, "_UID_SPAN", 1000)
-    return range(base, base + 1000)
-
-
-@pytest.fixture(autouse=True)
-def private_tempdir(monkeypatch, tmp_path_factory):
-    """The harness's temporary files and sandbox directories go to a directory private to this test."""
-    path = tmp_path_factory.mktemp("harness-tmp")
-    monkeypatch.setattr(tempfile, "tempdir", str(path))
-    return path
-
-
-def _proc_status(pid: str) -> dict[str, str]:
-    fields = {}
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                key, _, value = line.partition(":")
-                fields[key] = value.strip()
-    except OSError:
-        pass
-    return fields
-
-
-def _live_processes() -> dict[int, dict[str, str]]:
-    """pid -> /proc status of every process that is not a zombie."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            status = _proc_status(entry)
-            if status and not status.get("State", "").startswith("Z"):
-                table[int(entry)] = status
-    return table
-
-
-def _sandbox_processes(uids: range) -> list[int]:
-    return [pid for pid, st in _live_processes().items() if int(st.get("Uid", "0").split()[0]) in uids]
-
-
-def _my_children() -> set[int]:
-    me = str(os.getpid())
-    return {pid for pid, st in _live_processes().items() if st.get("PPid") == me}
-
-
-def _with_token(token: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                    if token.encode() in handle.read():
-                        found.append(int(entry))
-            except OSError:
-                pass
-    return [pid for pid in found if pid in _live_processes()]
-
-
-@pytest.fixture
-def run_checked(narrow_uid_range, private_tempdir):
-    """run_program + the checks that the harness and the machine are unharmed."""
-
-    def run(program: str, limits: SandboxLimits = FAST) -> ExecutionResult:
-        execution._server()  # the fork server is the harness's one long-lived child: started before counting
-        children = _my_children()
-        started = time.monotonic()
-        result = run_program(textwrap.dedent(program), limits)
-        elapsed = time.monotonic() - started
-        assert elapsed < limits.timeout_s + 3.0, (elapsed, result)
-        assert _sandbox_processes(narrow_uid_range) == [], result
-        assert _my_children() <= children, result
-        assert list(private_tempdir.iterdir()) == [], result  # sandbox directory removed
-        assert result.status in execution.STATUSES
-        if ROOT and limits.namespaces:
-            assert FULL_LAYERS <= set(result.isolation), result.isolation
-        return result
-
-    return run
+from .conftest import FAST, FRESH, MODES, ROOT, _live_processes, _sandbox_processes, _with_token, root_only
 
 
 @pytest.fixture
@@ -261,7 +150,7 @@ def test_sys_executable_is_runnable_even_from_a_hidden_venv(run_checked, limits,
     link = tmp_path / "venv-python"
     link.symlink_to(os.path.realpath(sys.executable))
     monkeypatch.setattr(sys, "executable", str(link))
-    monkeypatch.setattr(execution, "_SERVER", None)  # a fresh fork server, started from the link
+    monkeypatch.setattr(client, "_SERVER", None)  # a fresh fork server, started from the link
     result = run_checked(
         """
         import os, subprocess, sys
@@ -272,35 +161,42 @@ def test_sys_executable_is_runnable_even_from_a_hidden_venv(run_checked, limits,
         limits,
     )
     assert result.status == PASSED, result
-    execution._SERVER.close()
+    client._SERVER.close()
 
 
 def test_server_restarts_after_being_killed(run_checked):
     assert run_checked("x = 1\n").passed
-    old = execution.server_pid()
+    old = client.server_pid()
     os.kill(old, 9)
     for _ in range(100):
-        if execution._SERVER.process.poll() is not None:
+        if client._SERVER.process.poll() is not None:
             break
         time.sleep(0.01)
     result = run_program("x = 1\n", FAST)
     assert result.passed, result
-    assert execution.server_pid() not in (None, old)
+    assert client.server_pid() not in (None, old)
 
 
 def test_harness_death_ends_the_server_and_its_runs(tmp_path):
-    """SIGKILL the harness in the middle of a run: the server, the supervisor and the program all go too."""
+    """SIGKILL the harness in the middle of a run: the server, the run's keeper and the program all go too."""
     import subprocess
 
     script = tmp_path / "harness.py"
     script.write_text(textwrap.dedent(
         """
         import sys, threading, time
-        from dylora_moe.evaluation import SandboxLimits, execution, run_program
+        from dylora_moe.sandbox import SandboxLimits, client, run_program
         threading.Thread(target=run_program, args=("import time\\ntime.sleep(60)\\n", SandboxLimits(timeout_s=60)),
                          daemon=True).start()
-        time.sleep(1.5)
-        print(execution.server_pid(), flush=True)
+        def started():
+            pid = client.server_pid()
+            return pid is not None and open(f"/proc/{pid}/task/{pid}/children").read().split()
+        for _ in range(300):  # the server is up and the run started: seconds, even on a loaded machine
+            time.sleep(0.1)
+            if started():
+                break
+        time.sleep(0.5)
+        print(client.server_pid(), flush=True)
         time.sleep(60)
         """
     ))
@@ -315,7 +211,7 @@ def test_harness_death_ends_the_server_and_its_runs(tmp_path):
                 if pid not in family and int(status.get("PPid", 0)) in family:
                     family.add(pid)
                     grew = True
-        assert len(family) >= 4, family  # server, supervisor, keeper, program
+        assert len(family) >= 3, family  # server, keeper (pid 1 of the run), program
     finally:
         harness.kill()
         harness.wait()
@@ -630,27 +526,6 @@ def test_fork_then_main_process_exits_early(run_checked):
     # The forked child runs the tests to the end, but the main process exits 0 without having done so.
     result = run_checked("import os, time\nif os.fork():\n    time.sleep(1)\n    os._exit(0)\nassert 1 + 1 == 2\n")
     assert result.status == FAILED and result.returncode == 0, result
-
-
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="documented limit: code in the same interpreter can read the nonce"
-)
-def test_known_limit_introspection_can_forge_the_proof(run_checked):
-    # A program written against this harness can walk up to the runner's frame, read the nonce and the
-    # proof descriptor and forge completion. docs/sandbox.md says so; this test keeps the statement true.
-    result = run_checked(
-        """
-        import os, sys
-        frame = sys._getframe()
-        while frame is not None and "nonce" not in frame.f_locals:
-            frame = frame.f_back
-        scope = frame.f_locals
-        os.write(scope["proof_fd"], b"done\\t%d\\t%s\\n" % (os.getpid(), scope["nonce"]))
-        os._exit(0)
-        assert False, "the tests fail"
-        """
-    )
-    assert result.status != PASSED, result
 
 
 @pytest.mark.parametrize(
