@@ -1,14 +1,22 @@
 """The CLI is built from the config dataclasses and reports errors without a traceback."""
 
+import json
+import re
+import subprocess
+import sys
+
 import pytest
+import yaml
 
 from dylora_moe import ConfigError, DyLoRAMoEConfig
-from dylora_moe.cli import build_parser, dataclass_from_args, main
-from tests.training import BAD_DATA_CASES, break_file
+from dylora_moe.cli import build_parser, main
+from dylora_moe.cli.options import config_from_options
+from tests.tiny import make_base, make_tokenizer
+from tests.training import BAD_DATA_CASES, break_file, isolate_data_registry, write_data_dir
 
 
 def parse(*argv):
-    return dataclass_from_args(DyLoRAMoEConfig, build_parser().parse_args(["report", "m", *argv]))
+    return config_from_options(DyLoRAMoEConfig, build_parser().parse_args(["report", "m", *argv]), overrides=False)
 
 
 def test_options_map_to_typed_fields():
@@ -35,11 +43,6 @@ def test_main_prints_clear_error(capsys):
 # ----------------------------------------------------------------------------- train / generate / inspect
 def tiny_run_files(tmp_path, monkeypatch):
     """A tiny local base model folder, a tiny data directory and a YAML config using both."""
-    import yaml
-
-    from tests.tiny import make_base, make_tokenizer
-    from tests.training import isolate_data_registry, write_data_dir
-
     isolate_data_registry(monkeypatch)
     model_dir = tmp_path / "tiny-model"
     make_base("llama").save_pretrained(model_dir)
@@ -66,8 +69,6 @@ def run_files(tmp_path, monkeypatch, capsys):
 
 
 def test_train_inspect_generate(tmp_path, run_files, capsys):
-    import json
-
     config, data_dir = run_files
     out = tmp_path / "run"
     argv = ["train", "--config", str(config), "moe.num_experts=3", "--data-dir", str(data_dir),
@@ -119,8 +120,6 @@ def test_train_file_errors_are_clean(tmp_path, run_files, capsys):
 
 @pytest.mark.parametrize("case", BAD_DATA_CASES)
 def test_train_data_errors_are_clean(tmp_path, run_files, capsys, case):
-    import re
-
     config, data_dir = run_files
     match = break_file(data_dir, case)
     argv = ["train", "--config", str(config), "--data-dir", str(data_dir), "--output-dir", str(tmp_path / "r")]
@@ -129,11 +128,23 @@ def test_train_data_errors_are_clean(tmp_path, run_files, capsys, case):
     assert err.startswith("dylora-moe: error:") and re.search(match, err) and "Traceback" not in err
 
 
-def test_eval_and_analyze_are_registered(capsys):
-    import pytest as _pytest
+@pytest.mark.parametrize("command", ["train", "report", "generate", "inspect", "eval", "compare", "analyze",
+                                     "study", "learn-skill", "continual"])
+def test_every_command_is_registered_with_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert f"dylora-moe {command}" in capsys.readouterr().out
 
-    for command in ("eval", "analyze"):
-        with _pytest.raises(SystemExit) as exc:
-            main([command, "--help"])
-        assert exc.value.code == 0
-        assert command in capsys.readouterr().out
+
+def test_commands_that_need_no_model_never_import_torch(tmp_path):
+    """Building the parser, the references check and compare run without torch (start-up time)."""
+    code = (
+        "import sys; from dylora_moe.cli import main\n"
+        f"assert main(['eval', '--references', '--limit', '2', '--output', {str(tmp_path / 'refs')!r}, "
+        "'--no-progress', '--workers', '1']) == 0\n"
+        f"assert main(['compare', {str(tmp_path / 'refs')!r}, {str(tmp_path / 'refs')!r}]) == 0\n"
+        "print('torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False False"

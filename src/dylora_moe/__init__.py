@@ -22,7 +22,7 @@ _LAZY = {
     "ConfigError": ".config",
     "DyLoRAMoECausalLMOutput": ".outputs",
     "DyLoRAMoEConfig": ".config",
-    "DyLoRAMoEForCausalLM": ".model",
+    "DyLoRAMoEForCausalLM": ".api",
     "FORMAT_VERSION": ".serialization",
     "LinearRouter": ".router",
     "MLPRouter": ".router",
@@ -37,9 +37,9 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from .api import DyLoRAMoEForCausalLM
     from .config import ConfigError, DyLoRAMoEConfig
     from .loading import BaseModelError, load_base_model
-    from .model import DyLoRAMoEForCausalLM
     from .outputs import DyLoRAMoECausalLMOutput
     from .report import ParameterReport, parameter_report
     from .router import LinearRouter, MLPRouter, Router, build_router

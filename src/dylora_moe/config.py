@@ -36,17 +36,19 @@ def with_predating_values(saved: Any) -> Any:
     return {**PREDATING_VALUES, **saved} if isinstance(saved, dict) else saved
 
 
-def help_metadata(text: str) -> dict[str, str]:
+def help_metadata(text: str, *, flag: str | None = None) -> dict[str, str]:
     """``field(metadata=help_metadata("..."))``: the help text of a config dataclass field (shown by the CLI
-    and the generated option tables)."""
-    return {"help": text}
+    and the generated option tables); ``flag`` names its command-line option when that is not the field's
+    name (``output_dir`` as ``--output``)."""
+    return {"help": text} if flag is None else {"help": text, "flag": flag}
 
 
 @dataclass
 class DyLoRAMoEConfig:
     """Settings of the expert pool and router (defaults are the seed's)."""
 
-    num_experts: int = field(default=4, metadata={"help": "Number of LoRA experts created up front."})
+    num_experts: int = field(default=4, metadata={"help": (
+        "Number of LoRA experts created up front (a model's own config also counts the experts added later).")})
     r: int = field(default=16, metadata={"help": "LoRA rank of each initial expert."})
     alpha: float = field(
         default=32.0,
@@ -112,8 +114,9 @@ class DyLoRAMoEConfig:
     def __post_init__(self) -> None:
         self.validate()
 
-    def validate(self) -> None:
-        """Raise ``ConfigError`` naming the first invalid field."""
+    def validate(self, source: str = "config", origins: dict[str, str] | None = None) -> None:
+        """Raise ``ConfigError`` naming the first invalid field (``source`` and ``origins`` are accepted for the
+        shared config interface; the message names the field)."""
 
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"DyLoRAMoEConfig.{name}={getattr(self, name)!r}: {why}")

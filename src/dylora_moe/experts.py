@@ -145,10 +145,9 @@ def _per_expert_all_tokens(
     """Inference path of token routing for few tokens: x ``[N, d_in]``, weights ``[N, E]`` (zero for unchosen
     experts, already times scale) -> ``[N, d_out]``. Experts are summed in index order; one that no token
     chose adds exact zeros."""
-    out = None
-    for expert, (a, b) in enumerate(zip(a_list, b_list)):
-        y = ((x @ a.t()) * weights[:, expert:expert + 1].to(x.dtype)) @ b.t()
-        out = y if out is None else out + y
+    out = ((x @ a_list[0].t()) * weights[:, :1].to(x.dtype)) @ b_list[0].t()
+    for expert in range(1, len(a_list)):
+        out = out + ((x @ a_list[expert].t()) * weights[:, expert:expert + 1].to(x.dtype)) @ b_list[expert].t()
     return out
 
 
@@ -197,8 +196,9 @@ def mixture_delta(
         a, b = stack_experts(a_list, b_list)
         w = decision.probs * scale
         return _dense(x, w.unsqueeze(1) if per_sequence else w, a, b)
+    indices, gates = decision.selected()
     if per_sequence:
-        gates = decision.gates * scale[decision.indices]
+        gates = gates * scale[indices]
         if torch.is_grad_enabled() and a_list[0].requires_grad:
             return _sparse_per_sequence(x, decision.chosen(), gates, a_list, b_list)
         return _grouped_per_sequence(x, decision.groups(), gates, a_list, b_list)
@@ -211,8 +211,8 @@ def mixture_delta(
         a, b = stack_experts(a_list, b_list)
         if a.shape[0] * a.shape[1] <= DENSE_TOKEN_MAX_RANK:
             return _dense(x, decision.dense_weights() * scale, a, b)
-    k = decision.indices.shape[-1]
-    gates = (decision.gates * scale[decision.indices]).reshape(-1, k)
-    flat = (x.reshape(batch * seq, -1), decision.indices.reshape(-1, k), gates)
+    k = indices.shape[-1]
+    gates = (gates * scale[indices]).reshape(-1, k)
+    flat = (x.reshape(batch * seq, -1), indices.reshape(-1, k), gates)
     out = _grouped_per_token(*flat, a_list, b_list) if inference else _sparse_per_token(*flat, a, b)
     return out.reshape(batch, seq, -1)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -19,14 +20,14 @@ from .atomic import write_folder_atomically
 from .layer import ADAPTER_PARAMETER_NAMES
 
 
-def _check_index(model, index: int) -> None:
+def _check_index(model: Any, index: int) -> None:
     if not 0 <= index < model.num_experts:
         raise IndexError(f"expert index {index} out of range for {model.num_experts} experts")
 
 
-def export_expert(model, index: int, directory: str | Path) -> Path:
+def export_expert(model: Any, index: int, directory: str | Path) -> Path:
     """Write expert ``index`` of ``model`` as a PEFT LoRA adapter folder."""
-    from peft import LoraConfig
+    from peft import LoraConfig  # here, not at the top: peft is slow to import and only export needs it
 
     _check_index(model, index)
     rank, alpha = model.expert_ranks[index], model.expert_alphas[index]
@@ -55,7 +56,7 @@ def export_expert(model, index: int, directory: str | Path) -> Path:
     return write_folder_atomically(directory, write)
 
 
-def merge_expert(model, index: int) -> PreTrainedModel:
+def merge_expert(model: Any, index: int) -> PreTrainedModel:
     """A new plain transformers model equal to the base with expert ``index`` merged in."""
     _check_index(model, index)
     base = model.base_model

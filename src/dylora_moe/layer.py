@@ -13,6 +13,7 @@ Trainable parameters are declared by name in ``ADAPTER_PARAMETER_NAMES``.
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -35,6 +36,8 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
 
 class MoELoRALayer(nn.Module):
     """A frozen base layer with E routed LoRA experts (possibly of different ranks)."""
+
+    context: RoutingContext  # a plain attribute, not a submodule: shared with the model and its hooks
 
     def __init__(
         self,
@@ -62,7 +65,7 @@ class MoELoRALayer(nn.Module):
 
     def add_expert(self, rank: int, alpha: float, generator: torch.Generator | None = None) -> None:
         """Append an expert: A Kaiming-uniform, B zero (so outputs do not change)."""
-        weight = self.base_layer.weight
+        weight = cast(torch.Tensor, self.base_layer.weight)
         a = torch.empty(rank, self.in_features, dtype=torch.float32)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
         b = torch.zeros(self.out_features, rank, dtype=torch.float32)
@@ -86,7 +89,7 @@ class MoELoRALayer(nn.Module):
         delta = (self.lora_B[index] @ self.lora_A[index]) * (self.alphas[index] / self.ranks[index])
         return delta.t() if self.is_conv1d else delta
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.context.adapters_disabled:
             return result

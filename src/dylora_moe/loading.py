@@ -123,7 +123,7 @@ def _install(built: Path, target: Path) -> None:
 def gguf_special_token_ids(path: str | Path) -> dict[str, int]:
     """The special token ids a GGUF file declares: ``{"bos": 1, "eos": 2, "pad": 2, "unk": 0}`` for
     SmolLM2-135M-Instruct (roles the file does not declare are left out)."""
-    from gguf import GGUFReader
+    from gguf import GGUFReader  # here, not at the top: only converting the embedded default needs it
 
     fields = GGUFReader(str(path)).fields
     ids = {}
@@ -190,5 +190,5 @@ def load_base_model(
         tokenizer.pad_token = tokenizer.eos_token
     model.name_or_path = name_or_path if name_or_path.lower() in ALIASES else path
     if device is not None:
-        model.to(device)
+        torch.nn.Module.to(model, device)
     return model, tokenizer

@@ -26,19 +26,22 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 
 from .config import DyLoRAMoEConfig
 from .context import RoutingContext
+from .export import export_expert, merge_expert
 from .layer import ADAPTER_PARAMETER_NAMES, MoELoRALayer
+from .loading import load_base_model
 from .outputs import DyLoRAMoECausalLMOutput
-from .router import build_router
+from .report import ParameterReport, parameter_report
+from .router import Router, build_router
 from .routing import (
     RoutingDecision,
     balance_loss,
@@ -48,7 +51,15 @@ from .routing import (
     per_sequence_probs,
     router_entropy,
 )
-from .targets import find_targets
+from .serialization import (
+    WEIGHTS_FILE,
+    check_fingerprint,
+    load_adapter_tensors,
+    load_attachments,
+    read_adapter,
+    save_model,
+)
+from .targets import decoder_blocks_name, find_targets
 
 
 def _cache_length(cache: Any) -> int:
@@ -63,10 +74,10 @@ def _cache_length(cache: Any) -> int:
 
 
 def _detached(d: RoutingDecision) -> RoutingDecision:
-    def det(t):
+    def det(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.detach()
 
-    return RoutingDecision(det(d.probs), det(d.indices), det(d.gates), d.mode, det(d.mask))
+    return RoutingDecision(d.probs.detach(), det(d.indices), det(d.gates), d.mode, d.mask.detach())
 
 
 def sequence_routing(decisions: list[RoutingDecision]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,8 +91,21 @@ def sequence_routing(decisions: list[RoutingDecision]) -> tuple[torch.Tensor, to
     return choice, probs
 
 
+def _input_embedding_weight(model: PreTrainedModel) -> torch.Tensor:
+    """The input embedding matrix ``[vocab, hidden]`` of a base model."""
+    return cast(torch.Tensor, model.get_input_embeddings().weight)
+
+
 class DyLoRAMoEForCausalLM(nn.Module):
     """A causal LM with routed LoRA experts sharing one frozen base model."""
+
+    #: names of the methods and properties features added with :meth:`register_extension`
+    _extensions: set[str] = set()
+
+    context: RoutingContext  # a plain attribute, not a submodule: shared with the layers and hooks
+    base_model: PreTrainedModel
+    routers: nn.ModuleList
+    _expert_layers: tuple[MoELoRALayer, ...]
 
     def __init__(
         self,
@@ -90,10 +114,18 @@ class DyLoRAMoEForCausalLM(nn.Module):
         *,
         mature: bool = False,
         base_name_or_path: str | None = None,
+        expert_ranks: Sequence[int] | None = None,
+        expert_alphas: Sequence[float] | None = None,
     ) -> None:
+        """Wrap ``base_model`` (frozen) with ``config.num_experts`` experts of rank ``config.r`` (or the given
+        ``expert_ranks`` / ``expert_alphas``, one per expert, as a checkpoint records them)."""
         super().__init__()
-        config = config or DyLoRAMoEConfig()
+        config = dataclasses.replace(config or DyLoRAMoEConfig())  # the model's own copy: it grows with the pool
         config.validate()
+        ranks = list(expert_ranks) if expert_ranks is not None else [config.r] * config.num_experts
+        alphas = list(expert_alphas) if expert_alphas is not None else [float(config.alpha)] * len(ranks)
+        if not len(ranks) == len(alphas) == config.num_experts:
+            raise ValueError(f"{len(ranks)} expert ranks and {len(alphas)} alphas for num_experts={config.num_experts}")
         self.moe_config = config
         self.base_model = base_model
         self.base_name_or_path = base_name_or_path or getattr(base_model, "name_or_path", "") or ""
@@ -101,42 +133,23 @@ class DyLoRAMoEForCausalLM(nn.Module):
             p.requires_grad_(False)
         self.__dict__["context"] = RoutingContext()
         self.targets = find_targets(base_model, config.target_modules)
-        self.expert_ranks: list[int] = []
-        self.expert_alphas: list[float] = []
-        self.maturity: list[bool] = []
-        #: continual learning: one embedding per learned skill (``dylora_moe.continual.SkillLibrary``),
-        #: saved and loaded with the checkpoint; ``None`` until a skill is learned.
-        self.skill_library = None
-
-        layers = []
-        for target in self.targets:
-            parent_name, _, child = target.name.rpartition(".")
-            parent = base_model.get_submodule(parent_name)
-            layer = MoELoRALayer(getattr(parent, child), self.context, target.layer_index, config.dropout)
-            setattr(parent, child, layer)
-            layers.append(layer)
-        self.__dict__["_expert_layers"] = tuple(layers)
-
-        embeddings = base_model.get_input_embeddings()
-        hidden = embeddings.embedding_dim
-        if config.routing == "sequence":
-            self.router_slots = {-1: 0}
-        else:
-            block_ids = sorted({t.layer_index for t in self.targets})
-            self.router_slots = {idx: slot for slot, idx in enumerate(block_ids)}
+        #: data features keep with the model and its checkpoints, by name (serialization.py: attachments)
+        self.attachments: dict[str, Any] = {}
+        layers = self._wrap_targets(config.dropout)
+        hidden = _input_embedding_weight(base_model).shape[1]
+        block_ids = sorted({t.layer_index for t in self.targets})
+        self.router_slots = {-1: 0} if config.routing == "sequence" else {i: s for s, i in enumerate(block_ids)}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.init_seed)
             self.routers = nn.ModuleList(
                 build_router(config.router_type, hidden, config.num_experts, config.router_hidden)
                 for _ in self.router_slots
-            ).to(embeddings.weight.device)
-            for _ in range(config.num_experts):
+            ).to(_input_embedding_weight(base_model).device)
+            for rank, alpha in zip(ranks, alphas):
                 for layer in layers:
-                    layer.add_expert(config.r, config.alpha)
-        self.expert_ranks = [config.r] * config.num_experts
-        self.expert_alphas = [float(config.alpha)] * config.num_experts
+                    layer.add_expert(rank, alpha)
+        self.expert_ranks, self.expert_alphas = ranks, [float(a) for a in alphas]
         self.maturity = [bool(mature)] * config.num_experts
-
         self._hooks = [base_model.register_forward_pre_hook(self._before_base_forward, with_kwargs=True)]
         if config.routing == "token":
             blocks = self._decoder_blocks()
@@ -145,14 +158,36 @@ class DyLoRAMoEForCausalLM(nn.Module):
                     blocks[idx].register_forward_pre_hook(self._block_hook(idx, slot), with_kwargs=True)
                 )
 
-    # ------------------------------------------------------------------ structure
-    def _decoder_blocks(self) -> nn.ModuleList:
-        from .targets import decoder_blocks_name
+    def _wrap_targets(self, dropout: float) -> list[MoELoRALayer]:
+        """Replace every target linear layer of the base model by a :class:`MoELoRALayer` around it."""
+        layers = []
+        for target in self.targets:
+            parent_name, _, child = target.name.rpartition(".")
+            parent = self.base_model.get_submodule(parent_name)
+            layer = MoELoRALayer(getattr(parent, child), self.context, target.layer_index, dropout)
+            setattr(parent, child, layer)
+            layers.append(layer)
+        self.__dict__["_expert_layers"] = tuple(layers)
+        return layers
 
-        return self.base_model.get_submodule(decoder_blocks_name(self.base_model))
+    @classmethod
+    def register_extension(cls, name: str, value: Any) -> None:
+        """Add a method or property a feature provides (continual learning adds ``add_new_skill`` and
+        ``skill_library``); the core itself never imports a feature. A name the class already has is refused."""
+        if name in cls.__dict__ and name not in cls._extensions:
+            raise ValueError(f"DyLoRAMoEForCausalLM already has {name!r}: an extension cannot replace it")
+        setattr(cls, name, value)
+        cls._extensions.add(name)
+
+    # ------------------------------------------------------------------ structure
+    def _router_list(self) -> list[Router]:
+        return [cast(Router, router) for router in self.routers]
+
+    def _decoder_blocks(self) -> nn.ModuleList:
+        return cast(nn.ModuleList, self.base_model.get_submodule(decoder_blocks_name(self.base_model)))
 
     @property
-    def config(self):
+    def config(self) -> Any:
         """The base model's transformers config (Hugging Face convention)."""
         return self.base_model.config
 
@@ -166,7 +201,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.base_model.get_input_embeddings().weight.device
+        return _input_embedding_weight(self.base_model).device
 
     @property
     def routing_mode(self) -> str:
@@ -209,11 +244,12 @@ class DyLoRAMoEForCausalLM(nn.Module):
             torch.manual_seed(cfg.init_seed + 7919 * (index + 1))
             for layer in self._expert_layers:
                 layer.add_expert(rank, alpha)
-            for router in self.routers:
+            for router in self._router_list():
                 router.add_expert()
         self.expert_ranks.append(rank)
         self.expert_alphas.append(alpha)
         self.maturity.append(False)
+        self.moe_config = dataclasses.replace(cfg, num_experts=self.num_experts)
         return index
 
     def set_maturity(self, index: int, mature: bool = True) -> None:
@@ -225,7 +261,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
         self.maturity = [bool(mature)] * self.num_experts
 
     @contextlib.contextmanager
-    def force_expert(self, index: int | None):
+    def force_expert(self, index: int | None) -> Iterator[DyLoRAMoEForCausalLM]:
         """Within the block every unit goes to expert ``index`` with weight 1 (router bypassed)."""
         if index is not None and not 0 <= index < self.num_experts:
             raise IndexError(f"expert index {index} out of range for {self.num_experts} experts")
@@ -236,20 +272,13 @@ class DyLoRAMoEForCausalLM(nn.Module):
             self.context.forced_expert = previous
 
     @contextlib.contextmanager
-    def disable_adapters(self):
+    def disable_adapters(self) -> Iterator[DyLoRAMoEForCausalLM]:
         """Within the block the wrapped model computes exactly the frozen base model (no expert deltas)."""
         previous, self.context.adapters_disabled = self.context.adapters_disabled, True
         try:
             yield self
         finally:
             self.context.adapters_disabled = previous
-
-    def add_new_skill(self, examples, tokenizer, name: str, config=None, progress: bool = False) -> bool:
-        """Continual learning (the seed's API): learn skill ``name`` from ``examples``; True if a new expert
-        was created, False if the data matched a known skill. See ``dylora_moe.continual.learn_skill``."""
-        from .continual.learner import learn_skill
-
-        return learn_skill(self, tokenizer, examples, name, config, progress=progress).created
 
     # ------------------------------------------------------------------ routing hooks
     def _decide(self, logits: torch.Tensor, mask: torch.Tensor) -> RoutingDecision:
@@ -264,7 +293,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
             gate=cfg.gate,
         )
 
-    def _before_base_forward(self, module, args, kwargs):
+    def _before_base_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         ctx = self.context
         ctx.begin_pass()
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -294,7 +323,9 @@ class DyLoRAMoEForCausalLM(nn.Module):
         ctx.pinned = _detached(ctx.sequence)
         return None
 
-    def _sequence_features(self, input_ids, embeds, token_mask, labels=None, routing_mask=None) -> torch.Tensor:
+    def _sequence_features(self, input_ids: torch.Tensor | None, embeds: torch.Tensor | None,
+                           token_mask: torch.Tensor, labels: torch.Tensor | None = None,
+                           routing_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Mean input embedding over the routing tokens of each sequence, ``[B, hidden]`` (float32).
 
         Routing tokens: ``routing_mask`` if given, else the prompt (``labels == -100``) when labels are
@@ -313,7 +344,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
         return (embeds.float() * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
     @torch.no_grad()
-    def calibrate_router(self, batches) -> int:
+    def calibrate_router(self, batches: Iterable[dict[str, torch.Tensor]]) -> int:
         """Set every router's feature standardisation from representative batches; return units seen.
 
         ``batches`` yields dicts with ``input_ids`` and ``attention_mask`` (and optionally ``labels``,
@@ -330,7 +361,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
         if self.moe_config.routing == "token":
             blocks = self._decoder_blocks()
             for idx, slot in self.router_slots.items():
-                def grab(module, args, kwargs, slot=slot):
+                def grab(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], slot: int = slot) -> None:
                     hidden = args[0] if args else kwargs["hidden_states"]
                     mask = self.context.token_mask
                     keep = mask.reshape(-1) if mask is not None and mask.shape == hidden.shape[:2] else None
@@ -360,11 +391,11 @@ class DyLoRAMoEForCausalLM(nn.Module):
             allf = torch.cat(feats)
             seen = max(seen, allf.shape[0])
             if allf.shape[0] > 1:
-                self.routers[slot].set_feature_stats(allf.mean(0), allf.std(0))
+                self._router_list()[slot].set_feature_stats(allf.mean(0), allf.std(0))
         return seen
 
-    def _block_hook(self, layer_index: int, slot: int):
-        def hook(module, args, kwargs):
+    def _block_hook(self, layer_index: int, slot: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             ctx = self.context
             hidden = args[0] if args else kwargs["hidden_states"]
             mask = ctx.token_mask
@@ -405,7 +436,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
         ctx.routing_mask, ctx.labels = routing_mask, labels
         head = self.base_model.get_output_embeddings() if supervised_logits_only and labels is not None else None
         try:
-            if head is None:
+            if head is None or labels is None:
                 out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
                 lm_loss = out.get("loss")
             else:
@@ -416,8 +447,8 @@ class DyLoRAMoEForCausalLM(nn.Module):
             ctx.forced_expert = previous_forced
         return self._output(out, lm_loss, decisions, keep_logits=head is None)
 
-    def _supervised_forward(self, head: nn.Module, input_ids, attention_mask, labels: torch.Tensor,
-                            kwargs: dict[str, Any]):
+    def _supervised_forward(self, head: nn.Module, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                            labels: torch.Tensor, kwargs: dict[str, Any]) -> tuple[Any, torch.Tensor]:
         """The base forward with the LM head applied to the supervised positions only; ``(out, lm_loss)``.
 
         A pre-hook on the head replaces its input ``[B, T, H]`` by the ``[N, H]`` rows whose next label is
@@ -428,7 +459,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
         keep = following != -100
         selected = []
 
-        def select(module, args):
+        def select(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
             hidden = args[0]
             if hidden.shape[:2] != keep.shape:  # not the full sequence (logits_to_keep): leave it as it is
                 return None
@@ -449,7 +480,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
         # the head never saw the [B, T, H] hidden states: the usual shifted loss over the logits it returned
         return out, torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), following.flatten())
 
-    def _output(self, out, lm_loss: torch.Tensor | None, decisions: list[RoutingDecision],
+    def _output(self, out: Any, lm_loss: torch.Tensor | None, decisions: list[RoutingDecision],
                 keep_logits: bool = True) -> DyLoRAMoECausalLMOutput:
         cfg = self.moe_config
         aux = torch.stack([balance_loss(d, cfg.balance_loss) for d in decisions]).mean()
@@ -473,7 +504,8 @@ class DyLoRAMoEForCausalLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, *args: Any, forced_expert: int | None = None,
-                 on_prompt_routing: Callable[[torch.Tensor, torch.Tensor], None] | None = None, **kwargs: Any):
+                 on_prompt_routing: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+                 **kwargs: Any) -> Any:
         """``transformers`` generation (KV cache, batching, padding) with routing pinned to the prompt.
 
         ``on_prompt_routing(expert_choice [B], router_probs [B, E])`` is called once, after the prefill
@@ -486,15 +518,18 @@ class DyLoRAMoEForCausalLM(nn.Module):
         ctx.generating, ctx.pinned = True, None
         if forced_expert is not None:
             ctx.forced_expert = forced_expert
-        handle = None
+        handle: torch.utils.hooks.RemovableHandle | None = None
         if on_prompt_routing is not None:
-            def after_prefill(module, args, output):
-                handle.remove()
-                on_prompt_routing(*sequence_routing(ctx.decisions()))
+            report = on_prompt_routing
+
+            def after_prefill(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+                if handle is not None:
+                    handle.remove()
+                report(*sequence_routing(ctx.decisions()))
 
             handle = self.base_model.register_forward_hook(after_prefill)
         try:
-            return self.base_model.generate(*args, **kwargs)
+            return cast(GenerationMixin, self.base_model).generate(*args, **kwargs)
         finally:
             if handle is not None:
                 handle.remove()
@@ -513,27 +548,38 @@ class DyLoRAMoEForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ persistence / export
     def save_pretrained(self, directory: str | Path) -> Path:
-        from .serialization import save_model
-
+        """Write the experts, the router, the config, the base model's fingerprint and the attachments."""
         return save_model(self, directory)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, base_model: PreTrainedModel | None = None, **load_kwargs):
-        from .serialization import load_model
-
-        return load_model(directory, base_model=base_model, **load_kwargs)
+    def from_pretrained(cls, directory: str | Path, base_model: PreTrainedModel | None = None, *,
+                        dtype: Any = None, device: Any = None) -> DyLoRAMoEForCausalLM:
+        """Rebuild a model from a checkpoint folder, on ``base_model`` (default: the fingerprinted base model,
+        loaded with ``load_base_model``); refuses another base model or a newer format."""
+        directory = Path(directory)
+        meta, config, tensors = read_adapter(directory)
+        fingerprint = meta["base_model"]
+        if base_model is None:
+            base_model, _ = load_base_model(fingerprint["name_or_path"], dtype=dtype, device=device)
+        check_fingerprint(fingerprint, base_model, str(directory))
+        model = cls(base_model, config, base_name_or_path=fingerprint["name_or_path"],
+                    expert_ranks=meta["expert_ranks"], expert_alphas=meta["expert_alphas"])
+        model.maturity = [bool(m) for m in meta["maturity"]]
+        load_adapter_tensors(model, tensors, directory / WEIGHTS_FILE)
+        model.attachments = load_attachments(directory, meta)
+        for attachment in model.attachments.values():
+            if hasattr(attachment, "check_against"):
+                attachment.check_against(model, str(directory))
+        return model
 
     def export_expert(self, index: int, directory: str | Path) -> Path:
-        from .export import export_expert
-
+        """Expert ``index`` as a standard PEFT LoRA adapter folder (see ``export.py``)."""
         return export_expert(self, index, directory)
 
     def merge_expert(self, index: int) -> PreTrainedModel:
-        from .export import merge_expert
-
+        """A plain transformers model with expert ``index`` merged into its weights."""
         return merge_expert(self, index)
 
-    def parameter_report(self):
-        from .report import parameter_report
-
+    def parameter_report(self) -> ParameterReport:
+        """What trains and what is shared (see ``report.py``)."""
         return parameter_report(self)

@@ -7,6 +7,7 @@ blocks, "Verifying trainable parameters" and "Memory Efficiency Verification".
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -65,7 +66,7 @@ class ParameterReport:
         return "\n".join(lines)
 
 
-def parameter_report(model) -> ParameterReport:
+def parameter_report(model: Any) -> ParameterReport:
     """Count parameters of a ``DyLoRAMoEForCausalLM`` and check that the base is shared."""
     expert_ids = {id(p) for p in model.expert_parameters()}
     router_ids = {id(p) for p in model.router_parameters()}

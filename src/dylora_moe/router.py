@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -43,6 +44,9 @@ class Router(nn.Module, ABC):
     RMS-normalised. Pooled prompt embeddings share a large common component; without centring, every
     input gets nearly the same logits and the router sends everything to one expert.
     """
+
+    feature_mean: torch.Tensor  # buffers [in_features]
+    feature_std: torch.Tensor
 
     def __init__(self, in_features: int, num_experts: int) -> None:
         super().__init__()
@@ -114,7 +118,8 @@ class MLPRouter(Router):
         self.num_experts += 1
 
 
-ROUTER_TYPES: dict[str, type[Router]] = {"linear": LinearRouter, "mlp": MLPRouter}
+#: router classes by name; each takes ``(in_features, num_experts, hidden=...)`` (``hidden``: MLP width)
+ROUTER_TYPES: dict[str, Callable[..., Router]] = {"linear": LinearRouter, "mlp": MLPRouter}
 
 
 def build_router(kind: str, in_features: int, num_experts: int, hidden: int = 256) -> Router:

@@ -37,10 +37,16 @@ class RoutingDecision:
     _chosen: list | None = field(default=None, repr=False, compare=False)
     _groups: dict | None = field(default=None, repr=False, compare=False)
 
+    def selected(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(indices, gates)``, each ``[..., k]``, of a sparse or forced decision (a dense one has none)."""
+        if self.indices is None or self.gates is None:
+            raise ValueError(f"a {self.mode} routing decision selects no experts")
+        return self.indices, self.gates
+
     def chosen(self) -> list:
         """``indices`` as nested Python lists, read from the device once per decision."""
         if self._chosen is None:
-            self._chosen = self.indices.tolist()
+            self._chosen = self.selected()[0].tolist()
         return self._chosen
 
     def groups(self) -> dict[int, tuple[torch.Tensor | None, torch.Tensor]]:
@@ -70,7 +76,8 @@ class RoutingDecision:
         if self.mode == "dense":
             return self.probs
         out = torch.zeros_like(self.probs)
-        return out.scatter_add(-1, self.indices, self.gates.to(out.dtype))
+        indices, gates = self.selected()
+        return out.scatter_add(-1, indices, gates.to(out.dtype))
 
 
 def decide(
@@ -139,8 +146,9 @@ def expert_share(decision: RoutingDecision) -> torch.Tensor:
     with torch.no_grad():
         if decision.mode == "dense":
             return _masked_mean(decision.probs, decision.mask)
-        onehot = torch.nn.functional.one_hot(decision.indices, decision.num_experts).float().sum(-2)
-        return _masked_mean(onehot / decision.indices.shape[-1], decision.mask)
+        indices = decision.selected()[0]
+        onehot = torch.nn.functional.one_hot(indices, decision.num_experts).float().sum(-2)
+        return _masked_mean(onehot / indices.shape[-1], decision.mask)
 
 
 def router_entropy(decision: RoutingDecision) -> torch.Tensor:

@@ -1,35 +1,41 @@
-"""Saving and loading DyLoRA-MoE adapters (experts + router) next to a base-model fingerprint.
+"""The adapter checkpoint format: experts + router next to a base-model fingerprint (core; no model import).
 
-A checkpoint folder holds two files, written atomically (a temporary folder renamed into place,
-so a crash never leaves a half-written checkpoint under the final name):
+A checkpoint folder holds, written atomically (a temporary folder renamed into place, so a crash never
+leaves a half-written checkpoint under the final name):
 
-* ``dylora_moe_config.json``: ``format_version``, the ``DyLoRAMoEConfig``, expert ranks, alphas
-  and maturity flags, target module names, and the base model's fingerprint (name or path,
-  model type, a hash of its config, and a checksum of its input embeddings);
-* ``dylora_moe_weights.safetensors``: every expert and router tensor (router feature statistics
-  included), keyed by its name in the model.
+* ``dylora_moe_config.json``: ``format_version``, the ``DyLoRAMoEConfig``, expert ranks, alphas and maturity
+  flags, target module names, the base model's fingerprint (name or path, model type, a hash of its config,
+  and a checksum of its input embeddings), and ``attachments``: ``{name: [files]}``;
+* ``dylora_moe_weights.safetensors``: every expert and router tensor (router feature statistics included),
+  keyed by its name in the model;
+* the files of each *attachment*: data a feature keeps with the model (continual learning's skill library).
+  A feature registers how to load its attachment (``register_attachment``); the core never imports it. An
+  attachment whose loader is not registered loads as :class:`StoredAttachment` (its files, written back
+  unchanged when the model is saved again), so nothing is lost through code that does not know it.
 
-``load_model`` refuses a checkpoint written for another base model or by a newer format version,
-with a message saying which.
+``save_model`` writes a model; ``read_adapter`` and ``load_attachments`` read one for
+``DyLoRAMoEForCausalLM.from_pretrained``, which refuses a checkpoint written for another base model or by a
+newer format version, with a message saying which.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel
 
 from .atomic import write_folder_atomically
 from .config import DyLoRAMoEConfig, with_predating_values
 from .errors import CheckpointError
+from .layout import CONFIG_FILE, WEIGHTS_FILE
 
 FORMAT_VERSION = 1
-CONFIG_FILE = "dylora_moe_config.json"
-WEIGHTS_FILE = "dylora_moe_weights.safetensors"
 _VOLATILE_CONFIG_KEYS = {
     "_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache", "_commit_hash",
     "_attn_implementation", "_attn_implementation_autoset", "_attn_implementation_internal",
@@ -53,12 +59,12 @@ def base_architecture(config: Any) -> dict[str, Any]:
     return {k: values[k] for k in ARCHITECTURE_KEYS if k in values and values[k] is not None}
 
 
-def base_fingerprint(base_model: torch.nn.Module, name_or_path: str) -> dict[str, Any]:
+def base_fingerprint(base_model: PreTrainedModel, name_or_path: str) -> dict[str, Any]:
     """Identify a base model: its name, its architecture (:data:`ARCHITECTURE_KEYS`), a hash of its
     whole config (informative only) and an embedding checksum."""
     config = {k: v for k, v in base_model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
-    emb = base_model.get_input_embeddings().weight.detach()
+    emb = cast(torch.Tensor, base_model.get_input_embeddings().weight).detach()
     return {
         "name_or_path": name_or_path,
         "model_type": getattr(base_model.config, "model_type", None),
@@ -68,7 +74,7 @@ def base_fingerprint(base_model: torch.nn.Module, name_or_path: str) -> dict[str
     }
 
 
-def check_fingerprint(saved: dict[str, Any], base_model: torch.nn.Module, where: str) -> None:
+def check_fingerprint(saved: dict[str, Any], base_model: PreTrainedModel, where: str) -> None:
     """Refuse a base model whose architecture or embedding weights differ from the one the checkpoint was
     trained on. (Checkpoints written before ``architecture`` was recorded are checked by model type.)"""
     current = base_fingerprint(base_model, "")
@@ -93,7 +99,7 @@ def check_fingerprint(saved: dict[str, Any], base_model: torch.nn.Module, where:
         )
 
 
-def adapter_state_dict(model) -> dict[str, torch.Tensor]:
+def adapter_state_dict(model: Any) -> dict[str, torch.Tensor]:
     """Expert and router tensors keyed by parameter name (nothing of the frozen base)."""
     wanted = {id(p) for p in [*model.expert_parameters(), *model.router_parameters()]}
     out = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if id(p) in wanted}
@@ -102,8 +108,35 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_model(model, directory: str | Path) -> Path:
-    """Write the adapter checkpoint of ``model`` to ``directory`` (atomically)."""
+#: name -> loader(folder) of a registered attachment (see the module docstring)
+ATTACHMENT_LOADERS: dict[str, Callable[[Path], Any]] = {}
+#: attachments of checkpoints written before the format listed them: name -> the files they used
+LEGACY_ATTACHMENTS = {"skill_library": ("skill_library.json", "skill_library.safetensors")}
+
+
+def register_attachment(name: str, load: Callable[[Path], Any]) -> None:
+    """Register how attachment ``name`` is loaded from a checkpoint folder (a feature calls this on import)."""
+    ATTACHMENT_LOADERS[name] = load
+
+
+class StoredAttachment:
+    """An attachment whose loader is not registered here: its files, kept as they were."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+
+    def save(self, directory: str | Path) -> None:
+        for name, data in self.files.items():
+            (Path(directory) / name).write_bytes(data)
+
+    def materialize(self, directory: str | Path) -> Path:
+        """Write the files into ``directory`` (for the feature's own loader) and return it."""
+        self.save(directory)
+        return Path(directory)
+
+
+def save_model(model: Any, directory: str | Path) -> Path:
+    """Write the adapter checkpoint of ``model`` (and its attachments) to ``directory``, atomically."""
     meta = {
         "format_version": FORMAT_VERSION,
         "moe_config": model.moe_config.to_dict(),
@@ -114,14 +147,16 @@ def save_model(model, directory: str | Path) -> Path:
         "base_model": base_fingerprint(model.base_model, model.base_name_or_path),
     }
     tensors = adapter_state_dict(model)
-
-    library = getattr(model, "skill_library", None)
+    attachments = {name: value for name, value in model.attachments.items() if value is not None}
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if library is not None:
-            library.save(tmp)
+        listed: dict[str, list[str]] = {}
+        for name, attachment in attachments.items():
+            before = {p.name for p in tmp.iterdir()}
+            attachment.save(tmp)
+            listed[name] = sorted({p.name for p in tmp.iterdir()} - before)
+        (tmp / CONFIG_FILE).write_text(json.dumps({**meta, "attachments": listed}, indent=2) + "\n")
 
     return write_folder_atomically(directory, write)
 
@@ -162,30 +197,18 @@ def read_checkpoint_meta(directory: str | Path) -> dict[str, Any]:
     )
 
 
-def load_model(directory: str | Path, base_model=None, *, dtype=None, device=None):
-    """Rebuild a ``DyLoRAMoEForCausalLM`` from a checkpoint folder.
-
-    ``base_model`` defaults to loading the fingerprinted name or path with ``load_base_model``.
-    """
-    from .loading import load_base_model
-    from .model import DyLoRAMoEForCausalLM
-
+def read_adapter(directory: str | Path) -> tuple[dict[str, Any], DyLoRAMoEConfig, dict[str, torch.Tensor]]:
+    """``(meta, config, tensors)`` of a checkpoint folder, validated; the config counts every expert the
+    checkpoint holds (older files recorded only the experts created up front)."""
     directory = Path(directory)
     meta = read_checkpoint_meta(directory)
-    fingerprint = meta["base_model"]
-    if base_model is None:
-        base_model, _ = load_base_model(fingerprint["name_or_path"], dtype=dtype, device=device)
-    check_fingerprint(fingerprint, base_model, str(directory))
     saved = with_predating_values(meta["moe_config"])  # a field it predates keeps what it was trained with
+    if isinstance(saved, dict) and isinstance(meta["expert_ranks"], list):
+        saved = {**saved, "num_experts": len(meta["expert_ranks"])}
     config = DyLoRAMoEConfig.from_dict(saved, source=str(directory / CONFIG_FILE))
-    model = DyLoRAMoEForCausalLM(base_model, config, base_name_or_path=fingerprint["name_or_path"])
-    ranks, alphas = meta["expert_ranks"], meta["expert_alphas"]
-    for rank, alpha in zip(ranks[config.num_experts :], alphas[config.num_experts :]):
-        model.add_expert(rank, alpha)
-    model.maturity = [bool(m) for m in meta["maturity"]]
-    if len(model.maturity) != model.num_experts:
-        raise CheckpointError(f"{directory}: {len(model.maturity)} maturity flags for {model.num_experts} experts")
-
+    if not len(meta["expert_ranks"]) == len(meta["expert_alphas"]) == len(meta["maturity"]):
+        raise CheckpointError(f"{directory / CONFIG_FILE}: {len(meta['expert_ranks'])} expert ranks, "
+                              f"{len(meta['expert_alphas'])} alphas and {len(meta['maturity'])} maturity flags")
     weights_path = directory / WEIGHTS_FILE
     try:
         tensors = load_file(str(weights_path))
@@ -193,24 +216,36 @@ def load_model(directory: str | Path, base_model=None, *, dtype=None, device=Non
         raise CheckpointError(f"{weights_path}: file not found") from exc
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise CheckpointError(f"{weights_path}: unreadable or corrupt ({exc})") from exc
+    return meta, config, tensors
+
+
+def load_adapter_tensors(model: Any, tensors: dict[str, torch.Tensor], where: str | Path) -> None:
+    """Copy ``tensors`` (expert and router tensors by name) into ``model``; they must match exactly."""
     params = {**dict(model.named_parameters()), **dict(model.routers.named_buffers(prefix="routers"))}
     expected = set(adapter_state_dict(model))
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
         raise CheckpointError(
-            f"{weights_path}: tensors do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
+            f"{where}: tensors do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     with torch.no_grad():
         for name, tensor in tensors.items():
             if params[name].shape != tensor.shape:
-                raise CheckpointError(
-                    f"{weights_path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                    f"expected {tuple(params[name].shape)}"
-                )
+                raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                      f"expected {tuple(params[name].shape)}")
             params[name].copy_(tensor)
-    from .continual.library import SkillLibrary
 
-    if SkillLibrary.exists(directory):
-        model.skill_library = SkillLibrary.load(directory)
-        model.skill_library.check_against(model, str(directory))
-    return model
+
+def load_attachments(directory: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The attachments a checkpoint lists: each through its registered loader, else as its stored files."""
+    directory = Path(directory)
+    listed = meta.get("attachments")
+    if listed is None:  # written before the format listed them
+        listed = {name: [f for f in files if (directory / f).is_file()] for name, files in LEGACY_ATTACHMENTS.items()
+                  if (directory / files[0]).is_file()}
+    out: dict[str, Any] = {}
+    for name, files in listed.items():
+        if name in ATTACHMENT_LOADERS:
+            out[name] = ATTACHMENT_LOADERS[name](directory)
+        else:
+            out[name] = StoredAttachment({f: (directory / f).read_bytes() for f in files})
+    return out

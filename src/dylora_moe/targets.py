@@ -88,8 +88,8 @@ def find_targets(model: nn.Module, spec: list[str] | str | None = None) -> list[
     if isinstance(spec, str) and spec in PRESETS:
         if model_type in FAMILY_PROJECTIONS:
             attn, mlp = FAMILY_PROJECTIONS[model_type]
-            patterns = attn + (mlp if spec == "all-linear" else ())
-            chosen = [(n, i) for n, i in candidates if any(_matches(n, p) for p in patterns)]
+            projections = attn + (mlp if spec == "all-linear" else ())
+            chosen = [(n, i) for n, i in candidates if any(_matches(n, p) for p in projections)]
         elif spec == "all-linear":
             chosen = list(candidates)
         else:

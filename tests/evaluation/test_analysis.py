@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from dylora_moe import DyLoRAMoEConfig, DyLoRAMoEForCausalLM
+from dylora_moe.cli import main
 from dylora_moe.data import Example
 from dylora_moe.evaluation.analysis import analyze, entropy, nmi_from_joint, normalized_mutual_information
-from dylora_moe.evaluation.commands import main
 from tests.tiny import make_base, randomize_experts
 
 try:  # the tiny tokenizer lives in tests/tiny.py (it used to live in tests/data/conftest.py)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import pytest
 
 from dylora_moe import DyLoRAMoEConfig, DyLoRAMoEForCausalLM
+from dylora_moe.cli import main, parse_arguments
+from dylora_moe.cli.evaluation_commands import AnalyzeOptions
+from dylora_moe.cli.options import config_from_options
 from dylora_moe.evaluation import SandboxLimits, harness
 from dylora_moe.evaluation.benchmarks import load_problems
-from dylora_moe.evaluation.commands import add_commands, main
+from dylora_moe.evaluation.config import EvalConfig
 from dylora_moe.evaluation.generation import Sample
 from dylora_moe.evaluation.harness import EvaluationError, evaluate
 from dylora_moe.sandbox import STATUSES
@@ -170,19 +172,24 @@ def test_command_errors_exit_2_without_traceback(argv, message, tmp_path, capsys
     assert not (tmp_path / "eval").exists() and not (tmp_path / "a").exists()
 
 
-def test_add_commands_registers_on_another_parser():
-    parser = argparse.ArgumentParser(prog="dylora-moe")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    ns = parser.parse_args(["eval", "ckpt", "--benchmark", "mbpp", "--k", "1,10", "--n-samples", "10",
-                            "--temperature", "0.8", "--base-only", "--workers", "2"])
-    assert (ns.model, ns.benchmark, ns.k, ns.n_samples, ns.temperature, ns.base_only) == (
-        "ckpt", "mbpp", "1,10", 10, 0.8, True)
+def test_eval_options_build_the_eval_config():
+    ns = parse_arguments(["eval", "ckpt", "--benchmark", "mbpp", "--k", "1,10", "--n-samples", "10",
+                                    "--temperature", "0.8", "--base-only", "--workers", "2", "--timeout", "5",
+                                    "--task-ids", "MBPP/2", "MBPP/3", "--no-resume", "seed=7"])
+    config = config_from_options(EvalConfig, ns)
+    assert config == EvalConfig(model="ckpt", benchmark="mbpp", k="1,10", n_samples=10, temperature=0.8,
+                                base_only=True, workers=2, timeout_s=5.0, task_ids=["MBPP/2", "MBPP/3"],
+                                resume=False, seed=7)
     assert callable(ns.func)
-    ns = parser.parse_args(["analyze", "ckpt", "--data", "code_alpaca", "x.jsonl", "--output", "o"])
-    assert ns.data == ["code_alpaca", "x.jsonl"]
-    with pytest.raises(SystemExit) as exc:
-        parser.parse_args(["eval", "ckpt", "--benchmark", "apps"])
-    assert exc.value.code == 2
+    ns = parse_arguments(["analyze", "ckpt", "--data", "code_alpaca", "x.jsonl", "--output", "o"])
+    assert config_from_options(AnalyzeOptions, ns, overrides=False).data == ["code_alpaca", "x.jsonl"]
+
+
+def test_bad_eval_options_name_the_option(capsys):
+    assert main(["eval", "ckpt", "--benchmark", "apps"]) == 2
+    assert "benchmark='apps' is not one of" in capsys.readouterr().err
+    assert main(["eval", "ckpt", "--n-samples", "many"]) == 2
+    assert "--n-samples='many'" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- rescore

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dylora_moe import DyLoRAMoEConfig, DyLoRAMoEForCausalLM
+from dylora_moe.cli import main
 from dylora_moe.evaluation import SandboxLimits, harness
-from dylora_moe.evaluation.commands import main
 from dylora_moe.evaluation.generation import Sample
 from dylora_moe.evaluation.harness import EvaluationError, evaluate
 from dylora_moe.evaluation.journal import JOURNAL_FILE, GenerationJournal, JournalError, model_fingerprint
@@ -160,10 +160,10 @@ def test_eval_command_no_resume(moe, tmp_path, monkeypatch, capsys):
     """``--no-resume`` reaches ``evaluate``; a resumed run says how many samples it kept."""
     seen = []
 
-    def fake(*args, **kwargs):
-        seen.append(kwargs["resume"])
+    def fake(*, config):
+        seen.append(config.resume)
         return {"benchmark": "humaneval", "problems": 1, "pass@k": {"pass@1": 0.0}, "outcomes": {"failed": 1},
-                "experts": None, "resumed_samples": 0 if not kwargs["resume"] else 5}
+                "experts": None, "resumed_samples": 0 if not config.resume else 5}
 
     monkeypatch.setattr(harness, "evaluate", fake)
     assert main(["eval", "ckpt", "--output", str(tmp_path), "--no-progress", "--no-resume"]) == 0
@@ -182,7 +182,7 @@ def test_eval_command_interrupted_says_how_to_resume(tmp_path, monkeypatch, caps
         journal.close()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(harness, "evaluate", lambda *a, output_dir, **k: interrupted(output_dir=Path(output_dir)))
+    monkeypatch.setattr(harness, "evaluate", lambda *, config: interrupted(output_dir=Path(config.output)))
     assert main(["eval", "ckpt", "--output", str(tmp_path), "--no-progress"]) == 130
     err = capsys.readouterr().err
     assert f"2 generated batch(es) are kept in {tmp_path / JOURNAL_FILE}: run the same command again" in err

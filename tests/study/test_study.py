@@ -466,7 +466,7 @@ def test_a_unit_from_before_the_per_decision_view_is_analysed_again_not_retraine
 
 
 def test_per_decision_view_of_old_units_falls_back_only_where_a_decision_is_an_example():
-    from dylora_moe.study.unit import per_decision
+    from dylora_moe.study.records import per_decision
 
     old = {"num_experts": 4, "nmi": 0.3, "router_entropy": 0.9, "share_matrix": [[1.0, 0.0]], "overrides": []}
     assert per_decision({**old, "moe": {"routing": "sequence"}}, "nmi") == 0.3
@@ -480,7 +480,7 @@ def test_per_decision_view_of_old_units_falls_back_only_where_a_decision_is_an_e
 def test_old_units_routing_comes_from_their_saved_train_config(tmp_path):
     """Units from before unit.json recorded the moe config, with routing left to the default of the day: their
     train/train_config.json says what they used."""
-    from dylora_moe.study.unit import per_decision
+    from dylora_moe.study.records import per_decision
 
     old = {"num_experts": 4, "nmi": 0.3, "router_entropy": 0.9, "share_matrix": [[1.0, 0.0]], "overrides": []}
     assert per_decision(old, "nmi", tmp_path) is None  # nothing says: unknown

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from dylora_moe import CheckpointError
+from dylora_moe.common.runs import ADAPTER_DIR
 from dylora_moe.training import JointTrainer
 from dylora_moe.training.checkpoint import (
-    ADAPTER_DIR,
     LEGACY_FILES,
     MANIFEST_FILE,
     OPTIMIZER_FILE,
@@ -121,8 +121,9 @@ def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(run_dir, monkeyp
     import shutil
 
     from dylora_moe import DyLoRAMoEForCausalLM
+    from dylora_moe.common.runs import list_checkpoints
     from dylora_moe.serialization import WEIGHTS_FILE
-    from dylora_moe.training.checkpoint import list_checkpoints, prune_checkpoints
+    from dylora_moe.training.checkpoint import prune_checkpoints
     from tests.tiny import make_base
 
     out, _, _ = run_dir

@@ -119,7 +119,7 @@ def test_replace_and_apply_overrides_do_not_mutate():
     other = cfg.replace(**{"train.lr": 1e-3, "output_dir": "x"})
     assert (other.train.lr, other.output_dir) == (1e-3, "x") and cfg.train.lr == 2e-5
     data = {"train": {"lr": 1.0}}
-    assert apply_overrides(data, ["train.lr=2"]) == {"train": {"lr": 2}} and data == {"train": {"lr": 1.0}}
+    assert apply_overrides(data, ["train.lr=2"], TrainConfig) == {"train": {"lr": 2}} and data == {"train": {"lr": 1.0}}
 
 
 def test_every_key_has_help():

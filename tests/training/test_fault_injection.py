@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from dylora_moe import DyLoRAMoEForCausalLM
-from dylora_moe.training.checkpoint import ADAPTER_DIR, list_checkpoints, verify_checkpoint
+from dylora_moe.common.runs import ADAPTER_DIR, list_checkpoints
+from dylora_moe.training.checkpoint import verify_checkpoint
 from tests.tiny import make_base
 
 from . import isolate_data_registry, tiny_config, write_data_dir

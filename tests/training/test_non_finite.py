@@ -8,8 +8,8 @@ import math
 import pytest
 from safetensors.torch import load_file
 
+from dylora_moe.common.runs import ADAPTER_DIR
 from dylora_moe.training import JointTrainer, TrainingError
-from dylora_moe.training.checkpoint import ADAPTER_DIR
 
 from . import isolate_data_registry, tiny_config, tiny_model_and_tokenizer, write_data_dir
 

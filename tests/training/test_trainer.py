@@ -8,17 +8,10 @@ import pytest
 import torch
 
 from dylora_moe import CheckpointError, ConfigError, DyLoRAMoEForCausalLM
+from dylora_moe.common.runs import ADAPTER_DIR, STATE_FILE, TRAIN_CONFIG_FILE
 from dylora_moe.data import DataError
 from dylora_moe.training import JointTrainer, list_checkpoints
-from dylora_moe.training.checkpoint import (
-    ADAPTER_DIR,
-    OPTIMIZER_FILE,
-    RNG_FILE,
-    SCHEDULER_FILE,
-    STATE_FILE,
-    TRAIN_CONFIG_FILE,
-    write_manifest,
-)
+from dylora_moe.training.checkpoint import OPTIMIZER_FILE, RNG_FILE, SCHEDULER_FILE, write_manifest
 from tests.tiny import make_base
 
 from . import isolate_data_registry, tiny_config, tiny_model_and_tokenizer, write_data_dir

@@ -24,43 +24,22 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..common.devices import resolve_device
 from ..config import DyLoRAMoEConfig
-from ..config import help_metadata as _help
 from ..data import Example
-from .config import ContinualConfig
+from ..loading import load_base_model
+from ..model import DyLoRAMoEForCausalLM
+from .config import ContinualConfig, ContinualRunConfig
 from .learner import batched_outputs, learn_skill, train_expert
 from .library import SkillLibrary, embed_examples
 from .novelty import NoveltyDetector
 from .skills import load_skill_examples
 
 __all__ = ["ContinualRunConfig", "forgetting_metrics", "run_continual", "skill_loss"]
-
-
-@dataclass
-class ContinualRunConfig:
-    """A continual-learning benchmark run (see the module docstring)."""
-
-    model: str = field(default="smollm2-135m", metadata=_help("Base model: hub id, folder or 'smollm2-135m'."))
-    stages: list[str] = field(default_factory=lambda: ["mbpp", "code_alpaca:sql", "code_alpaca:javascript"],
-                              metadata=_help("Skills in order: dataset names, code_alpaca:<language> or files."))
-    output_dir: str = field(default="runs/continual", metadata=_help("Where continual.json and the PNG go."))
-    train_examples: int | None = field(default=256, metadata=_help("Training examples per stage (None = all)."))
-    eval_examples: int = field(default=32, metadata=_help("Held-out examples per skill for the loss matrix."))
-    rank: int = field(default=16, metadata=_help("Rank of the first expert and of the baseline LoRA."))
-    baseline: bool = field(default=True, metadata=_help("Also run the sequential single-LoRA baseline."))
-    protections: list[str] = field(default_factory=list, metadata=_help(
-        "Extra DyLoRA runs with these router protections, to compare with continual.protection."))
-    detector_batches: int = field(default=4, metadata=_help("Batches per skill in the detector's stream."))
-    detector_batch_size: int = field(default=16, metadata=_help("Examples per detector batch."))
-    eval_batch_size: int = field(default=8, metadata=_help("Batch size of the held-out loss."))
-    data_dir: str | None = field(default=None, metadata=_help("Data directory."))
-    device: str = field(default="cpu", metadata=_help("cpu, cuda or auto."))
-    continual: ContinualConfig = field(default_factory=ContinualConfig, metadata=_help(
-        "The skill lifecycle settings (the baseline uses the same phases, rates and batch size)."))
 
 
 def _split(source: str, split: str, limit: int | None, data_dir: str | None) -> list[Example]:
@@ -93,10 +72,6 @@ def forgetting_metrics(matrix: list[list[float]]) -> dict[str, float | None]:
 
 
 def _fresh_model(run: ContinualRunConfig, mature: bool):
-    from ..evaluation.harness import resolve_device
-    from ..loading import load_base_model
-    from ..model import DyLoRAMoEForCausalLM
-
     base, tokenizer = load_base_model(run.model, device=resolve_device(run.device))
     # sequence routing at temperature 2 with the probability gate: a skill (one request) goes to one expert,
     # as docs/continual.md measured
@@ -200,7 +175,7 @@ def run_continual(run: ContinualRunConfig, progress: bool = True) -> dict[str, A
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # here, not at the top: start-up time (only the plot needs it)
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt

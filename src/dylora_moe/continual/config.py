@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..config import ConfigError
+from ..common.configs import build_config
 from ..config import help_metadata as _help
+from ..errors import ConfigError
 
 __all__ = ["PROTECTIONS", "ContinualConfig"]
 
@@ -56,7 +57,7 @@ class ContinualConfig:
     embed_examples: int = field(default=256, metadata=_help("Examples used for a skill's embedding."))
     seed: int = field(default=0, metadata=_help("Seed of data order, dropout and replay sampling."))
 
-    def validate(self, source: str = "continual config") -> None:
+    def validate(self, source: str = "continual config", origins: dict[str, str] | None = None) -> None:
         def fail(key: str, message: str) -> ConfigError:
             return ConfigError(f"{source}: '{key}' {message}")
 
@@ -93,8 +94,34 @@ class ContinualConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "continual config",
                   overrides: list[str] | tuple[str, ...] = ()) -> ContinualConfig:
-        from ..training.config import build_config
-
         config = build_config(cls, data, source, list(overrides))
         config.validate(source)
         return config
+
+
+@dataclass
+class ContinualRunConfig:
+    """A continual-learning benchmark run (see the module docstring)."""
+
+    model: str = field(default="smollm2-135m", metadata=_help("Base model: hub id, folder or 'smollm2-135m'."))
+    stages: list[str] = field(default_factory=lambda: ["mbpp", "code_alpaca:sql", "code_alpaca:javascript"],
+                              metadata=_help("Skills in order: dataset names, code_alpaca:<language> or files."))
+    output_dir: str = field(default="runs/continual", metadata=_help("Where continual.json and the PNG go."))
+    train_examples: int | None = field(default=256, metadata=_help("Training examples per stage (None = all)."))
+    eval_examples: int = field(default=32, metadata=_help("Held-out examples per skill for the loss matrix."))
+    rank: int = field(default=16, metadata=_help("Rank of the first expert and of the baseline LoRA."))
+    baseline: bool = field(default=True, metadata=_help("Also run the sequential single-LoRA baseline."))
+    protections: list[str] = field(default_factory=list, metadata=_help(
+        "Extra DyLoRA runs with these router protections, to compare with continual.protection."))
+    detector_batches: int = field(default=4, metadata=_help("Batches per skill in the detector's stream."))
+    detector_batch_size: int = field(default=16, metadata=_help("Examples per detector batch."))
+    eval_batch_size: int = field(default=8, metadata=_help("Batch size of the held-out loss."))
+    data_dir: str | None = field(default=None, metadata=_help("Data directory."))
+    device: str = field(default="cpu", metadata=_help("cpu, cuda or auto."))
+    continual: ContinualConfig = field(default_factory=ContinualConfig, metadata=_help(
+        "The skill lifecycle settings (the baseline uses the same phases, rates and batch size)."))
+
+    def validate(self, source: str = "continual run config", origins: dict[str, str] | None = None) -> None:
+        if not self.stages:
+            raise ConfigError(f"{source}: 'stages' is empty")
+        self.continual.validate(source, origins)

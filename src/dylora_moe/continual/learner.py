@@ -32,8 +32,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..data import DataCollator, Example, tokenize_examples
+from ..model import DyLoRAMoEForCausalLM
+from . import extension  # noqa: F401  (model.skill_library: the library as a checkpoint attachment)
 from .config import ContinualConfig
 from .library import SkillLibrary, embed_examples
 from .novelty import NoveltyDecision, NoveltyDetector
@@ -189,10 +192,10 @@ def train_expert(model: Any, tokenizer: Any, examples: Sequence[Example], expert
                  rng: random.Random | None = None, progress: bool = True) -> list[dict[str, float]]:
     """Train expert ``expert`` (and the router, protected) on ``examples``; returns one log row per step.
 
-    ``fine_tune=True``: the data go to ``expert`` directly (forced), and the router stays frozen.
+    ``phases`` are ``(name, steps, peak_lr)``: ``"seed"`` holds its rate, any other phase decays it on a cosine.
+    ``fine_tune=True``: the data go to ``expert`` directly (forced), and the router stays frozen. Every
+    parameter's ``requires_grad`` is restored afterwards.
     """
-    from tqdm.auto import tqdm
-
     rng = rng or random.Random(config.seed)
     torch.manual_seed(config.seed)
     new_items, stats = tokenize_examples(list(examples), tokenizer, config.max_seq_length)
@@ -200,45 +203,14 @@ def train_expert(model: Any, tokenizer: Any, examples: Sequence[Example], expert
         raise ValueError(f"no example fits max_seq_length={config.max_seq_length} "
                          f"({stats.total.dropped} dropped as too long)")
     replay_on = config.protection in ("replay", "both") and not fine_tune
-    replay_items: list[tuple[Any, int]] = []
-    if replay_on and library.skills:
-        experts = library.expert_of()
-        pairs = library.replay_examples()
-        if pairs:
-            tokenized, _ = tokenize_examples([e for e, _ in pairs], tokenizer, config.max_seq_length,
-                                             domains=list(experts))
-            replay_items = [(item, experts[item.domain]) for item in tokenized]
-    collate = DataCollator.from_tokenizer(tokenizer)
-
-    params = dict(model.named_parameters())
-    saved_flags = {n: p.requires_grad for n, p in params.items()}
-    for p in model.expert_parameters():
-        p.requires_grad_(False)
-    for p in model.expert_parameters(expert):
-        p.requires_grad_(True)
-    hooks = []
-    train_router = not fine_tune
-    for p in model.router_parameters():
-        p.requires_grad_(train_router)
-        if train_router and config.protection in ("freeze_rows", "both"):
-            mask = _router_row_mask(p, expert, model.num_experts)
-            if mask is None:
-                p.requires_grad_(False)  # shared router layers (MLP hidden) stay as they are
-            else:
-                hooks.append(p.register_hook(lambda g, m=mask: g * m))
-    expert_params = [p for p in model.expert_parameters(expert) if p.requires_grad]
-    router_params = [p for p in model.router_parameters() if p.requires_grad]
-    trainable = expert_params + router_params
-    groups = [{"params": expert_params, "lr": phases[0][2] if phases else 0.0, "phase_lr": True}]
-    if router_params:
-        groups.append({"params": router_params, "lr": config.router_lr, "phase_lr": False})
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    n_replay = round(config.batch_size * config.replay_fraction) if replay_items else 0
-    n_new = config.batch_size - n_replay
-    order: list[int] = []
+    batches = _SkillBatches(new_items, _replay_items(library, tokenizer, config) if replay_on else [], expert,
+                            config, rng, DataCollator.from_tokenizer(tokenizer))
+    saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    hooks = _select_trainable(model, expert, config, train_router=not fine_tune)
+    optimizer, trainable = _optimizer(model, expert, config, phases)
     log: list[dict[str, float]] = []
-    total_steps = sum(steps for _, steps, _ in phases)
-    bar = tqdm(total=total_steps, desc=f"expert {expert}", disable=not progress, leave=False)
+    bar = tqdm(total=sum(steps for _, steps, _ in phases), desc=f"expert {expert}", disable=not progress,
+               leave=False)
     was_training = model.training
     model.train()
     try:
@@ -248,38 +220,112 @@ def train_expert(model: Any, tokenizer: Any, examples: Sequence[Example], expert
                 for group in optimizer.param_groups:
                     if group["phase_lr"]:
                         group["lr"] = lr
-                picked = []
-                for _ in range(n_new):
-                    if not order:
-                        order = list(range(len(new_items)))
-                        rng.shuffle(order)
-                    picked.append((new_items[order.pop()], expert))
-                picked += [replay_items[rng.randrange(len(replay_items))] for _ in range(n_replay)]
-                batch = collate([item for item, _ in picked])
-                targets = torch.tensor([t for _, t in picked], device=model.device)
-                inputs = {k: v.to(model.device) for k, v in batch.items()
-                          if k in ("input_ids", "attention_mask", "labels")}
-                out = model(**inputs, forced_expert=expert if fine_tune else None, supervised_logits_only=True)
-                loss = out.lm_loss
-                route = torch.zeros((), device=model.device)
-                if train_router and config.router_loss_coef > 0:
-                    probs = out.router_probs.float().clamp_min(1e-9)
-                    route = -probs.log().gather(1, targets[:, None]).mean()
-                    loss = loss + config.router_loss_coef * route
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-                optimizer.step()
-                log.append({"phase": phase, "lr": lr, "lm_loss": float(out.lm_loss.detach()),
-                            "route_loss": float(route.detach())})
+                inputs, targets = batches.next(model.device)
+                lm_loss, route = _skill_step(model, optimizer, trainable, inputs, targets, config,
+                                             forced=expert if fine_tune else None)
+                log.append({"phase": phase, "lr": lr, "lm_loss": lm_loss, "route_loss": route})
                 bar.update(1)
-                bar.set_postfix(phase=phase, loss=f"{log[-1]['lm_loss']:.4f}")
+                bar.set_postfix(phase=phase, loss=f"{lm_loss:.4f}")
     finally:
         bar.close()
         for hook in hooks:
             hook.remove()
-        for n, p in params.items():
+        for n, p in model.named_parameters():
             p.requires_grad_(saved_flags[n])
         model.train(was_training)
     return log
 
+
+def _replay_items(library: SkillLibrary, tokenizer: Any, config: ContinualConfig) -> list[tuple[Any, int]]:
+    """The library's replay examples, tokenized, each with the expert of its skill."""
+    pairs = library.replay_examples() if library.skills else []
+    if not pairs:
+        return []
+    experts = library.expert_of()
+    tokenized, _ = tokenize_examples([e for e, _ in pairs], tokenizer, config.max_seq_length, domains=list(experts))
+    return [(item, experts[item.domain]) for item in tokenized]
+
+
+class _SkillBatches:
+    """Batches of a skill's training: ``batch_size x (1 - replay_fraction)`` new examples (cycled through seeded
+    permutations) and the rest drawn from the replay examples, each with the expert it should be routed to."""
+
+    def __init__(self, new_items: list[Any], replay_items: list[tuple[Any, int]], expert: int,
+                 config: ContinualConfig, rng: random.Random, collate: DataCollator) -> None:
+        self.new_items, self.replay_items, self.expert = new_items, replay_items, expert
+        self.rng, self.collate = rng, collate
+        self.n_replay = round(config.batch_size * config.replay_fraction) if replay_items else 0
+        self.n_new = config.batch_size - self.n_replay
+        self.order: list[int] = []
+
+    def next(self, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``(inputs, targets [B])``: model inputs on ``device`` and each example's expert."""
+        picked = []
+        for _ in range(self.n_new):
+            if not self.order:
+                self.order = list(range(len(self.new_items)))
+                self.rng.shuffle(self.order)
+            picked.append((self.new_items[self.order.pop()], self.expert))
+        picked += [self.replay_items[self.rng.randrange(len(self.replay_items))] for _ in range(self.n_replay)]
+        batch = self.collate([item for item, _ in picked])
+        inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+        return inputs, torch.tensor([t for _, t in picked], device=device)
+
+
+def _select_trainable(model: Any, expert: int, config: ContinualConfig, train_router: bool) -> list[Any]:
+    """Make only expert ``expert`` (and, when ``train_router``, the router, protected as configured) trainable;
+    returns the gradient hooks of ``freeze_rows`` (to remove afterwards)."""
+    hooks = []
+    for p in model.expert_parameters():
+        p.requires_grad_(False)
+    for p in model.expert_parameters(expert):
+        p.requires_grad_(True)
+    for p in model.router_parameters():
+        p.requires_grad_(train_router)
+        if train_router and config.protection in ("freeze_rows", "both"):
+            mask = _router_row_mask(p, expert, model.num_experts)
+            if mask is None:
+                p.requires_grad_(False)  # shared router layers (MLP hidden) stay as they are
+            else:
+                hooks.append(p.register_hook(lambda g, m=mask: g * m))
+    return hooks
+
+
+def _optimizer(model: Any, expert: int, config: ContinualConfig,
+               phases: Sequence[tuple[str, int, float]]) -> tuple[torch.optim.Optimizer, list[torch.nn.Parameter]]:
+    """AdamW over the trainable parameters: the expert at the phase's rate, the router at ``router_lr``."""
+    expert_params = [p for p in model.expert_parameters(expert) if p.requires_grad]
+    router_params = [p for p in model.router_parameters() if p.requires_grad]
+    groups = [{"params": expert_params, "lr": phases[0][2] if phases else 0.0, "phase_lr": True}]
+    if router_params:
+        groups.append({"params": router_params, "lr": config.router_lr, "phase_lr": False})
+    return torch.optim.AdamW(groups, weight_decay=0.0), expert_params + router_params
+
+
+def _skill_step(model: Any, optimizer: torch.optim.Optimizer, trainable: list[torch.nn.Parameter],
+                inputs: dict[str, torch.Tensor], targets: torch.Tensor, config: ContinualConfig,
+                forced: int | None) -> tuple[float, float]:
+    """One optimizer step on the LM loss plus (router trained) the routing loss towards ``targets``;
+    returns ``(lm_loss, route_loss)``."""
+    out = model(**inputs, forced_expert=forced, supervised_logits_only=True)
+    loss = out.lm_loss
+    route = torch.zeros((), device=model.device)
+    if forced is None and config.router_loss_coef > 0:
+        probs = out.router_probs.float().clamp_min(1e-9)
+        route = -probs.log().gather(1, targets[:, None]).mean()
+        loss = loss + config.router_loss_coef * route
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+    optimizer.step()
+    return float(out.lm_loss.detach()), float(route.detach())
+
+
+def add_new_skill(model: DyLoRAMoEForCausalLM, examples: Sequence[Example], tokenizer: Any, name: str,
+                  config: ContinualConfig | None = None, progress: bool = False) -> bool:
+    """The seed's API, ``model.add_new_skill(examples, tokenizer, name)``: learn skill ``name``; True if a new
+    expert was created, False if the data matched a known skill (see :func:`learn_skill`)."""
+    return learn_skill(model, tokenizer, examples, name, config, progress=progress).created
+
+
+DyLoRAMoEForCausalLM.register_extension("add_new_skill", add_new_skill)

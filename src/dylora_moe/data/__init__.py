@@ -42,6 +42,7 @@ from .formatting import (
     use_chat_format,
     user_message,
 )
+from .mixing import MODES, InterleavedSampler, normalize_weights
 from .sources import (
     CODE_ALPACA_HUB_ID,
     DATA_DIR_ENV,
@@ -64,12 +65,10 @@ from .sources import (
 )
 
 # the torch-using parts, imported on first use: reading data and building prompts needs no torch
-_LAZY = {"DataCollator": ".collate", "collate_batch": ".collate", "MODES": ".mixing",
-         "InterleavedSampler": ".mixing", "normalize_weights": ".mixing"}
+_LAZY = {"DataCollator": ".collate", "collate_batch": ".collate"}
 
 if TYPE_CHECKING:
     from .collate import DataCollator, collate_batch
-    from .mixing import MODES, InterleavedSampler, normalize_weights
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

@@ -265,18 +265,8 @@ def tokenize_examples(
     Returns:
         ``(tokenized, stats)``: the kept examples in input order, and the per-domain counts.
     """
-    if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length <= 0:
-        raise ValueError(f"'max_seq_length' must be a positive integer, got {max_seq_length!r}")
-    if isinstance(min_response_tokens, bool) or not isinstance(min_response_tokens, int) or min_response_tokens < 1:
-        raise ValueError(f"'min_response_tokens' must be an integer >= 1, got {min_response_tokens!r}")
-    domain_list = sorted({ex.domain for ex in examples}) if domains is None else list(domains)
-    if len(set(domain_list)) != len(domain_list):
-        raise ValueError(f"'domains' has duplicates: {domain_list}")
+    domain_list = _checked_domains(examples, max_seq_length, domains, min_response_tokens)
     domain_ids = {name: i for i, name in enumerate(domain_list)}
-    unknown = sorted({ex.domain for ex in examples} - set(domain_ids))
-    if unknown:
-        raise ValueError(f"examples have domains {unknown} that are not in 'domains' {domain_list}")
-
     stats = FormatStats(max_seq_length, {name: DomainStats() for name in domain_list})
     digest = hashlib.sha256()
     out: list[TokenizedExample] = []
@@ -309,6 +299,23 @@ def tokenize_examples(
         )
     stats.sha256 = digest.hexdigest()
     return out, stats
+
+
+def _checked_domains(examples: Sequence[Example], max_seq_length: int, domains: Sequence[str] | None,
+                     min_response_tokens: int) -> list[str]:
+    """The domain list of :func:`tokenize_examples` (default: the examples' domains, sorted), after checking
+    its arguments."""
+    if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length <= 0:
+        raise ValueError(f"'max_seq_length' must be a positive integer, got {max_seq_length!r}")
+    if isinstance(min_response_tokens, bool) or not isinstance(min_response_tokens, int) or min_response_tokens < 1:
+        raise ValueError(f"'min_response_tokens' must be an integer >= 1, got {min_response_tokens!r}")
+    domain_list = sorted({ex.domain for ex in examples}) if domains is None else list(domains)
+    if len(set(domain_list)) != len(domain_list):
+        raise ValueError(f"'domains' has duplicates: {domain_list}")
+    unknown = sorted({ex.domain for ex in examples} - set(domain_list))
+    if unknown:
+        raise ValueError(f"examples have domains {unknown} that are not in 'domains' {domain_list}")
+    return domain_list
 
 
 # ----------------------------------------------------------------------------- batching

@@ -1,6 +1,7 @@
 """Deterministic, resumable sampling across domains (interleaved with weights, or concatenated).
 
-:class:`InterleavedSampler` is a ``torch.utils.data.Sampler[int]`` over a dataset whose examples
+:class:`InterleavedSampler` is a sampler (the ``torch.utils.data.Sampler`` protocol: ``__iter__`` over indices and
+``__len__``; it does not subclass it, so that reading data never imports torch) over a dataset whose examples
 are laid out domain by domain (global index = offset of the domain + index inside it, domains in
 the order of ``domain_sizes``), or over any dataset when built with
 :meth:`InterleavedSampler.from_domain_labels`.  Usage::
@@ -37,7 +38,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Sampler
 
 __all__ = ["MODES", "InterleavedSampler", "normalize_weights"]
 
@@ -84,7 +84,7 @@ def _quotas(num_samples: int, probs: Sequence[float]) -> np.ndarray:
     return counts
 
 
-class InterleavedSampler(Sampler[int]):
+class InterleavedSampler:
     """Seeded, resumable index stream mixing domains with weights.
 
     Args:

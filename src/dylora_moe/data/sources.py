@@ -360,7 +360,7 @@ def _load_raw(
 ) -> tuple[str | Path, list[RawRecord]]:
     """Records from the hub (``spec.hub_id``) or the local file (``spec.path``)."""
     if spec.hub_id:  # network path; never used by the tests
-        import datasets  # lazy: heavy import
+        import datasets  # here, not at the top: a heavy import, and only the Hub path needs it
 
         rows: list[RawRecord] = []
         for hub_split in hub_splits:

@@ -9,7 +9,7 @@
   :func:`rescore`, which scores stored completions again;
 * :mod:`.analysis` -- :func:`analyze`, per-domain loss and domain x expert routing statistics;
 * :mod:`.compare` -- :func:`compare_runs`, two runs paired problem by problem (exact sign test);
-* :mod:`.commands` -- the ``eval``, ``compare`` and ``analyze`` subcommands.
+* :mod:`.config` -- :class:`EvalConfig`, every setting of an evaluation (the ``eval`` command's options).
 
 See ``docs/evaluation.md``. The model-side modules are imported lazily, so importing this package (and the
 sandbox) does not import torch::
@@ -20,6 +20,7 @@ sandbox) does not import torch::
 
 from __future__ import annotations
 
+from ..errors import EvaluationError
 from ..lazy import lazy_exports
 from ..sandbox import (
     ERROR,
@@ -37,6 +38,7 @@ from ..sandbox import (
     run_program,
     run_tests,
 )
+from .config import EvalConfig
 from .passk import mean_pass_at_k, pass_at_k, pass_at_k_table
 
 _LAZY = {
@@ -46,7 +48,6 @@ _LAZY = {
     "Sample": ".generation",
     "extract_code": ".generation",
     "generate_samples": ".generation",
-    "EvaluationError": ".harness",
     "evaluate": ".harness",
     "rescore": ".harness",
     "run_references": ".harness",
@@ -54,7 +55,6 @@ _LAZY = {
     "normalized_mutual_information": ".analysis",
     "compare_runs": ".compare",
     "sign_test": ".compare",
-    "add_commands": ".commands",
 }
 
 
@@ -70,6 +70,7 @@ __all__ = [
     "STATUSES",
     "SYNTAX_ERROR",
     "TIMEOUT",
+    "EvalConfig",
     "EvaluationError",
     "ExecutionResult",
     "GenerationConfig",
@@ -77,7 +78,6 @@ __all__ = [
     "Sample",
     "SandboxLimits",
     "Submission",
-    "add_commands",
     "analyze",
     "compare_runs",
     "evaluate",

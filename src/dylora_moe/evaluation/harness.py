@@ -34,9 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_text_atomically
+from ..common.devices import resolve_device, resolve_dtype
+from ..common.inference import load_for_eval
 from ..errors import EvaluationError
 from ..sandbox import SandboxLimits
 from .benchmarks import Problem, load_problems
+from .config import EvalConfig, parse_ks
 from .generation import GenerationConfig, Sample, generate_samples, render_prompt, resolve_prompt_style
 from .journal import JOURNAL_FILE, GenerationJournal, JournalError, model_fingerprint
 from .scoring import (
@@ -65,208 +68,130 @@ def _fingerprint(model: Any, tokenizer: Any, problems: Sequence[Problem], style:
             "batch_size": gen.batch_size, "min_fill": gen.min_fill, "seed": gen.seed}
 
 
-# ----------------------------------------------------------------------------- models
-def resolve_device(device: str | None = "auto") -> Any:
-    """``"auto"`` (or None): the first CUDA device if there is one, else the CPU; otherwise ``torch.device(device)``."""
-    import torch
-
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise EvaluationError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError(f"device {device!r} was asked for, but torch sees no CUDA device here")
-    return resolved
-
-
-def resolve_dtype(dtype: Any = None) -> Any:
-    """None / ``"float32"`` (default), ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``."""
-    import torch
-
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype or torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if str(dtype).lower() not in names:
-        raise EvaluationError(f"dtype must be one of float32, bfloat16, float16, got {dtype!r}")
-    return names[str(dtype).lower()]
-
-
-def load_for_eval(name_or_path: str | Path, base_only: bool = False, dtype: Any = None,
-                  device: Any = None) -> tuple[Any, Any]:
-    """``(model, tokenizer)``: a DyLoRA-MoE checkpoint folder, or (``base_only``) a plain base model.
-
-    ``dtype`` (default float32) and ``device`` (default: stay on the CPU) as in :func:`resolve_dtype` and
-    :func:`resolve_device`.
-    """
-    model, tokenizer = _load_for_eval(name_or_path, base_only, resolve_dtype(dtype))
-    if device is not None:
-        model.to(resolve_device(device))
-    return model, tokenizer
-
-
-def _load_for_eval(name_or_path: str | Path, base_only: bool, dtype: Any) -> tuple[Any, Any]:
-    from ..loading import load_base_model, resolve_model_path
-    from ..serialization import CONFIG_FILE, read_checkpoint_meta
-
-    if base_only:
-        return load_base_model(str(name_or_path), dtype=dtype)
-    path = Path(name_or_path)
-    if not (path / CONFIG_FILE).is_file():
-        raise EvaluationError(
-            f"{name_or_path}: not a DyLoRA-MoE checkpoint folder ({CONFIG_FILE} not found); "
-            "pass --base-only (base_only=True) to evaluate a plain base model"
-        )
-    from transformers import AutoTokenizer
-
-    from ..model import DyLoRAMoEForCausalLM
-
-    meta = read_checkpoint_meta(path)
-    model = DyLoRAMoEForCausalLM.from_pretrained(path, dtype=dtype)
-    source = path if (path / "tokenizer_config.json").is_file() else resolve_model_path(
-        meta["base_model"]["name_or_path"])
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
-def _parse_ks(k: int | str | Sequence[int]) -> list[int]:
-    if isinstance(k, str):
-        try:
-            values = [int(part) for part in k.split(",") if part.strip()]
-        except ValueError:
-            raise EvaluationError(f"k must be a comma-separated list of integers, got {k!r}") from None
-    elif isinstance(k, int):
-        values = [k]
-    else:
-        values = [int(v) for v in k]
-    if not values or any(v < 1 for v in values):
-        raise EvaluationError(f"every k must be >= 1, got {k!r}")
-    return sorted(set(values))
-
-
 # ----------------------------------------------------------------------------- evaluate
-def evaluate(
-    model: Any = None,
-    tokenizer: Any = None,
-    *,
-    benchmark: str = "humaneval",
-    output_dir: str | Path = "eval",
-    limit: int | None = None,
-    task_ids: Sequence[str] = (),
-    n_samples: int = 1,
-    temperature: float = 0.0,
-    top_p: float = 0.95,
-    k: int | str | Sequence[int] = (1,),
-    batch_size: int = 8,
-    max_new_tokens: int = 512,
-    prompt_style: str = "auto",
-    seed: int = 0,
-    workers: int | None = None,
-    timeout_s: float = 20.0,
-    limits: SandboxLimits | None = None,
-    data_dir: str | Path | None = None,
-    references: bool = False,
-    base_only: bool = False,
-    progress: bool = True,
-    device: str | None = "auto",
-    dtype: Any = None,
-    resume: bool = True,
-) -> dict[str, Any]:
-    """Evaluate and write ``results.jsonl`` and ``summary.json`` to ``output_dir``; return the summary.
+def evaluate(model: Any = None, tokenizer: Any = None, config: EvalConfig | None = None, *,
+             limits: SandboxLimits | None = None, **fields: Any) -> dict[str, Any]:
+    """Evaluate and write ``results.jsonl`` and ``summary.json`` to ``config.output_dir``; return the summary.
+
+    ``config`` (an :class:`EvalConfig`; its fields may also be given as keywords, which override it) says what
+    to run. ``model`` is a loaded model (with ``tokenizer``), or a checkpoint folder, or with ``base_only`` a
+    base model name, path or alias; it is not needed with ``references``. A model given by name is loaded in
+    ``dtype`` on ``device`` (``"auto"``: CUDA when available); a loaded model is used where it is. ``limits``
+    overrides the sandbox limits (default: ``SandboxLimits(timeout_s=config.timeout_s)``).
 
     Generated samples are journaled batch by batch (:mod:`.journal`): with ``resume`` (default) a run cut
-    short and started again into the same ``output_dir`` keeps them and generates only the rest; a journal
-    from a different evaluation raises :class:`EvaluationError`. ``resume=False`` discards the journal.
-
-    ``model`` is a loaded model (with ``tokenizer``), or a checkpoint folder, or with ``base_only`` a base
-    model name, path or alias; it is not needed with ``references=True``. A model given by name is loaded in
-    ``dtype`` (default float32) on ``device`` (``"auto"``: CUDA when available); a loaded model is used where
-    it is.
+    short and started again into the same folder keeps them and generates only the rest; a journal from a
+    different evaluation raises :class:`EvaluationError`. ``resume=False`` discards the journal.
     """
-    started = time.monotonic()
-    ks = _parse_ks(k)
-    workers = workers or os.cpu_count() or 1
-    limits = limits or SandboxLimits(timeout_s=timeout_s)
-    problems = load_problems(benchmark, limit=limit, data_dir=data_dir, task_ids=task_ids)
-    out = Path(output_dir)  # created only once the arguments and the model are known to be good
-    settings: dict[str, Any] = {"benchmark": benchmark.lower(), "problems": len(problems), "limit": limit,
-                                "workers": workers, "timeout_s": limits.timeout_s, "memory_bytes": limits.memory_bytes}
-    if references:
-        return evaluate_references(benchmark, output_dir, limit=limit, task_ids=task_ids, workers=workers,
-                                   limits=limits, data_dir=data_dir, progress=progress)
-    if model is None:
-        raise EvaluationError("a model is needed (or use references=True)")
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                           n_samples=n_samples, batch_size=batch_size, seed=seed, prompt_style=prompt_style)
-    try:
-        gen.validate()
-    except ValueError as exc:
-        raise EvaluationError(str(exc)) from None
-    ks_note = f"pass@k for k > n_samples={n_samples} is undefined: reported as null" if max(ks) > n_samples else None
-    model_name = str(model) if isinstance(model, (str, Path)) else type(model).__name__
     if isinstance(model, (str, Path)):
-        model, tokenizer = load_for_eval(model, base_only, dtype=dtype, device=resolve_device(device))
-    elif tokenizer is None:
+        fields["model"] = str(model)
+        model = None
+    config = EvalConfig.resolve(config, **fields)
+    limits = limits or SandboxLimits(timeout_s=config.timeout_s)
+    if config.references:
+        return evaluate_references(config, limits=limits)
+    if model is None and config.model is None:
+        raise EvaluationError("a model is needed (or use references=True)")
+    if model is not None and tokenizer is None:
         raise EvaluationError("a tokenizer is needed with a loaded model")
-    loaded = time.monotonic()
-    out.mkdir(parents=True, exist_ok=True)
-    style = resolve_prompt_style(tokenizer, prompt_style)
-    by_id = {p.task_id: p for p in problems}
-    total = len(problems) * n_samples
-    journal = GenerationJournal(out / JOURNAL_FILE, _fingerprint(model, tokenizer, problems, style, gen))
-    try:
-        done = journal.open(resume=resume)
-    except JournalError as exc:
-        raise EvaluationError(str(exc)) from None
-    sandbox = SandboxPool(limits, workers, progress, total)
-    gen_bar = progress_bar(total, "generate", progress, position=0)
+    return _Evaluation(config, limits).run(model, tokenizer)
 
-    def execute(samples: Sequence[Sample]) -> None:
-        for sample in samples:
-            sandbox.submit((sample.task_id, sample.index), by_id[sample.task_id].submission(sample.solution))
 
-    def on_batch(samples: list[Sample]) -> None:
-        journal.append(samples)
-        execute(samples)
-        gen_bar.update(len(samples))
+class _Evaluation:
+    """One evaluation with a model: problems, generation overlapped with the sandbox, results and summary."""
 
-    try:
-        execute(list(done.values()))  # generated before an interruption: through the sandbox again
-        gen_bar.update(len(done))
-        samples = generate_samples(model, tokenizer, problems, gen, on_batch=on_batch, done=done)
-    finally:
-        gen_bar.close()
-        journal.close()
-        generated = time.monotonic()
-        results = sandbox.results()
-    rows = []
-    for sample in samples:
-        result = results[(sample.task_id, sample.index)]
-        rows.append({
-            "task_id": sample.task_id, "sample": sample.index, "prompt": sample.prompt,
+    def __init__(self, config: EvalConfig, limits: SandboxLimits) -> None:
+        self.config, self.limits = config, limits
+        self.started = time.monotonic()
+        self.workers = config.workers or os.cpu_count() or 1
+        self.problems = load_problems(config.benchmark, limit=config.limit, data_dir=config.data_dir,
+                                      task_ids=config.task_ids)
+        self.out = Path(config.output)  # created only once the arguments and the model are known to be good
+        c = config
+        self.gen = GenerationConfig(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
+                                    n_samples=c.n_samples, batch_size=c.batch_size, seed=c.seed,
+                                    prompt_style=c.prompt_style)
+        try:
+            self.gen.validate()
+        except ValueError as exc:
+            raise EvaluationError(str(exc)) from None
+
+    def run(self, model: Any, tokenizer: Any) -> dict[str, Any]:
+        c = self.config
+        model_name = c.model if model is None else type(model).__name__
+        if model is None:
+            model, tokenizer = load_for_eval(c.model, c.base_only, dtype=c.dtype, device=resolve_device(c.device))
+        loaded = time.monotonic()
+        self.out.mkdir(parents=True, exist_ok=True)
+        style = resolve_prompt_style(tokenizer, c.prompt_style)
+        journal = GenerationJournal(self.out / JOURNAL_FILE, _fingerprint(model, tokenizer, self.problems, style,
+                                                                          self.gen))
+        try:
+            done = journal.open(resume=c.resume)
+        except JournalError as exc:
+            raise EvaluationError(str(exc)) from None
+        samples, results, generated = self._generate_and_execute(model, tokenizer, journal, done)
+        rows = [_row(sample, results[(sample.task_id, sample.index)], style) for sample in samples]
+        write_jsonl(self.out / "results.jsonl", rows)
+        ks = parse_ks(c.k)
+        summary = summarise(rows, self.problems, ks, [results[key] for key in sorted(results)])
+        timing = {"load_s": loaded - self.started, "generation_s": generated - loaded,
+                  "execution_tail_s": time.monotonic() - generated, "total_s": time.monotonic() - self.started}
+        total = len(self.problems) * c.n_samples
+        timing = {k: round(v, 2) for k, v in timing.items()} | {
+            "samples_per_s": round((total - len(done)) / max(generated - loaded, 1e-9), 3)}
+        note = (f"pass@k for k > n_samples={c.n_samples} is undefined: reported as null"
+                if max(ks) > c.n_samples else None)
+        summary = {**self._settings(model, model_name, style), **summary, "note": note,
+                   "resumed_samples": len(done), "timing": timing}
+        write_text_atomically(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        journal.finish()
+        return summary
+
+    def _generate_and_execute(self, model: Any, tokenizer: Any, journal: GenerationJournal,
+                              done: dict[Any, Sample]) -> tuple[list[Sample], dict[Any, Any], float]:
+        """Generate the samples not journaled yet, judging each batch in the sandbox while the next one is
+        generated; journaled samples go through the sandbox again first."""
+        by_id = {p.task_id: p for p in self.problems}
+        total = len(self.problems) * self.config.n_samples
+        sandbox = SandboxPool(self.limits, self.workers, self.config.progress, total)
+        gen_bar = progress_bar(total, "generate", self.config.progress, position=0)
+
+        def execute(samples: Sequence[Sample]) -> None:
+            for sample in samples:
+                sandbox.submit((sample.task_id, sample.index), by_id[sample.task_id].submission(sample.solution))
+
+        def on_batch(samples: list[Sample]) -> None:
+            journal.append(samples)
+            execute(samples)
+            gen_bar.update(len(samples))
+
+        try:
+            execute(list(done.values()))
+            gen_bar.update(len(done))
+            samples = generate_samples(model, tokenizer, self.problems, self.gen, on_batch=on_batch, done=done)
+        finally:
+            gen_bar.close()
+            journal.close()
+            generated = time.monotonic()
+            results = sandbox.results()
+        return samples, results, generated
+
+    def _settings(self, model: Any, model_name: str, style: str) -> dict[str, Any]:
+        c, first = self.config, next(model.parameters())
+        return {"benchmark": c.benchmark.lower(), "problems": len(self.problems), "limit": c.limit,
+                "workers": self.workers, "timeout_s": self.limits.timeout_s, "memory_bytes": self.limits.memory_bytes,
+                "mode": "base-only" if c.base_only else "model", "model": model_name, "prompt_style": style,
+                "n_samples": c.n_samples, "temperature": c.temperature,
+                "top_p": c.top_p if c.temperature > 0 else None, "max_new_tokens": c.max_new_tokens,
+                "batch_size": c.batch_size, "batch_min_fill": self.gen.min_fill, "seed": c.seed,
+                "device": str(first.device), "dtype": str(first.dtype).replace("torch.", "")}
+
+
+def _row(sample: Sample, result: Any, style: str) -> dict[str, Any]:
+    """One line of ``results.jsonl``."""
+    return {"task_id": sample.task_id, "sample": sample.index, "prompt": sample.prompt,
             "completion": sample.completion, "solution": None if style == "completion" else sample.solution,
             "status": result.status, "reason": result.reason, "expert": sample.expert,
             "router_probs": sample.router_probs, "new_tokens": sample.new_tokens,
-            "duration_s": round(result.duration_s, 4),
-        })
-    write_jsonl(out / "results.jsonl", rows)
-    summary = summarise(rows, problems, ks, [results[key] for key in sorted(results)])
-    finished = time.monotonic()
-    summary = {
-        **settings, "mode": "base-only" if base_only else "model", "model": model_name, "prompt_style": style,
-        "n_samples": n_samples, "temperature": temperature, "top_p": top_p if temperature > 0 else None,
-        "max_new_tokens": max_new_tokens, "batch_size": batch_size, "batch_min_fill": gen.min_fill, "seed": seed,
-        "device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype).replace(
-            "torch.", ""), **summary,
-        "note": ks_note, "resumed_samples": len(done),
-        "timing": {"load_s": round(loaded - started, 2), "generation_s": round(generated - loaded, 2),
-                   "execution_tail_s": round(finished - generated, 2), "total_s": round(finished - started, 2),
-                   "samples_per_s": round((total - len(done)) / max(generated - loaded, 1e-9), 3)},
-    }
-    write_text_atomically(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    journal.finish()
-    return summary
+            "duration_s": round(result.duration_s, 4)}

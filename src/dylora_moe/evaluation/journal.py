@@ -27,12 +27,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..errors import JournalError
+from ..layout import JOURNAL_FILE
 from .generation import Sample
 
 __all__ = ["JOURNAL_FILE", "JOURNAL_VERSION", "GenerationJournal", "JournalError", "model_fingerprint"]
 
-JOURNAL_FILE = "generation.partial.jsonl"
 JOURNAL_VERSION = 1
 _SAMPLE_FIELDS = tuple(f.name for f in dataclasses.fields(Sample))
 
@@ -43,8 +45,6 @@ def model_fingerprint(model: Any) -> str:
 
     Reads every parameter once on its own device: about 0.2 s for a 135M-parameter model on a CPU.
     """
-    import torch
-
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, param in model.named_parameters():

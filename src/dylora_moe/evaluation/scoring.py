@@ -19,10 +19,13 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from ..atomic import write_text_atomically
 from ..errors import EvaluationError
 from ..sandbox import STATUSES, ExecutionResult, SandboxExecutor, SandboxLimits, Submission
 from .benchmarks import Problem, load_problems
+from .config import EvalConfig
 from .extraction import solution_for
 from .passk import pass_at_k_table
 
@@ -36,9 +39,7 @@ __all__ = ["MBPP_KNOWN_REFERENCE_FAILURES", "SandboxPool", "evaluate_references"
 MBPP_KNOWN_REFERENCE_FAILURES = ("MBPP/341", "MBPP/596", "MBPP/642")
 
 
-def progress_bar(total: int, desc: str, enabled: bool, position: int = 0):
-    from tqdm.auto import tqdm
-
+def progress_bar(total: int, desc: str, enabled: bool, position: int = 0) -> tqdm:
     return tqdm(total=total, desc=desc, unit="prog" if "exec" in desc else "sample", disable=not enabled,
                 position=position, leave=True, dynamic_ncols=True)
 
@@ -124,68 +125,48 @@ def run_references(
 
 
 
-def evaluate_references(benchmark: str, output_dir: str | Path, *, limit: int | None = None,
-                        task_ids: Sequence[str] = (), workers: int | None = None, timeout_s: float = 20.0,
-                        limits: SandboxLimits | None = None, data_dir: str | Path | None = None,
-                        progress: bool = True) -> dict[str, Any]:
-    """Run the dataset's reference solutions (:func:`run_references`) and write ``results.jsonl`` and
-    ``summary.json`` to ``output_dir``; return the summary."""
+def evaluate_references(config: EvalConfig, *, limits: SandboxLimits | None = None) -> dict[str, Any]:
+    """Run the dataset's reference solutions (:func:`run_references`) of ``config.benchmark`` and write
+    ``results.jsonl`` and ``summary.json`` to ``config.output``; return the summary."""
     started = time.monotonic()
-    workers = workers or os.cpu_count() or 1
-    limits = limits or SandboxLimits(timeout_s=timeout_s)
-    problems = load_problems(benchmark, limit=limit, data_dir=data_dir, task_ids=task_ids)
-    rows, refs = run_references(problems, limits, workers, progress)
-    out = Path(output_dir)
+    workers = config.workers or os.cpu_count() or 1
+    limits = limits or SandboxLimits(timeout_s=config.timeout_s)
+    problems = load_problems(config.benchmark, limit=config.limit, data_dir=config.data_dir, task_ids=config.task_ids)
+    rows, refs = run_references(problems, limits, workers, config.progress)
+    out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "results.jsonl", rows)
-    summary = {"benchmark": benchmark.lower(), "problems": len(problems), "limit": limit, "workers": workers,
-               "timeout_s": limits.timeout_s, "memory_bytes": limits.memory_bytes, "mode": "references",
-               "references": refs, "timing": {"total_s": round(time.monotonic() - started, 2)}}
+    summary = {"benchmark": config.benchmark.lower(), "problems": len(problems), "limit": config.limit,
+               "workers": workers, "timeout_s": limits.timeout_s, "memory_bytes": limits.memory_bytes,
+               "mode": "references", "references": refs, "timing": {"total_s": round(time.monotonic() - started, 2)}}
     write_text_atomically(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 # ----------------------------------------------------------------------------- rescore
-def rescore(
-    results_dir: str | Path,
-    *,
-    output_dir: str | Path,
-    workers: int | None = None,
-    timeout_s: float = 20.0,
-    limits: SandboxLimits | None = None,
-    data_dir: str | Path | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
+def rescore(results_dir: str | Path, config: EvalConfig | None = None, *, limits: SandboxLimits | None = None,
+            **fields: Any) -> dict[str, Any]:
     """Score the completions stored in ``results_dir`` again, without a model: each completion goes through
-    today's extraction (:func:`~.generation.solution_for`) and the sandbox. Use it after a harness fix or to
-    change the sandbox limits; generation, routing and token counts are kept from the stored rows.
+    today's extraction (:func:`~.extraction.solution_for`) and the sandbox. Use it after a harness fix or to
+    change the sandbox limits; generation, routing and token counts are kept from the stored rows. Of
+    ``config`` (an :class:`EvalConfig`, or its fields as keywords) it uses ``output_dir`` (required),
+    ``workers``, ``timeout_s``, ``data_dir`` and ``progress``.
 
     Writes ``results.jsonl`` and ``summary.json`` to ``output_dir`` (which must differ from ``results_dir``);
     the summary has ``mode: "rescore"``, ``rescored_from`` and the stored run's ``previous`` pass@k and outcomes.
     """
-    source, out = Path(results_dir), Path(output_dir)
-    started = time.monotonic()
-    if out.resolve() == source.resolve():
-        raise EvaluationError(f"rescore writes a new folder: --output must differ from {source}")
-    try:
-        old = json.loads((source / "summary.json").read_text())
-        rows = [json.loads(line) for line in (source / "results.jsonl").read_text().splitlines() if line.strip()]
-    except FileNotFoundError as exc:
-        raise EvaluationError(f"{source}: not an evaluation folder ({Path(exc.filename).name} not found)") from None
-    except json.JSONDecodeError as exc:
-        raise EvaluationError(f"{source}: unreadable results ({exc})") from None
-    if old.get("mode") not in ("model", "base-only", "rescore"):
-        raise EvaluationError(f"{source}: holds a {old.get('mode')!r} run; only model evaluations can be rescored")
-    missing = [f for f in ("task_id", "sample", "completion") if rows and f not in rows[0]]
-    if missing:
-        raise EvaluationError(f"{source / 'results.jsonl'}: line 1 lacks field(s) {missing}")
+    config = EvalConfig.resolve(config, **fields)
+    if config.output_dir is None:
+        raise EvaluationError("rescore needs an output folder (--output): the stored results are kept as they are")
+    old, rows = _stored_run(Path(results_dir), Path(config.output_dir))
+    source, out, started = Path(results_dir), Path(config.output_dir), time.monotonic()
     benchmark, style = old["benchmark"], old["prompt_style"]
     task_ids = list(dict.fromkeys(row["task_id"] for row in rows))
-    problems = load_problems(benchmark, data_dir=data_dir, task_ids=task_ids)
+    problems = load_problems(benchmark, data_dir=config.data_dir, task_ids=task_ids)
     by_id = {p.task_id: p for p in problems}
-    limits = limits or SandboxLimits(timeout_s=timeout_s)
-    workers = workers or os.cpu_count() or 1
-    sandbox = SandboxPool(limits, workers, progress, len(rows))
+    limits = limits or SandboxLimits(timeout_s=config.timeout_s)
+    workers = config.workers or os.cpu_count() or 1
+    sandbox = SandboxPool(limits, workers, config.progress, len(rows))
     solutions = []
     for index, row in enumerate(rows):
         solution = solution_for(by_id[row["task_id"]], row["completion"], style)
@@ -235,3 +216,23 @@ def summarise(rows: list[dict[str, Any]], problems: Sequence[Problem], ks: list[
         "experts": by_expert or None,
         "isolation": _isolation(results),
     }
+
+
+def _stored_run(source: Path, out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The summary and rows of the evaluation folder ``source``, checked to be a model run to rescore into
+    ``out`` (another folder)."""
+    if out.resolve() == source.resolve():
+        raise EvaluationError(f"rescore writes a new folder: --output must differ from {source}")
+    try:
+        old = json.loads((source / "summary.json").read_text())
+        rows = [json.loads(line) for line in (source / "results.jsonl").read_text().splitlines() if line.strip()]
+    except FileNotFoundError as exc:
+        raise EvaluationError(f"{source}: not an evaluation folder ({Path(exc.filename).name} not found)") from None
+    except json.JSONDecodeError as exc:
+        raise EvaluationError(f"{source}: unreadable results ({exc})") from None
+    if old.get("mode") not in ("model", "base-only", "rescore"):
+        raise EvaluationError(f"{source}: holds a {old.get('mode')!r} run; only model evaluations can be rescored")
+    missing = [f for f in ("task_id", "sample", "completion") if rows and f not in rows[0]]
+    if missing:
+        raise EvaluationError(f"{source / 'results.jsonl'}: line 1 lacks field(s) {missing}")
+    return old, rows

@@ -21,7 +21,8 @@ a digest of the token ids they trained and were evaluated on; the report refuses
 digests differ (e.g. made with a tokenizer that chose another EOS), since their losses are not comparable.
 
 The package: :mod:`.config` (variants, study config), :mod:`.unit` (one unit), :mod:`.runner` (the study,
-units in parallel processes), :mod:`.report` (aggregation, tables, plots). Run it from the command line::
+units in parallel processes), :mod:`.report` (aggregation, tables, plots), :mod:`.records` (reading and
+writing ``unit.json`` and ``quality.json``). Run it from the command line::
 
     dylora-moe study --config configs/study.yaml [--parallel 4] [--report-only] [KEY=VALUE ...]
     python benchmarks/quality.py --config configs/study.yaml          # the same
@@ -31,10 +32,20 @@ through the same code as the mixture: one expert is one LoRA (the router has not
 formatting, optimiser and evaluation are identical by construction. docs/results.md has the results.
 """
 
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
 from .config import STUDY_FORMAT_VERSION, UNIT_FILE, StudyConfig, StudyError, VariantConfig, default_variants
 from .report import plot_study, report, results_table
-from .runner import run_study
-from .unit import run_unit
+
+# the torch-using parts, imported on first use: the command line reads StudyConfig without them
+_LAZY = {"run_study": ".runner", "run_unit": ".unit"}
+
+if TYPE_CHECKING:
+    from .runner import run_study
+    from .unit import run_unit
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 __all__ = ["STUDY_FORMAT_VERSION", "UNIT_FILE", "StudyConfig", "StudyError", "VariantConfig", "default_variants",
            "plot_study", "report", "results_table", "run_study", "run_unit"]

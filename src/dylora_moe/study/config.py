@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
+from ..common.configs import build_config, read_yaml_mapping
 from ..config import help_metadata as _help
+from ..errors import ConfigError
 from ..errors import StudyError as StudyError
+from ..training.config import TrainConfig
 
 STUDY_FORMAT_VERSION = 1
 UNIT_FILE = "unit.json"
@@ -93,7 +95,7 @@ class StudyConfig:
         "its share of the CPU cores (OMP_NUM_THREADS / MKL_NUM_THREADS, unless set already)."))
     data_dir: str | None = field(default=None, metadata=_help("Data directory (sets data.data_dir of every unit)."))
 
-    def validate(self, source: str = "study config") -> None:
+    def validate(self, source: str = "study config", origins: dict[str, str] | None = None) -> None:
         names = [v.name for v in self.variants]
         if not names:
             raise ConfigError(f"{source}: 'variants' is empty")
@@ -119,16 +121,12 @@ class StudyConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "study config",
                   overrides: Sequence[str] = ()) -> StudyConfig:
-        from ..training.config import build_config
-
         config = build_config(cls, data, source, list(overrides))
         config.validate(source)
         return config
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> StudyConfig:
-        from ..training.config import read_yaml_mapping
-
         return cls.from_dict(read_yaml_mapping(path, "study config file"), str(path), overrides)
 
     def variant(self, name: str) -> VariantConfig:
@@ -146,10 +144,8 @@ class StudyConfig:
     def unit_dir(self, variant: str, seed: int) -> Path:
         return Path(self.output_dir) / variant / f"seed{seed}"
 
-    def unit_train_config(self, variant: VariantConfig, seed: int):
+    def unit_train_config(self, variant: VariantConfig, seed: int) -> TrainConfig:
         """The unit's TrainConfig: the YAML, the common overrides, the variant's, then seed and output."""
-        from ..training import TrainConfig
-
         out = self.unit_dir(variant.name, seed) / "train"
         pinned = [f"seed={seed}", f"output_dir={out}", "overwrite_output_dir=true"]
         if self.data_dir is not None:

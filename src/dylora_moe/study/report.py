@@ -13,7 +13,7 @@ from typing import Any
 
 from ..evaluation.compare import count_pairs, read_verdicts, sign_test
 from .config import STUDY_FORMAT_VERSION, UNIT_FILE, StudyConfig, StudyError
-from .unit import _write_json, per_decision
+from .records import per_decision, write_json
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -67,7 +67,7 @@ def report(study: StudyConfig) -> dict[str, Any]:
                "baseline": study.baseline, "data_sha256": data_sha256, "variants": variants,
                "vs_baseline": _versus(variants, study.baseline),
                "paired_pass_at_1": _paired_pass_at_1(study, variants)}
-    _write_json(out / "quality.json", quality)
+    write_json(out / "quality.json", quality)
     if variants:
         plot_study(quality, out)
         (out / "results_table.md").write_text(results_table(quality) + "\n")
@@ -238,14 +238,27 @@ def plot_study(quality: dict[str, Any], out: Path) -> list[Path]:
     """``loss_curves.png`` (held-out loss per domain over steps), ``share_matrices.png`` (one heatmap per
     mixture variant, first seed: the share of routing decisions, per token for token routing, where the unit
     recorded it) and ``pass_at_1.png`` (:func:`pass_at_1_bars`: the mean over the seeds measured, the spread
-    as a whisker)."""
-    import matplotlib
+    as a whisker). Returns the files written."""
+    import matplotlib  # here, not at the top: matplotlib takes a second to import, and only plots need it
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    variants = quality["variants"]
     written = []
+    for name, draw in (("loss_curves.png", _plot_loss_curves), ("share_matrices.png", _plot_share_matrices),
+                       ("pass_at_1.png", _plot_pass_at_1)):
+        fig = draw(plt, quality)
+        if fig is None:  # nothing to draw (no mixture, no pass@1)
+            continue
+        fig.tight_layout()
+        written.append(out / name)
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+def _plot_loss_curves(plt: Any, quality: dict[str, Any]) -> Any:
+    variants = quality["variants"]
     domains = list(next(iter(variants.values()))["eval_loss"])
     fig, axes = plt.subplots(1, len(domains), figsize=(6 * len(domains), 4), squeeze=False)
     for ax, domain in zip(axes[0], domains):
@@ -258,62 +271,60 @@ def plot_study(quality: dict[str, Any], out: Path) -> list[Path]:
         ax.set_ylabel("cross-entropy (response tokens)")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    written.append(out / "loss_curves.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    return fig
 
+
+def _plot_share_matrices(plt: Any, quality: dict[str, Any]) -> Any:
+    variants = quality["variants"]
+    domains = list(next(iter(variants.values()))["eval_loss"])
     mixtures = [(n, v) for n, v in variants.items() if v["num_experts"] > 1]
-    if mixtures:
-        cols = min(4, len(mixtures))
-        rows = math.ceil(len(mixtures) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False)
-        for ax in axes.flat[len(mixtures):]:
-            ax.axis("off")
-        for ax, (name, v) in zip(axes.flat, mixtures):
-            # per routing decision where known (token routing: per token and layer), else per example
-            per_decision = v.get("decision_share_matrix") is not None
-            matrix = v["decision_share_matrix"] if per_decision else v["share_matrix"]
-            nmi = (v["decision_nmi"] if per_decision else v["nmi"])["mean"]
-            token = v["units"][0].get("routing_unit", v["units"][0].get("moe", {}).get("routing")) == "token"
-            view = ("per token" if per_decision else "per example (token majority)") if token else ""
-            ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-            for i, row in enumerate(matrix):
-                for j, value in enumerate(row):
-                    ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if value < 0.5 else "black")
-            ax.set_yticks(range(len(domains)), domains, fontsize=7)
-            ax.set_xticks(range(len(matrix[0])), [f"e{j}" for j in range(len(matrix[0]))], fontsize=7)
-            title = f"{name}  NMI {nmi:.2f}" if nmi is not None else name
-            ax.set_title(f"{title}\n{view}" if view else title, fontsize=8)
-        fig.tight_layout()
-        written.append(out / "share_matrices.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+    if not mixtures:
+        return None
+    cols = min(4, len(mixtures))
+    rows = math.ceil(len(mixtures) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat[len(mixtures):]:
+        ax.axis("off")
+    for ax, (name, v) in zip(axes.flat, mixtures):
+        # per routing decision where known (token routing: per token and layer), else per example
+        per_decision = v.get("decision_share_matrix") is not None
+        matrix = v["decision_share_matrix"] if per_decision else v["share_matrix"]
+        nmi = (v["decision_nmi"] if per_decision else v["nmi"])["mean"]
+        token = v["units"][0].get("routing_unit", v["units"][0].get("moe", {}).get("routing")) == "token"
+        view = ("per token" if per_decision else "per example (token majority)") if token else ""
+        ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        for i, row in enumerate(matrix):
+            for j, value in enumerate(row):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if value < 0.5 else "black")
+        ax.set_yticks(range(len(domains)), domains, fontsize=7)
+        ax.set_xticks(range(len(matrix[0])), [f"e{j}" for j in range(len(matrix[0]))], fontsize=7)
+        title = f"{name}  NMI {nmi:.2f}" if nmi is not None else name
+        ax.set_title(f"{title}\n{view}" if view else title, fontsize=8)
+    return fig
 
+
+def _plot_pass_at_1(plt: Any, quality: dict[str, Any]) -> Any:
     bars = pass_at_1_bars(quality)
-    if bars:
-        names = list(dict.fromkeys(bar.variant for bar in bars))
-        benchmarks = [b for b in quality["benchmarks"] if any(bar.benchmark == b for bar in bars)]
-        fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(names), 3.6))
-        width = 0.8 / len(benchmarks)
-        for k, b in enumerate(benchmarks):
-            mine = [bar for bar in bars if bar.benchmark == b]
-            xs = [names.index(bar.variant) + k * width for bar in mine]
-            drawn = ax.bar(xs, [bar.mean for bar in mine], width, label=b, color=f"C{k}")
-            spread = [(x, bar) for x, bar in zip(xs, mine) if bar.std is not None]
-            if spread:
-                ax.errorbar([x for x, _ in spread], [bar.mean for _, bar in spread],
-                            yerr=[bar.std for _, bar in spread], fmt="none", ecolor="black", capsize=3)
-            # how many seeds each bar averages (inside the bar); a bar without a whisker is one seed
-            ax.bar_label(drawn, labels=[f"n={bar.seeds}" for bar in mine], fontsize=7, label_type="center",
-                         color="white")
-        ax.set_xticks([i + width * (len(benchmarks) - 1) / 2 for i in range(len(names))], names, fontsize=8)
-        ax.set_ylabel("pass@1 (greedy)")
-        ax.set_title("variants without a bar for a benchmark have not been measured on it", fontsize=7)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(out / "pass_at_1.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
-    return written
+    if not bars:
+        return None
+    names = list(dict.fromkeys(bar.variant for bar in bars))
+    benchmarks = [b for b in quality["benchmarks"] if any(bar.benchmark == b for bar in bars)]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(names), 3.6))
+    width = 0.8 / len(benchmarks)
+    for k, b in enumerate(benchmarks):
+        mine = [bar for bar in bars if bar.benchmark == b]
+        xs = [names.index(bar.variant) + k * width for bar in mine]
+        drawn = ax.bar(xs, [bar.mean for bar in mine], width, label=b, color=f"C{k}")
+        spread = [(x, bar) for x, bar in zip(xs, mine) if bar.std is not None]
+        if spread:
+            ax.errorbar([x for x, _ in spread], [bar.mean for _, bar in spread],
+                        yerr=[bar.std for _, bar in spread], fmt="none", ecolor="black", capsize=3)
+        # how many seeds each bar averages (inside the bar); a bar without a whisker is one seed
+        ax.bar_label(drawn, labels=[f"n={bar.seeds}" for bar in mine], fontsize=7, label_type="center",
+                     color="white")
+    ax.set_xticks([i + width * (len(benchmarks) - 1) / 2 for i in range(len(names))], names, fontsize=8)
+    ax.set_ylabel("pass@1 (greedy)")
+    ax.set_title("variants without a bar for a benchmark have not been measured on it", fontsize=7)
+    ax.legend(fontsize=8)
+    return fig

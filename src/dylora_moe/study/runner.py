@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import STUDY_FORMAT_VERSION, UNIT_FILE, StudyConfig, VariantConfig
+from .records import write_json
 from .report import report
-from .unit import _unit_stale, _write_json, run_unit
+from .unit import _unit_stale, run_unit
 
 
 def _unit_complete(study: StudyConfig, variant: VariantConfig, seed: int) -> bool:
@@ -30,7 +31,7 @@ def run_study(study: StudyConfig, progress: bool = True, report_only: bool = Fal
     out = Path(study.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "study_config.json"
-    _write_json(config_path, {"format_version": STUDY_FORMAT_VERSION, "config": study.to_dict()})
+    write_json(config_path, {"format_version": STUDY_FORMAT_VERSION, "config": study.to_dict()})
     pending = [(v, s) for v, s in study.units() if not _unit_complete(study, v, s)]
     failures: list[str] = []
     if not report_only and pending:
@@ -51,7 +52,7 @@ def _visible_gpus() -> list[str]:
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     if listed is not None:
         return [g.strip() for g in listed.split(",") if g.strip()]
-    import torch
+    import torch  # here, not at the top: a study that only reports never needs it
 
     return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 

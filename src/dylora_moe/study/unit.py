@@ -7,8 +7,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..atomic import write_text_atomically
+import torch
+
+from ..common.inference import load_for_eval
+from ..evaluation.analysis import analyze
+from ..evaluation.compare import read_verdicts
+from ..evaluation.harness import evaluate
+from ..layout import WEIGHTS_FILE
+from ..training.trainer import JointTrainer
 from .config import STUDY_FORMAT_VERSION, UNIT_FILE, StudyConfig, VariantConfig
+from .records import per_decision, write_json
 
 
 def run_unit(study: StudyConfig, variant: VariantConfig, seed: int, progress: bool = True) -> dict[str, Any]:
@@ -22,9 +30,6 @@ def run_unit(study: StudyConfig, variant: VariantConfig, seed: int, progress: bo
     asks for (cut short, or run earlier with fewer benchmarks) resumes from its saved adapter and only
     evaluates what is missing (or, when that adapter is gone, runs again from training).
     """
-    from ..evaluation.harness import load_for_eval
-    from ..serialization import WEIGHTS_FILE
-
     done = study.unit_dir(variant.name, seed) / UNIT_FILE
     unit = json.loads(done.read_text()) if done.is_file() else None
     if unit is not None and not _unit_stale(study, variant, unit):
@@ -42,16 +47,16 @@ def run_unit(study: StudyConfig, variant: VariantConfig, seed: int, progress: bo
     if unit is None:
         unit, model, tokenizer = _train_and_analyse(study, variant, seed, config, progress)
         if earlier is not None and keep_earlier_pass_at_1(unit, earlier):
-            _write_json(done, unit)
+            write_json(done, unit)
     else:
         model, tokenizer = load_for_eval(adapter, device=study.device)
         model.eval()
         if per_decision(unit, "share_matrix", done.parent) is None:  # from before the per-decision view
             unit.update(_analyse(study, variant, seed, config, model, tokenizer, progress))
-            _write_json(done, unit)
+            write_json(done, unit)
     for benchmark in _missing_benchmarks(study, variant, unit):
         unit["pass_at_1"][benchmark] = _pass_at_1(study, model, tokenizer, benchmark, done.parent, config, progress)
-        _write_json(done, unit)
+        write_json(done, unit)
     return unit
 
 
@@ -90,8 +95,6 @@ def _unit_stale(study: StudyConfig, variant: VariantConfig, unit: dict[str, Any]
     view where it differs from the per-example one (token routing), which units written before it lack."""
     if _missing_benchmarks(study, variant, unit):
         return True
-    from ..serialization import WEIGHTS_FILE
-
     unit_dir = study.unit_dir(variant.name, unit["seed"])
     adapter = unit_dir / "train" / "final" / WEIGHTS_FILE
     return per_decision(unit, "share_matrix", unit_dir) is None and adapter.is_file()
@@ -99,9 +102,6 @@ def _unit_stale(study: StudyConfig, variant: VariantConfig, unit: dict[str, Any]
 
 def _pass_at_1(study: StudyConfig, model: Any, tokenizer: Any, benchmark: str, unit_dir: Path, config: Any,
                progress: bool) -> dict[str, Any]:
-    from ..evaluation import evaluate
-    from ..evaluation.compare import read_verdicts
-
     summary = evaluate(model, tokenizer, benchmark=benchmark, output_dir=unit_dir / "eval" / benchmark,
                        limit=study.eval_limit, batch_size=study.eval_batch_size,
                        max_new_tokens=study.max_new_tokens, workers=study.eval_workers,
@@ -115,9 +115,6 @@ def _pass_at_1(study: StudyConfig, model: Any, tokenizer: Any, benchmark: str, u
 def _train_and_analyse(study: StudyConfig, variant: VariantConfig, seed: int, config: Any,
                        progress: bool) -> tuple[dict[str, Any], Any, Any]:
     """Train the unit, run the routing analysis, write ``unit.json`` (no pass@1 yet); ``(unit, model, tok)``."""
-    from ..evaluation.harness import load_for_eval
-    from ..training import JointTrainer
-
     unit_dir = study.unit_dir(variant.name, seed)
     started = time.monotonic()
     metrics = finished_training(unit_dir / "train", config)
@@ -158,7 +155,7 @@ def _train_and_analyse(study: StudyConfig, variant: VariantConfig, seed: int, co
         "versions": metrics["versions"],
         **routing,
     }
-    _write_json(unit_dir / UNIT_FILE, unit)
+    write_json(unit_dir / UNIT_FILE, unit)
     return unit, model, tokenizer
 
 
@@ -166,8 +163,6 @@ def finished_training(train_dir: Path, config: Any) -> dict[str, Any] | None:
     """``metrics.json`` of a training run in ``train_dir`` that finished with exactly ``config`` (its final
     adapter saved, every step done), else None. A unit that died after training (in the routing analysis,
     say) then resumes from its adapter instead of training again."""
-    from ..serialization import WEIGHTS_FILE
-
     metrics_path, saved = train_dir / "metrics.json", train_dir / "train_config.json"
     if not ((train_dir / "final" / WEIGHTS_FILE).is_file() and metrics_path.is_file() and saved.is_file()):
         return None
@@ -186,10 +181,6 @@ def _analyse(study: StudyConfig, variant: VariantConfig, seed: int, config: Any,
     """The unit's routing analysis on the validation splits: per example (``share_matrix``, ``nmi``,
     ``router_entropy``, ``expert_load``) and per routing decision (``decision_*``; token routing decides
     per token and layer, so only this view shows what the routers do)."""
-    import torch
-
-    from ..evaluation import analyze
-
     data = [d.path or d.name for d in config.data.datasets]
     with torch.inference_mode():
         analysis = analyze(model, data, tokenizer=tokenizer, output_dir=study.unit_dir(variant.name, seed) / "analysis",
@@ -210,33 +201,3 @@ def _analyse(study: StudyConfig, variant: VariantConfig, seed: int, config: Any,
         "decision_entropy": analysis["decision_entropy"],
         "analysis_loss": {d: analysis["domains"][d]["loss"] for d in analysis["domain_names"]},
     }
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    write_text_atomically(path, json.dumps(payload, indent=2) + "\n")
-
-
-def per_decision(unit: dict[str, Any], name: str, unit_dir: Path | None = None) -> Any:
-    """A unit's per-decision routing statistic (``nmi``, ``entropy`` or ``share_matrix``). Units written before
-    the per-decision view lack it: with one expert or sequence routing a decision is an example, so the
-    per-example value is the same; for a token-routed unit it is unknown (None)."""
-    if f"decision_{name}" in unit:
-        return unit[f"decision_{name}"]
-    if unit["num_experts"] == 1 or _unit_routing(unit, unit_dir) == "sequence":
-        return unit["router_entropy" if name == "entropy" else name]
-    return None
-
-
-def _unit_routing(unit: dict[str, Any], unit_dir: Path | None) -> str | None:
-    """The routing granularity a unit trained with: ``unit.json``'s ``moe`` config, else the variant's
-    overrides, else the unit's saved train config (units from before ``unit.json`` recorded it)."""
-    routing = unit.get("moe", {}).get("routing")
-    if routing is not None:
-        return routing
-    pinned = [o.split("=", 1)[1] for o in unit.get("overrides", []) if o.startswith("moe.routing=")]
-    if pinned:
-        return pinned[-1]
-    saved = unit_dir / "train" / "train_config.json" if unit_dir is not None else None
-    if saved is not None and saved.is_file():
-        return json.loads(saved.read_text()).get("config", {}).get("moe", {}).get("routing")
-    return None

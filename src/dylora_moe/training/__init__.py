@@ -19,7 +19,11 @@ Usage::
 See docs/training.md.
 """
 
-from .checkpoint import latest_checkpoint, list_checkpoints, resolve_adapter_dir
+from typing import TYPE_CHECKING
+
+from ..common.runs import latest_checkpoint, list_checkpoints, resolve_adapter_dir
+from ..errors import TrainingError
+from ..lazy import lazy_exports
 from .config import (
     CONFIG_FORMAT_VERSION,
     DataConfig,
@@ -30,9 +34,18 @@ from .config import (
     config_reference,
     config_reference_markdown,
 )
-from .evaluation import DomainEval, EvalResult, evaluate
-from .summary import build_metrics, plot_routing, summary_table, write_metrics
-from .trainer import JointTrainer, TrainingError, TrainResult
+
+# the torch-using parts, imported on first use: the command line reads TrainConfig without them
+_LAZY = {"DomainEval": ".evaluation", "EvalResult": ".evaluation", "evaluate": ".evaluation",
+         "build_metrics": ".summary", "plot_routing": ".summary", "summary_table": ".summary",
+         "write_metrics": ".summary", "JointTrainer": ".trainer", "TrainResult": ".trainer", "TrainState": ".trainer"}
+
+if TYPE_CHECKING:
+    from .evaluation import DomainEval, EvalResult, evaluate
+    from .summary import build_metrics, plot_routing, summary_table, write_metrics
+    from .trainer import JointTrainer, TrainResult, TrainState
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 __all__ = [
     "CONFIG_FORMAT_VERSION",
@@ -44,6 +57,7 @@ __all__ = [
     "TrainingError",
     "TrainConfig",
     "TrainResult",
+    "TrainState",
     "TrainingArgs",
     "apply_overrides",
     "build_metrics",

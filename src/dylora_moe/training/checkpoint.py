@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,12 @@ import torch
 from safetensors.torch import load_file
 
 from ..atomic import remove_folder_atomically, write_folder_atomically
+from ..common.runs import (
+    ADAPTER_DIR,
+    STATE_FILE,
+    TRAIN_CONFIG_FILE,
+    list_checkpoints,
+)
 from ..serialization import (
     CONFIG_FILE as ADAPTER_CONFIG_FILE,
 )
@@ -52,43 +57,14 @@ from ..serialization import (
 )
 
 STATE_FORMAT_VERSION = 1
-CHECKPOINT_PREFIX = "checkpoint-"
-ADAPTER_DIR = "adapter"
-FINAL_DIR = "final"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng_state.pt"
-STATE_FILE = "trainer_state.json"
-TRAIN_CONFIG_FILE = "train_config.json"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT_VERSION = 1
 #: what every checkpoint holds, checked by presence in one written before manifests
 LEGACY_FILES = (STATE_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE, f"{ADAPTER_DIR}/{ADAPTER_CONFIG_FILE}",
                 f"{ADAPTER_DIR}/{WEIGHTS_FILE}")
-_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
-
-
-# ----------------------------------------------------------------------------- folders
-def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
-    return Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete ``checkpoint-<step>`` folders of ``output_dir``, oldest step first."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        match = _NAME.match(child.name)
-        if match and child.is_dir() and (child / STATE_FILE).is_file():
-            found.append((int(match.group(1)), child))
-    return [path for _, path in sorted(found)]
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
 
 
 def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
@@ -259,30 +235,3 @@ def load_adapter_weights(model, directory: str | Path) -> None:
                 raise CheckpointError(f"{directory}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                                       f"expected {tuple(params[name].shape)}")
             params[name].copy_(tensor)
-
-
-def resolve_adapter_dir(path: str | Path) -> Path:
-    """The adapter folder of ``path``: an adapter folder itself, a ``checkpoint-<step>``, or a run directory
-    (its ``final/`` adapter, else its latest checkpoint)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
-    candidates = [path, path / ADAPTER_DIR, path / FINAL_DIR]
-    latest = latest_checkpoint(path)
-    if latest is not None:
-        candidates.append(latest / ADAPTER_DIR)
-    for candidate in candidates:
-        if (candidate / ADAPTER_CONFIG_FILE).is_file():
-            return candidate
-    raise CheckpointError(f"{path}: no DyLoRA-MoE adapter here (looked for {ADAPTER_CONFIG_FILE} in it, in "
-                          f"{ADAPTER_DIR}/, {FINAL_DIR}/ and the latest {CHECKPOINT_PREFIX}<step>/)")
-
-
-def run_dir_of(adapter_dir: str | Path) -> Path:
-    """The run directory an adapter folder belongs to (``.../final`` or ``.../checkpoint-N/adapter``)."""
-    adapter_dir = Path(adapter_dir).resolve()
-    if adapter_dir.name == ADAPTER_DIR and _NAME.match(adapter_dir.parent.name):
-        return adapter_dir.parent.parent
-    if adapter_dir.name == FINAL_DIR:
-        return adapter_dir.parent
-    return adapter_dir

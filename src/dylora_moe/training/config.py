@@ -12,32 +12,31 @@ A config file has four top-level keys plus three sections, each a dataclass belo
     train: {lr: 3.0e-4, per_device_batch_size: 4, max_steps: 20}   # TrainingArgs
 
 Overrides address a key by its dotted path (``moe.num_experts=8``, ``train.lr=1e-4``,
-``data.datasets.1.weight=2``, ``model=smollm2-135m``); the value is read as YAML (``true``,
-``null``, ``[a, b]``, numbers). Every value is type-checked against the dataclass annotations and
-validated; a ``ConfigError`` names the file (or the override) and the dotted key::
+``data.datasets.1.weight=2``, ``model=smollm2-135m``): the config engine (``dylora_moe.common.configs``)
+type-checks every value against the dataclass annotations, and ``validate`` checks the values; a
+``ConfigError`` names the file (or the override) and the dotted key::
 
     cfg = TrainConfig.from_yaml("configs/cpu-demo.yaml", ["train.max_steps=2"])
     cfg.to_json_file("runs/x/train_config.json")      # {"format_version": 1, "config": {...}}
     cfg = TrainConfig.from_json_file("runs/x/train_config.json")
-
-Floats written like ``2e-5`` (which PyYAML reads as a string) are accepted for float keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import types
-import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..config import ConfigError, DyLoRAMoEConfig, with_predating_values
+from ..common.configs import apply_overrides, build, lookup, read_yaml_mapping
+from ..common.configs import config_reference as _reference
+from ..common.configs import config_reference_markdown as _reference_markdown
+from ..config import DyLoRAMoEConfig, with_predating_values
 from ..config import help_metadata as _help
 from ..data.mixing import MODES
+from ..errors import ConfigError
 
 CONFIG_FORMAT_VERSION = 1
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -156,7 +155,7 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any], source: str = "config",
                   origins: dict[str, str] | None = None) -> TrainConfig:
         """Build and validate from a plain dict; errors name ``source`` (or the override that set the key)."""
-        config = _build(cls, data, "", source, origins or {})
+        config = build(cls, data, source, origins)
         config.validate(source, origins)
         return config
 
@@ -164,7 +163,7 @@ class TrainConfig:
     def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
         """Read a YAML file and apply ``key=value`` overrides (see the module docstring)."""
         origins: dict[str, str] = {}
-        data = apply_overrides(read_yaml_mapping(path), overrides, origins)
+        data = apply_overrides(read_yaml_mapping(path), overrides, TrainConfig, origins)
         return cls.from_dict(data, str(path), origins)
 
     @classmethod
@@ -204,7 +203,7 @@ class TrainConfig:
         """A validated copy with top-level fields changed, or dotted keys (``**{"train.lr": 1e-4}``)."""
         data = self.to_dict()
         origins: dict[str, str] = {}
-        data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in changes.items()], origins)
+        data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in changes.items()], TrainConfig, origins)
         return TrainConfig.from_dict(data, "replace()", origins)
 
     # ------------------------------------------------------------------ validation
@@ -213,7 +212,7 @@ class TrainConfig:
         origins = origins or {}
 
         def fail(key: str, why: str) -> ConfigError:
-            value = _lookup(self, key)
+            value = lookup(self, key)
             where = origins.get(key) or source
             return ConfigError(f"{where}: key '{key}' = {value!r}: {why}")
 
@@ -224,22 +223,7 @@ class TrainConfig:
             raise fail("output_dir", "must be a directory path")
         if self.seed < 0:
             raise fail("seed", "must be >= 0")
-        if not d.datasets:
-            raise fail("data.datasets", "needs at least one dataset")
-        seen: set[str] = set()
-        for i, ds in enumerate(d.datasets):
-            key = f"data.datasets.{i}"
-            if not ds.name.strip():
-                raise fail(f"{key}.name", "must not be empty")
-            if ds.domain_label in seen:
-                raise fail(f"{key}.domain", f"domain '{ds.domain_label}' is used twice; give each dataset its own")
-            seen.add(ds.domain_label)
-            if not ds.weight >= 0:
-                raise fail(f"{key}.weight", "must be >= 0")
-            if ds.limit is not None and ds.limit <= 0:
-                raise fail(f"{key}.limit", "must be a positive integer or null")
-        if not any(ds.weight > 0 for ds in d.datasets):
-            raise fail("data.datasets", "at least one dataset needs a weight > 0")
+        _validate_datasets(d.datasets, fail)
         if d.max_seq_length <= 0:
             raise fail("data.max_seq_length", "must be a positive integer")
         if d.mixing not in MODES:
@@ -275,299 +259,31 @@ class TrainConfig:
             raise fail("train.base_dtype", f"must be one of {BASE_DTYPES}")
 
 
-# ---------------------------------------------------------------------------- overrides
-def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
-    """The top-level mapping of a YAML file (``{}`` for an empty file); a ``ConfigError`` names the file and
-    line of malformed YAML, a missing file, or a top level that is not a mapping."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: {what} not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise ConfigError(f"{where}: malformed YAML ({getattr(exc, 'problem', None) or exc})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
-    return data
-
-
-def build_config(cls: type, data: dict[str, Any], source: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
-    """Any config dataclass ``cls`` (nested dataclasses included) from plain data plus dotted ``KEY=VALUE``
-    overrides; errors name ``source`` or the override. The caller validates the result."""
-    origins: dict[str, str] = {}
-    data = apply_overrides(data, overrides, origins, root=cls)
-    return _build(cls, data, "", source, origins)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split ``'a.b.c=value'`` into ``(['a', 'b', 'c'], parsed value)``; the value is read as YAML."""
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=1e-4")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...],
-                    origins: dict[str, str] | None = None, root: Any = None) -> dict[str, Any]:
-    """Return a copy of ``data`` with each ``key=value`` applied (keys checked against ``root``, a config
-    dataclass, by default ``TrainConfig``).
-
-    ``origins`` (if given) records, for each overridden dotted key, the override text (for errors).
-    """
-    data = json.loads(json.dumps(data, default=str))  # deep copy of plain YAML data
-    for text in overrides:
-        path, value = parse_override(text)
-        where = f"override {text!r}"
-        annotation: Any = root or TrainConfig
-        node: Any = data
-        for depth, part in enumerate(path):
-            parent = _strip_optional(annotation)
-            annotation = _child_annotation(annotation, part, ".".join(path[: depth + 1]), where)
-            last = depth == len(path) - 1
-            if isinstance(node, list):
-                index = int(part)
-                if index > len(node):
-                    raise ConfigError(f"{where}: index {index} is out of range (the list has {len(node)} items)")
-                if index == len(node):  # one past the end appends an item
-                    node.append(None if last else {})
-                if last:
-                    node[index] = value
-                else:
-                    if not isinstance(node[index], (dict, list)):
-                        node[index] = {}
-                    node = node[index]
-            else:
-                if last:
-                    node[part] = value
-                else:
-                    if not isinstance(node.get(part), (dict, list)):
-                        node[part] = _plain_default(parent, part)
-                    node = node[part]
-        _convert(value, annotation, ".".join(path), where)  # type check now, naming the override
-        if origins is not None:
-            origins[".".join(path)] = where
-    return data
-
-
-def _plain_default(cls: Any, name: str) -> Any:
-    """The default of field ``name`` of dataclass ``cls`` as plain data ({} for a section)."""
-    for f in dataclasses.fields(cls):
-        if f.name == name and f.default_factory is not dataclasses.MISSING:
-            value = f.default_factory()
-            if isinstance(value, list):
-                return [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
-    return {}
-
-
-def _child_annotation(annotation: Any, part: str, key: str, where: str) -> Any:
-    annotation = _strip_optional(annotation)
-    if _is_list(annotation):
-        if not part.isdigit():
-            raise ConfigError(f"{where}: '{key}': a list index must be a number")
-        (item,) = typing.get_args(annotation) or (Any,)
-        return item
-    if dataclasses.is_dataclass(annotation):
-        hints = _hints(annotation)
-        if part not in hints:
-            parent = key.rpartition(".")[0] or "the top level"
-            raise ConfigError(f"{where}: unknown key '{key}'; known keys in {parent}: {sorted(hints)}")
-        return hints[part]
-    raise ConfigError(f"{where}: '{key}': {key.rpartition('.')[0]} is not a section")
-
-
-# ---------------------------------------------------------------------------- typed building
-def _hints(cls: type) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in typing.get_type_hints(cls).items() if k in names}
-
-
-def _strip_optional(annotation: Any) -> Any:
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return annotation
-
-
-def _is_list(annotation: Any) -> bool:
-    return typing.get_origin(annotation) is list
-
-
-def _type_label(annotation: Any) -> str:
-    if annotation is float:
-        return "a number"
-    if annotation is int:
-        return "an integer"
-    if annotation is bool:
-        return "true or false"
-    if annotation is str:
-        return "a string"
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return " or ".join(_type_label(a) for a in typing.get_args(annotation))
-    if annotation is type(None):
-        return "null"
-    if _is_list(annotation):
-        return "a list"
-    if dataclasses.is_dataclass(annotation):
-        return "a mapping"
-    return str(annotation)
-
-
-def _type_name(annotation: Any) -> str:
-    if isinstance(annotation, type) and not typing.get_args(annotation):
-        return annotation.__name__
-    text = str(annotation)
-    for prefix in ("typing.", "dylora_moe.training.config.", "dylora_moe.config."):
-        text = text.replace(prefix, "")
-    return text.replace("NoneType", "None")
-
-
-def _convert(value: Any, annotation: Any, key: str, source: str, origins: dict[str, str] | None = None) -> Any:
-    """Check ``value`` against ``annotation`` and return it converted (nested dataclasses built)."""
-    where = (origins or {}).get(key) or source
-
-    def bad() -> ConfigError:
-        return ConfigError(f"{where}: key '{key}': expected {_type_label(annotation)}, got {value!r}")
-
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(annotation)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise bad()
-        options = [a for a in args if a is not type(None)]
-        options.sort(key=lambda a: not (_is_list(a) and isinstance(value, list)))
-        for option in options:
-            try:
-                return _convert(value, option, key, source, origins)
-            except ConfigError:
-                if len(options) == 1:
-                    raise
-        raise bad()
-    if annotation is Any:
-        return value
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad()
-    if annotation is int:
-        if isinstance(value, bool):
-            raise bad()
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise bad()
-    if annotation is float:
-        if isinstance(value, bool):
-            raise bad()
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # PyYAML reads 2e-5 as a string
-            except ValueError:
-                raise bad() from None
-        raise bad()
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise bad()
-    if origin is list:
-        if not isinstance(value, list):
-            raise bad()
-        (item,) = typing.get_args(annotation) or (Any,)
-        return [_convert(v, item, f"{key}.{i}", source, origins) for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(annotation):
-        if not isinstance(value, dict):
-            raise bad()
-        return _build(annotation, value, key, source, origins or {})
-    return value
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str, source: str, origins: dict[str, str]) -> Any:
-    hints = _hints(cls)
-    unknown = sorted(set(data) - set(hints))
-    if unknown:
-        keys = [f"{prefix}.{u}" if prefix else u for u in unknown]
-        where = next((origins[k] for k in keys if k in origins), source)
-        section = f"'{prefix}'" if prefix else "the top level"
-        raise ConfigError(f"{where}: unknown key(s) {keys}; known keys in {section}: {sorted(hints)}")
-    required = [f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    for name in required:
-        if name not in data:
-            key = f"{prefix}.{name}" if prefix else name
-            raise ConfigError(f"{source}: key '{key}' is required")
-    values = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        values[name] = _convert(value, hints[name], key, source, origins)
-    try:
-        return cls(**values)
-    except ConfigError as exc:  # DyLoRAMoEConfig validates itself on construction
-        keys = [k for k in origins if k == prefix or k.startswith(prefix + ".")] if prefix else []
-        where = origins[keys[0]] if keys else source
-        raise ConfigError(f"{where}: key '{prefix or cls.__name__}': {exc}") from None
-
-
-def _lookup(config: Any, key: str) -> Any:
-    node = config
-    for part in key.split("."):
-        node = node[int(part)] if isinstance(node, list) else getattr(node, part)
-    return node
-
-
-# ---------------------------------------------------------------------------- reference
 def config_reference() -> list[tuple[str, str, Any, str]]:
-    """``(dotted key, type, default, help)`` for every key of ``TrainConfig`` (for docs and ``--help``)."""
-    rows: list[tuple[str, str, Any, str]] = []
-
-    def walk(cls: type, prefix: str) -> None:
-        hints = _hints(cls)
-        for f in dataclasses.fields(cls):
-            key = f"{prefix}{f.name}"
-            annotation = hints[f.name]
-            if dataclasses.is_dataclass(annotation):
-                walk(annotation, key + ".")
-                continue
-            if f.default is not dataclasses.MISSING:
-                default = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                produced = f.default_factory()
-                default = [dataclasses.asdict(x) if dataclasses.is_dataclass(x) else x for x in produced] \
-                    if isinstance(produced, list) else produced
-            else:
-                default = "(required)"
-            type_name = _type_name(annotation)
-            rows.append((key, type_name, default, f.metadata.get("help", "")))
-            (item,) = typing.get_args(annotation) if _is_list(annotation) else (None,)
-            if item is not None and dataclasses.is_dataclass(item):
-                walk(item, key + ".N.")
-
-    walk(TrainConfig, "")
-    return rows
+    """``(dotted key, type, default, help)`` for every key of ``TrainConfig``."""
+    return _reference(TrainConfig)
 
 
 def config_reference_markdown() -> str:
-    """The config reference as a Markdown table (docs/training.md embeds it)."""
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+    """The ``TrainConfig`` reference as a Markdown table (docs/training.md embeds it)."""
+    return _reference_markdown(TrainConfig)
 
-    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    for key, type_name, default, text in config_reference():
-        if isinstance(default, list) and default and all(isinstance(d, dict) and "name" in d for d in default):
-            default = [{"name": d["name"]} for d in default]  # the other keys keep their defaults
-        shown = default if default == "(required)" else json.dumps(default)
-        lines.append(f"| `{key}` | `{cell(type_name)}` | `{shown}` | {cell(text)} |")
-    return "\n".join(lines)
+
+def _validate_datasets(datasets: list[DatasetConfig], fail: Callable[[str, str], ConfigError]) -> None:
+    """The checks of ``data.datasets``: at least one, names given, domains unique, weights and limits sane."""
+    if not datasets:
+        raise fail("data.datasets", "needs at least one dataset")
+    seen: set[str] = set()
+    for i, ds in enumerate(datasets):
+        key = f"data.datasets.{i}"
+        if not ds.name.strip():
+            raise fail(f"{key}.name", "must not be empty")
+        if ds.domain_label in seen:
+            raise fail(f"{key}.domain", f"domain '{ds.domain_label}' is used twice; give each dataset its own")
+        seen.add(ds.domain_label)
+        if not ds.weight >= 0:
+            raise fail(f"{key}.weight", "must be >= 0")
+        if ds.limit is not None and ds.limit <= 0:
+            raise fail(f"{key}.limit", "must be a positive integer or null")
+    if not any(ds.weight > 0 for ds in datasets):
+        raise fail("data.datasets", "at least one dataset needs a weight > 0")

@@ -87,7 +87,7 @@ def write_metrics(path: str | Path, metrics: Mapping[str, Any]) -> Path:
 
 def plot_routing(shares: Mapping[str, Sequence[float]], path: str | Path, title: str | None = None) -> Path:
     """Save a domain x expert heatmap of expert shares (matplotlib's Agg canvas, no pyplot) to ``path``."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # here: start-up time (only plots need it)
     from matplotlib.figure import Figure
 
     names = list(shares)

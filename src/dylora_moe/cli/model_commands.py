@@ -1,0 +1,164 @@
+"""``train``, ``report``, ``generate`` and ``inspect``: the commands that make or look at a model.
+
+Each takes typed configs (``TrainConfig``, ``DyLoRAMoEConfig``, and the small option sets below); the functions
+import what they run when they run, so that building the parser stays free of torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import DyLoRAMoEConfig
+from ..config import help_metadata as _help
+from ..errors import ConfigError
+from ..layout import STATE_FILE
+from ..training.config import TrainConfig
+from .options import add_common_arguments, add_config_options, config_from_options
+
+
+@dataclass
+class ReportOptions:
+    """What ``report`` wraps."""
+
+    model: str = field(metadata=_help("Hub id, local folder, or the embedded default 'smollm2-135m'."))
+
+
+@dataclass
+class InspectOptions:
+    """Which adapter ``inspect`` and ``generate`` load, onto which base model."""
+
+    checkpoint: str = field(metadata=_help("Adapter folder, checkpoint-<step> folder, or run directory."))
+    base_model: str | None = field(default=None, metadata=_help(
+        "Load this base model instead of the one recorded in the adapter."))
+
+
+@dataclass
+class GenerateOptions:
+    """What ``generate`` writes."""
+
+    prompt: str = field(metadata=_help("The instruction (formatted as in training)."))
+    input: str = field(default="", metadata=_help("Optional input/context of the instruction."))
+    max_new_tokens: int = field(default=256, metadata=_help("Tokens generated at most."))
+
+    def validate(self, source: str = "generate", origins: dict[str, str] | None = None) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens={self.max_new_tokens}: must be >= 1")
+
+
+def register(sub: Any) -> None:
+    train = sub.add_parser(
+        "train", help="train all experts and the router jointly (YAML config + KEY=VALUE overrides)",
+        description="Joint training from a YAML TrainConfig. Overrides use dotted keys: moe.num_experts=8, "
+        "train.lr=1e-4, data.max_seq_length=512, data.datasets.1.weight=2 (values are read as YAML). "
+        "See docs/training.md for every key.")
+    add_config_options(train, TrainConfig)
+    train.add_argument("--data-dir", dest="data_dir_alias", default=None, help="data directory (sets data.data_dir)")
+    add_common_arguments(train, "TrainConfig")
+    train.set_defaults(func=_train)
+
+    report = sub.add_parser("report", help="wrap a base model with experts and print the parameter report")
+    add_config_options(report, ReportOptions, positional=("model",))
+    add_config_options(report, DyLoRAMoEConfig)
+    report.set_defaults(func=_report)
+
+    generate = sub.add_parser("generate", help="generate greedily with a trained adapter; reports the chosen expert")
+    add_config_options(generate, InspectOptions, positional=("checkpoint",))
+    add_config_options(generate, GenerateOptions)
+    generate.set_defaults(func=_generate)
+
+    inspect = sub.add_parser("inspect", help="show experts, ranks, maturity, parameters and the run's routing stats")
+    add_config_options(inspect, InspectOptions, positional=("checkpoint",))
+    inspect.set_defaults(func=_inspect)
+
+
+def _train(ns: argparse.Namespace) -> int:
+    from ..training import JointTrainer
+
+    if ns.data_dir_alias is not None:
+        label = f"--data-dir {ns.data_dir_alias}"
+        ns.overrides = [*ns.overrides, (label, f"data.data_dir={json.dumps(ns.data_dir_alias)}")]
+    config = config_from_options(TrainConfig, ns, source="train config")
+    trainer = JointTrainer(config)
+    result = trainer.train()
+    trainer.accelerator.print(f"done: {result.global_step} optimizer steps in {result.train_time_s:.1f}s; "
+                              f"final adapter in {result.final_dir}")  # once, on the main process
+    return 0
+
+
+def _report(ns: argparse.Namespace) -> int:
+    from ..api import DyLoRAMoEForCausalLM
+    from ..loading import load_base_model
+
+    options = config_from_options(ReportOptions, ns, overrides=False)
+    config = config_from_options(DyLoRAMoEConfig, ns, overrides=False)
+    base, _ = load_base_model(options.model)
+    model = DyLoRAMoEForCausalLM(base, config, base_name_or_path=options.model)
+    print(model.parameter_report())
+    return 0
+
+
+def _load_for_inference(options: InspectOptions) -> tuple[Any, dict[str, Any], Any, Any]:
+    from ..api import DyLoRAMoEForCausalLM
+    from ..common.runs import resolve_adapter_dir
+    from ..loading import load_base_model
+    from ..serialization import read_checkpoint_meta
+
+    adapter = resolve_adapter_dir(options.checkpoint)
+    meta = read_checkpoint_meta(adapter)
+    base, tokenizer = load_base_model(options.base_model or meta["base_model"]["name_or_path"])
+    model = DyLoRAMoEForCausalLM.from_pretrained(adapter, base_model=base)
+    model.eval()
+    return adapter, meta, model, tokenizer
+
+
+def _generate(ns: argparse.Namespace) -> int:
+    import torch
+
+    from ..data import Example, build_prompt_ids, resolve_pad_token_id
+
+    options = config_from_options(GenerateOptions, ns, overrides=False)
+    adapter, _, model, tokenizer = _load_for_inference(config_from_options(InspectOptions, ns, overrides=False))
+    example = Example(domain="prompt", instruction=options.prompt, input=options.input)
+    ids = torch.tensor([build_prompt_ids(example, tokenizer)], device=model.device)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        routed = model(input_ids=ids, attention_mask=mask)
+        output = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=options.max_new_tokens,
+                                do_sample=False, pad_token_id=resolve_pad_token_id(tokenizer))
+    completion = tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
+    probs = ", ".join(f"{p:.3f}" for p in routed.router_probs[0].tolist())
+    print(completion)
+    print(f"[router: expert {int(routed.expert_choice[0])} of {model.num_experts} "
+          f"(probabilities {probs}); adapter {adapter}]")
+    return 0
+
+
+def _inspect(ns: argparse.Namespace) -> int:
+    from ..common.runs import run_dir_of
+
+    adapter, meta, model, _ = _load_for_inference(config_from_options(InspectOptions, ns, overrides=False))
+    print(f"adapter: {adapter}")
+    print(f"base model: {meta['base_model']['name_or_path']} ({meta['base_model'].get('model_type')})")
+    print(f"experts: {model.num_experts}  routing: {model.moe_config.routing}, top_k={model.moe_config.top_k}, "
+          f"mode now: {model.routing_mode}")
+    for i, (rank, alpha, mature) in enumerate(zip(model.expert_ranks, model.expert_alphas, model.maturity)):
+        print(f"  expert {i}: rank {rank}, alpha {alpha:g}, {'mature' if mature else 'immature'}")
+    print(model.parameter_report())
+    # the run's metrics.json, else (a run still in progress) the checkpoint's own history
+    metrics_path, state_path = run_dir_of(adapter) / "metrics.json", adapter.parent / STATE_FILE
+    source = next((p for p in (metrics_path, state_path) if p.is_file()), None)
+    history = json.loads(source.read_text()).get("eval_history", []) if source is not None else []
+    if not history:
+        print("(no metrics.json or trainer_state.json for this adapter)")
+        return 0
+    from ..training import EvalResult, summary_table
+
+    results = [EvalResult.from_dict(h) for h in history]
+    print(f"--- Routing and held-out loss (from {source}) ---")
+    print(summary_table(results))
+    for name, d in results[-1].domains.items():
+        print(f"  {name}: router entropy {d.router_entropy:.3f} nats, balance loss {d.aux_loss:.4f}")
+    return 0
