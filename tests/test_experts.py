@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dylora_moe.experts as experts_module
-from dylora_moe.experts import mixture_delta
+from dylora_moe.experts import mixture_delta, update_similarity
 from dylora_moe.routing import decide
 
 E, D_IN, D_OUT = 4, 10, 6
@@ -147,3 +147,18 @@ def test_inference_output_of_a_token_does_not_depend_on_the_other_experts_in_the
     assert torch.equal(before, after)
     reference = naive(x, small.dense_weights(), a_list[:2], b_list[:2], torch.tensor([2.0, 0.5]))
     assert torch.allclose(before, reference, atol=1e-5)
+
+
+def test_update_similarity_is_the_cosine_of_the_flattened_updates():
+    gen = torch.Generator().manual_seed(3)
+    a_list = [torch.randn(r, 10, generator=gen) for r in (2, 3, 2)]
+    b_list = [torch.randn(7, r, generator=gen) for r in (2, 3, 2)]
+    b_list.append(torch.zeros(7, 4))
+    a_list.append(torch.randn(4, 10, generator=gen))  # a fresh expert: B = 0
+    flat = [(b @ a).flatten() for a, b in zip(a_list, b_list)]
+    got = update_similarity(a_list, b_list)
+    for i in range(3):
+        for j in range(3):
+            want = torch.nn.functional.cosine_similarity(flat[i], flat[j], dim=0)
+            assert torch.allclose(got[i, j], want, atol=1e-5)
+    assert torch.all(got[3] == 0) and torch.all(got[:, 3] == 0)

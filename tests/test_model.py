@@ -125,6 +125,47 @@ def test_loss_is_lm_plus_weighted_aux(batch):
     assert not hasattr(model, "last_aux_loss")
 
 
+@pytest.mark.parametrize("routing", ["sequence", "token"])
+def test_z_loss_and_similarity_loss_join_the_loss(routing, batch):
+    ids, mask, labels = batch
+    plain = build(routing=routing)
+    out = plain(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.z_loss is None and out.ortho_loss is None  # off by default: nothing computed
+    model = build(routing=routing, z_loss_coef=0.1, ortho_coef=0.5)
+    randomize_experts(model)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.z_loss > 0 and 0 < out.ortho_loss <= 1
+    want = out.lm_loss + model.moe_config.balance_coef * out.aux_loss + 0.1 * out.z_loss + 0.5 * out.ortho_loss
+    assert torch.allclose(out.loss, want)
+    assert torch.allclose(out.ortho_loss, model.similarity_loss())
+    out.ortho_loss.backward(retain_graph=True)
+    assert all(b.grad is not None and b.grad.abs().sum() > 0 for b in model.expert_layers[0].lora_B)
+    model.zero_grad()
+    out.z_loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.routers.parameters() if p.dim() == 2)
+    if routing == "sequence":  # routed from the input embeddings: the z-loss reaches the router only
+        assert all(p.grad is None for p in model.expert_parameters())
+
+
+def test_similarity_loss_pushes_experts_apart(batch):
+    model = build(num_experts=2, r=4, alpha=8)
+    with torch.no_grad():
+        for layer in model.expert_layers:
+            layer.lora_B[1].copy_(torch.randn_like(layer.lora_B[1]))
+            layer.lora_B[0].copy_(layer.lora_B[1])
+            layer.lora_A[0].copy_(layer.lora_A[1])  # two identical experts: similarity 1
+    assert torch.isclose(model.similarity_loss(), torch.tensor(1.0))
+    optimizer = torch.optim.SGD(model.expert_parameters(), lr=0.5)
+    for _ in range(20):
+        optimizer.zero_grad()
+        with torch.no_grad():
+            for layer in model.expert_layers:  # break the exact symmetry
+                layer.lora_A[0].add_(1e-3 * torch.randn_like(layer.lora_A[0]))
+        model.similarity_loss().backward()
+        optimizer.step()
+    assert model.similarity_loss() < 0.5
+
+
 def test_sequence_routing_uses_prompt_only(batch):
     ids, mask, labels = batch
     model = build(routing="sequence")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dylora_moe.routing import balance_loss, decide, expert_share, router_entropy
+from dylora_moe.routing import balance_loss, decide, expert_share, router_entropy, router_z_loss
 
 ALL = torch.ones(4, dtype=torch.bool)
 
@@ -97,3 +97,14 @@ def test_straight_through_gates_of_top_k_sum_to_one_and_keep_the_router_gradient
     assert torch.allclose(grad_st, grad_prob / chosen.sum(-1, keepdim=True), atol=1e-6)
     assert grad_st.abs().sum() > 0
     assert torch.allclose(st.dense_weights().sum(-1), torch.ones(2), atol=1e-6)  # the dense [B, E] view agrees
+
+
+def test_router_z_loss_is_the_masked_mean_squared_logsumexp():
+    logits = torch.tensor([[[1.0, 2.0, 0.5], [3.0, -1.0, 0.0]], [[0.0, 0.0, 0.0], [9.0, 9.0, 9.0]]],
+                          requires_grad=True)
+    mask = torch.tensor([[True, True], [True, False]])
+    want = sum(torch.logsumexp(logits[b, t], -1) ** 2 for b, t in ((0, 0), (0, 1), (1, 0))) / 3
+    got = router_z_loss(logits, mask)
+    assert torch.allclose(got, want)
+    got.backward()
+    assert logits.grad[1, 1].abs().sum() == 0 and logits.grad[0, 0].abs().sum() > 0  # padding gets nothing

@@ -23,6 +23,8 @@ ROUTING_GRANULARITIES = ("sequence", "token")
 ROUTING_MODES = ("auto", "dense", "sparse")
 BALANCE_LOSSES = ("seed", "switch")
 GATES = ("probability", "straight_through")
+EXPERT_INITS = ("zero_b", "svd")
+SCALINGS = ("alpha_r", "goat")
 # Fields added to DyLoRAMoEConfig after files were first saved with it, and the value that reproduces
 # what those older files were trained with (the probability gate was the only gate before `gate`).
 PREDATING_VALUES = {"gate": "probability"}
@@ -110,6 +112,46 @@ class DyLoRAMoEConfig:
         default=0.01, metadata={"help": "Coefficient of the load-balancing loss added to the LM loss."}
     )
     init_seed: int = field(default=0, metadata={"help": "Seed for initialising experts and router."})
+    shared_a: bool = field(
+        default=False,
+        metadata={
+            "help": "Asymmetric experts (HydraLoRA): one A [r, d_in] per adapted module shared by every expert, "
+            "and one B head [d_out, r] per expert; E experts of rank r then hold r*d_in + E*r*d_out parameters "
+            "per module. Every expert has rank r."
+        },
+    )
+    expert_init: str = field(
+        default="zero_b",
+        metadata={
+            "help": "'zero_b': A Kaiming-uniform, B zero (a fresh model computes exactly the base model); 'svd' "
+            "(GOAT): expert e starts from the e-th of E evenly spaced segments of the frozen weight's singular "
+            "vectors, scaled down by svd_rho, and the initial adapters are subtracted from the layer's output "
+            "(a frozen residual saved with the checkpoint), so experts start distinct and the base is kept "
+            "except for a small share of the unchosen experts' segments."
+        },
+    )
+    svd_rho: float = field(
+        default=10.0, metadata={"help": "With expert_init='svd': the initial segments' singular values divided by "
+                                "scale * svd_rho (GOAT's rho)."})
+    scaling: str = field(
+        default="alpha_r",
+        metadata={
+            "help": "Output scale of expert e: 'alpha_r' (alpha_e / r_e, LoRA's) or 'goat' (sqrt(3 * d_in / r_e), "
+            "GOAT's scale that aligns the mixture's updates with full fine-tuning instead of shrinking them; "
+            "alpha is then not used)."
+        },
+    )
+    z_loss_coef: float = field(
+        default=0.0, metadata={"help": "Coefficient of the router z-loss (ST-MoE: mean squared log-sum-exp of the "
+                               "router logits), which keeps logits small; 0 disables it."})
+    ortho_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "Coefficient of the expert similarity loss: the mean squared cosine similarity between the "
+            "weight updates B_e A_e of every pair of experts in each adapted module, which pushes experts "
+            "apart; 0 disables it."
+        },
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -147,6 +189,17 @@ class DyLoRAMoEConfig:
             raise bad("balance_coef", "must be >= 0")
         if not isinstance(self.router_hidden, int) or self.router_hidden < 1:
             raise bad("router_hidden", "must be an integer >= 1")
+        if self.expert_init not in EXPERT_INITS:
+            raise bad("expert_init", f"must be one of {EXPERT_INITS}")
+        if self.expert_init == "svd" and self.shared_a:
+            raise bad("expert_init", "'svd' gives every expert its own A; it does not go with shared_a=True")
+        if not self.svd_rho > 0:
+            raise bad("svd_rho", "must be > 0")
+        if self.scaling not in SCALINGS:
+            raise bad("scaling", f"must be one of {SCALINGS}")
+        for name in ("z_loss_coef", "ortho_coef"):
+            if not getattr(self, name) >= 0:
+                raise bad(name, "must be >= 0")
         tm = self.target_modules
         if isinstance(tm, list):
             if not tm or not all(isinstance(t, str) and t for t in tm):

@@ -33,8 +33,9 @@ class RoutingContext:
     routing_mask: torch.Tensor | None = None
     #: labels of the current pass, used to find the prompt (labels == -100) for sequence routing.
     labels: torch.Tensor | None = None
-    #: expert index that every unit is sent to, overriding the router (``None``: the router decides).
-    forced_expert: int | None = None
+    #: expert index that every unit is sent to, or ``[B]`` one per sequence, overriding the router (``None``: the
+    #: router decides).
+    forced_expert: int | torch.Tensor | None = None
     #: True inside ``generate``: the first sequence decision is pinned for the whole generation.
     generating: bool = False
     pinned: RoutingDecision | None = None

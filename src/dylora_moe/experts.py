@@ -26,6 +26,9 @@ computation, never with one base-model pass or a Python loop per expert:
   any rank) leaves the outputs of the existing ones bit for bit unchanged
   (``benchmarks/token_kernels.py`` times the kernels).
 
+With asymmetric experts (HydraLoRA, ``shared_a``) every expert's A is one shared tensor; the dense kernels
+then compute ``x A^T`` once and mix the B heads.
+
 The delta ``sum_e gate_e * scale_e * B_e A_e x`` is returned; the caller adds the frozen base
 layer's output.
 """
@@ -66,6 +69,27 @@ def _dense(x: torch.Tensor, weights: torch.Tensor, a: torch.Tensor, b: torch.Ten
     h = x @ a_cat.t()
     h = h * weights.repeat_interleave(rank, dim=-1).to(h.dtype)
     return h @ b_cat.t()
+
+
+def _dense_shared(x: torch.Tensor, weights: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The dense kernel with one A shared by every expert (HydraLoRA): x ``[B, T, d_in]``, weights ``[B, 1|T, E]``
+    (times scale), a ``[R, d_in]``, b ``[E, d_out, R]`` -> ``[B, T, d_out]``. ``x A^T`` is computed once."""
+    num_experts, d_out, rank = b.shape
+    h = x @ a.t()  # [B, T, R]
+    h = (h.unsqueeze(-2) * weights.unsqueeze(-1).to(h.dtype)).flatten(-2)  # [B, T, E*R], expert-major
+    return h @ b.permute(1, 0, 2).reshape(d_out, num_experts * rank).t()
+
+
+def update_similarity(a_list: list[torch.Tensor], b_list: list[torch.Tensor]) -> torch.Tensor:
+    """Cosine similarity ``[E, E]`` between the experts' weight updates ``B_e A_e`` (as flattened ``[d_out, d_in]``
+    matrices), computed from rank-sized products only: ``<B_i A_i, B_j A_j> = sum((B_i^T B_j) * (A_i A_j^T))``.
+    An expert whose update is zero (a fresh B) has similarity 0 with every other."""
+    a, b = stack_experts(a_list, b_list)  # [E, R, d_in], [E, d_out, R]
+    bb = torch.einsum("eor,fos->efrs", b, b)
+    aa = torch.einsum("erd,fsd->efrs", a, a)
+    gram = (bb * aa).sum((-2, -1))  # [E, E]
+    norm = gram.diagonal().clamp_min(0).sqrt()
+    return gram / (norm[:, None] * norm[None, :]).clamp_min(1e-12)
 
 
 def _sparse_per_sequence(
@@ -183,19 +207,25 @@ def mixture_delta(
     a_list: list[torch.Tensor],
     b_list: list[torch.Tensor],
     scale: torch.Tensor,
+    shared_a: bool = False,
 ) -> torch.Tensor:
     """The experts' contribution for input ``x [B, T, d_in]`` -> ``[B, T, d_out]``.
 
     ``a_list[e]`` is ``A_e [r_e, d_in]``, ``b_list[e]`` is ``B_e [d_out, r_e]``, ``scale [E]``.
     ``decision`` has probabilities ``[B, E]`` (sequence routing) or ``[B, T, E]`` (token routing).
+    ``shared_a``: every ``a_list[e]`` is the same tensor (HydraLoRA); the dense kernels then compute ``x A^T``
+    once instead of once per expert (the other kernels select rows per expert and need nothing special).
     """
     if x.dim() != 3:
         raise ValueError(f"expert layers expect inputs [batch, seq, features], got shape {tuple(x.shape)}")
     per_sequence = decision.probs.dim() == 2
     if decision.mode == "dense":
-        a, b = stack_experts(a_list, b_list)
         w = decision.probs * scale
-        return _dense(x, w.unsqueeze(1) if per_sequence else w, a, b)
+        w = w.unsqueeze(1) if per_sequence else w
+        if shared_a:
+            return _dense_shared(x, w, a_list[0], torch.stack(list(b_list)))
+        a, b = stack_experts(a_list, b_list)
+        return _dense(x, w, a, b)
     indices, gates = decision.selected()
     if per_sequence:
         gates = gates * scale[indices]
@@ -210,6 +240,8 @@ def mixture_delta(
     if not inference:
         a, b = stack_experts(a_list, b_list)
         if a.shape[0] * a.shape[1] <= DENSE_TOKEN_MAX_RANK:
+            if shared_a:
+                return _dense_shared(x, decision.dense_weights() * scale, a_list[0], b)
             return _dense(x, decision.dense_weights() * scale, a, b)
     k = indices.shape[-1]
     gates = (gates * scale[indices]).reshape(-1, k)

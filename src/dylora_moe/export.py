@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .atomic import write_folder_atomically
-from .layer import ADAPTER_PARAMETER_NAMES
+from .layer import ADAPTER_BUFFER_NAMES, ADAPTER_PARAMETER_NAMES
 
 
 def _check_index(model: Any, index: int) -> None:
@@ -26,28 +26,35 @@ def _check_index(model: Any, index: int) -> None:
 
 
 def export_expert(model: Any, index: int, directory: str | Path) -> Path:
-    """Write expert ``index`` of ``model`` as a PEFT LoRA adapter folder."""
+    """Write expert ``index`` of ``model`` as a PEFT LoRA adapter folder.
+
+    A plain expert is written as it is (rank ``r``, ``lora_alpha`` alpha). With GOAT's scale or a residual
+    (``expert_init='svd'``) the scale is folded into B and the residual appended as extra rank, so that the
+    adapter still reproduces the expert exactly: ``A' = [A; R_A]``, ``B' = [scale B, -R_B]``, ``lora_alpha = r'``.
+    """
     from peft import LoraConfig  # here, not at the top: peft is slow to import and only export needs it
 
     _check_index(model, index)
-    rank, alpha = model.expert_ranks[index], model.expert_alphas[index]
     layers = dict(zip((t.name for t in model.targets), model.expert_layers))
-    conv1d = {layer.is_conv1d for layer in layers.values()}
+    tensors, ranks = {}, set()
+    for name, layer in layers.items():
+        a, b = _expert_factors(layer, index)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().cpu().contiguous()
+        ranks.add(a.shape[0])
+    (rank,) = ranks
+    folded = any(_folded(layer) for layer in layers.values())
     peft_config = LoraConfig(
         r=rank,
-        lora_alpha=alpha,
+        lora_alpha=rank if folded else model.expert_alphas[index],
         lora_dropout=model.moe_config.dropout,
         target_modules=sorted(layers),
-        fan_in_fan_out=conv1d == {True},
+        fan_in_fan_out={layer.is_conv1d for layer in layers.values()} == {True},
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=model.base_name_or_path,
         inference_mode=True,
     )
-    tensors = {}
-    for name, layer in layers.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A[index].detach().cpu().contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B[index].detach().cpu().contiguous()
 
     def write(tmp: Path) -> None:
         peft_config.save_pretrained(str(tmp))
@@ -56,12 +63,29 @@ def export_expert(model: Any, index: int, directory: str | Path) -> Path:
     return write_folder_atomically(directory, write)
 
 
+def _folded(layer: Any) -> bool:
+    return layer.scaling != "alpha_r" or layer.lora_residual_A is not None
+
+
+def _expert_factors(layer: Any, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A [r', d_in], B [d_out, r'])`` of expert ``index`` as PEFT stores them (see :func:`export_expert`)."""
+    a, b = layer.expert_a(index), layer.lora_B[index]
+    if not _folded(layer):
+        return a, b
+    b = b * layer.scale_of(index)
+    if layer.lora_residual_A is not None:
+        a = torch.cat([a, layer.lora_residual_A.to(a.dtype)])
+        b = torch.cat([b, -layer.lora_residual_B.to(b.dtype)], dim=1)
+    return a, b
+
+
 def merge_expert(model: Any, index: int) -> PreTrainedModel:
     """A new plain transformers model equal to the base with expert ``index`` merged in."""
     _check_index(model, index)
     base = model.base_model
     merged = AutoModelForCausalLM.from_config(base.config, dtype=base.dtype)
-    adapter_prefixes = tuple(f"{t.name}.{p}." for t in model.targets for p in ADAPTER_PARAMETER_NAMES)
+    adapter_names = (*ADAPTER_PARAMETER_NAMES, *ADAPTER_BUFFER_NAMES)
+    adapter_prefixes = tuple(f"{t.name}.{p}" for t in model.targets for p in adapter_names)
     state = {}
     for name, tensor in base.state_dict().items():
         if not name.startswith(adapter_prefixes):

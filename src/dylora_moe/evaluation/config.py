@@ -65,6 +65,9 @@ class EvalConfig:
         "Keep the samples an interrupted run into the same output folder journaled and generate only the rest "
         "(off: discard them)."))
     threads: int | None = field(default=None, metadata=_help("torch CPU threads."))
+    expert: int | None = field(default=None, metadata=_help(
+        "Send every prompt to this expert of a DyLoRA-MoE model (the router is not used), e.g. the expert of "
+        "the benchmark's domain in an oracle-routed model."))
     progress: bool = field(default=True, metadata=_help("Progress bars."))
 
     def validate(self, source: str = "evaluation config", origins: dict[str, str] | None = None) -> None:
@@ -74,6 +77,8 @@ class EvalConfig:
         for name in ("n_samples", "batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise EvaluationError(f"{source}: {name}={getattr(self, name)} must be >= 1")
+        if self.expert is not None and self.expert < 0:
+            raise EvaluationError(f"{source}: expert={self.expert} must be >= 0")
         for name in ("limit", "workers", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise EvaluationError(f"{source}: {name}={getattr(self, name)} must be a positive integer")

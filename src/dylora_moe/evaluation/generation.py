@@ -79,6 +79,7 @@ class GenerationConfig:
     seed: int = 0
     prompt_style: str = "auto"
     min_fill: float = 0.5
+    forced_expert: int | None = None  # a DyLoRA-MoE model: every prompt to this expert
 
     def validate(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1 or self.n_samples < 1:
@@ -279,6 +280,8 @@ class _Generation:
         routes: list[tuple[int, list[float]]] = []
         if hasattr(self.model, "moe_config"):  # the prompts' routing, as generation's own prefill decided it
             kwargs["on_prompt_routing"] = functools.partial(_record_routes, routes)
+            if config.forced_expert is not None:
+                kwargs["forced_expert"] = config.forced_expert
         torch.manual_seed(seed)
         out = self.model.generate(
             input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=config.max_new_tokens,

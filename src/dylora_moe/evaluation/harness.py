@@ -65,7 +65,8 @@ def _fingerprint(model: Any, tokenizer: Any, problems: Sequence[Problem], style:
             "tokenizer": f"{type(tokenizer).__name__}/{len(tokenizer)}", "model": model_fingerprint(model),
             "max_new_tokens": gen.max_new_tokens, "temperature": gen.temperature,
             "top_p": gen.top_p if gen.temperature > 0 else None, "n_samples": gen.n_samples,
-            "batch_size": gen.batch_size, "min_fill": gen.min_fill, "seed": gen.seed}
+            "batch_size": gen.batch_size, "min_fill": gen.min_fill, "seed": gen.seed,
+            **({"expert": gen.forced_expert} if gen.forced_expert is not None else {})}
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -110,7 +111,7 @@ class _Evaluation:
         c = config
         self.gen = GenerationConfig(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
                                     n_samples=c.n_samples, batch_size=c.batch_size, seed=c.seed,
-                                    prompt_style=c.prompt_style)
+                                    prompt_style=c.prompt_style, forced_expert=c.expert)
         try:
             self.gen.validate()
         except ValueError as exc:

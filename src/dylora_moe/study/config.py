@@ -82,6 +82,11 @@ class StudyConfig:
     benchmarks: list[str] = field(default_factory=lambda: ["humaneval", "mbpp"], metadata=_help(
         "Benchmarks of pass@1 (greedy, sandboxed)."))
     eval_limit: int | None = field(default=None, metadata=_help("First N problems per benchmark (None = all)."))
+    exact_match: list[str] = field(default_factory=list, metadata=_help(
+        "Domains of the train config whose held-out answers are scored by numeric exact match (e.g. asdiv), with "
+        "the variants that measure pass@1."))
+    exact_match_limit: int | None = field(default=None, metadata=_help(
+        "First N held-out examples per exact-match domain (None = all)."))
     eval_batch_size: int = field(default=8, metadata=_help("Generation batch size of pass@1."))
     max_new_tokens: int = field(default=512, metadata=_help("Generation length cap of pass@1."))
     eval_workers: int | None = field(default=None, metadata=_help("Sandbox workers (default: CPU count)."))
@@ -115,6 +120,9 @@ class StudyConfig:
         for name in ("eval_batch_size", "max_new_tokens", "parallel"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{source}: '{name}' must be >= 1, got {getattr(self, name)}")
+        for name in ("exact_match_limit",):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{source}: '{name}' must be >= 1 or null, got {getattr(self, name)}")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise ConfigError(f"{source}: 'eval_limit' must be >= 1 or null, got {self.eval_limit}")
 

@@ -44,6 +44,10 @@ def report(study: StudyConfig) -> dict[str, Any]:
             "seeds": [u["seed"] for u in units], "num_experts": units[0]["num_experts"],
             "trainable_parameters": units[0]["trainable_parameters"], "steps": units[0]["steps"],
             "eval_loss": {d: _spread([u["eval_loss_end"][d] for u in units]) for d in domains},
+            "mean_eval_loss": _spread([statistics.fmean(u["eval_loss_end"][d] for d in domains) for u in units]),
+            "exact_match": {d: _spread([u["exact_match"][d]["exact_match"] for u in units
+                                        if d in u.get("exact_match", {})])
+                            for d in study.exact_match if any(d in u.get("exact_match", {}) for u in units)},
             "eval_loss_start": {d: _spread([u["eval_loss_start"][d] for u in units]) for d in domains},
             "pass_at_1": {b: _spread([u["pass_at_1"][b]["pass@1"] for u in units if b in u["pass_at_1"]])
                           for b in study.benchmarks if any(b in u["pass_at_1"] for u in units)},
@@ -180,16 +184,18 @@ def results_table(quality: dict[str, Any]) -> str:
     for group, names in groups.items():
         domains = list(variants[names[0]]["eval_loss"])
         benchmarks = [b for b in quality["benchmarks"] if any(b in variants[n]["pass_at_1"] for n in names)]
-        head = (["variant", "seeds", "adapter params"] + [f"loss {d}" for d in domains]
-                + [f"pass@1 {b}" for b in benchmarks]
+        exact = sorted({d for n in names for d in variants[n].get("exact_match", {})})
+        head = (["variant", "seeds", "adapter params"] + [f"loss {d}" for d in domains] + ["mean loss"]
+                + [f"pass@1 {b}" for b in benchmarks] + [f"exact match {d}" for d in exact]
                 + ["NMI per example", "NMI per decision", "router entropy per decision", "max load / uniform",
                    "train s"])
         lines += [f"### {group}", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
         for n in names:
             v = variants[n]
             cells = [f"`{n}`", str(len(v["seeds"])), f"{v['trainable_parameters']:,}"]
-            cells += [_fmt(v["eval_loss"][d], 4) for d in domains]
+            cells += [_fmt(v["eval_loss"][d], 4) for d in domains] + [_fmt(v.get("mean_eval_loss"), 4)]
             cells += [_fmt(v["pass_at_1"].get(b), seeds=len(v["seeds"])) for b in benchmarks]
+            cells += [_fmt(v.get("exact_match", {}).get(d), seeds=len(v["seeds"])) for d in exact]
             cells += [_fmt(v["nmi"]), _fmt(v.get("decision_nmi")), _fmt(v.get("decision_entropy")),
                       _fmt(v["load_imbalance"], 2), _fmt(v["train_time_s"], 1)]
             lines.append("| " + " | ".join(cells) + " |")

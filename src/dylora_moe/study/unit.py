@@ -10,12 +10,15 @@ from typing import Any
 import torch
 
 from ..common.inference import load_for_eval
+from ..data import load_examples
 from ..evaluation.analysis import analyze
 from ..evaluation.compare import read_verdicts
+from ..evaluation.exact_match import exact_match
 from ..evaluation.harness import evaluate
 from ..layout import WEIGHTS_FILE
+from ..training.data import dataset_spec
 from ..training.trainer import JointTrainer
-from .config import STUDY_FORMAT_VERSION, UNIT_FILE, StudyConfig, VariantConfig
+from .config import STUDY_FORMAT_VERSION, UNIT_FILE, StudyConfig, StudyError, VariantConfig
 from .records import per_decision, write_json
 
 
@@ -38,7 +41,7 @@ def run_unit(study: StudyConfig, variant: VariantConfig, seed: int, progress: bo
     adapter = done.parent / "train" / "final"
     earlier = None
     if unit is not None and not (adapter / WEIGHTS_FILE).is_file():
-        if not _missing_benchmarks(study, variant, unit):  # only the per-decision routing view is missing:
+        if not _missing_metrics(study, variant, unit):  # only the per-decision routing view is missing:
             return unit                                      # keep the unit; without its adapter it stays so
         print(f"{variant.name} seed {seed}: {done} lacks pass@1 and its adapter {adapter} is gone: "
               "training the unit again (the pass@1 it has is kept if the training reproduces its losses)",
@@ -56,6 +59,9 @@ def run_unit(study: StudyConfig, variant: VariantConfig, seed: int, progress: bo
             write_json(done, unit)
     for benchmark in _missing_benchmarks(study, variant, unit):
         unit["pass_at_1"][benchmark] = _pass_at_1(study, model, tokenizer, benchmark, done.parent, config, progress)
+        write_json(done, unit)
+    for domain in _missing_exact_match(study, variant, unit):
+        unit.setdefault("exact_match", {})[domain] = _exact_match(study, model, tokenizer, domain, config, progress)
         write_json(done, unit)
     return unit
 
@@ -90,10 +96,19 @@ def _missing_benchmarks(study: StudyConfig, variant: VariantConfig, unit: dict[s
     return [b for b in study.benchmarks if variant.pass_at_1 and b not in unit["pass_at_1"]]
 
 
+def _missing_exact_match(study: StudyConfig, variant: VariantConfig, unit: dict[str, Any]) -> list[str]:
+    return [d for d in study.exact_match if variant.pass_at_1 and d not in unit.get("exact_match", {})]
+
+
+def _missing_metrics(study: StudyConfig, variant: VariantConfig, unit: dict[str, Any]) -> list[str]:
+    """The pass@1 benchmarks and exact-match domains the study asks of the unit that it lacks."""
+    return [*_missing_benchmarks(study, variant, unit), *_missing_exact_match(study, variant, unit)]
+
+
 def _unit_stale(study: StudyConfig, variant: VariantConfig, unit: dict[str, Any]) -> bool:
     """The unit lacks a pass@1 the study asks for, or (with its adapter still there) the per-decision routing
     view where it differs from the per-example one (token routing), which units written before it lack."""
-    if _missing_benchmarks(study, variant, unit):
+    if _missing_metrics(study, variant, unit):
         return True
     unit_dir = study.unit_dir(variant.name, unit["seed"])
     adapter = unit_dir / "train" / "final" / WEIGHTS_FILE
@@ -103,6 +118,7 @@ def _unit_stale(study: StudyConfig, variant: VariantConfig, unit: dict[str, Any]
 def _pass_at_1(study: StudyConfig, model: Any, tokenizer: Any, benchmark: str, unit_dir: Path, config: Any,
                progress: bool) -> dict[str, Any]:
     summary = evaluate(model, tokenizer, benchmark=benchmark, output_dir=unit_dir / "eval" / benchmark,
+                       expert=_oracle_expert(config, "mbpp"),
                        limit=study.eval_limit, batch_size=study.eval_batch_size,
                        max_new_tokens=study.max_new_tokens, workers=study.eval_workers,
                        data_dir=config.data.data_dir, progress=progress)
@@ -110,6 +126,31 @@ def _pass_at_1(study: StudyConfig, model: Any, tokenizer: Any, benchmark: str, u
             "outcomes": summary["outcomes"], "experts": summary["experts"],
             "eval_time_s": summary["timing"]["total_s"], "resumed_samples": summary.get("resumed_samples", 0),
             "verdicts": read_verdicts(unit_dir / "eval" / benchmark)}
+
+
+def _oracle_expert(config: Any, domain: str) -> int | None:
+    """With oracle routing (``train.route_by_domain``): the expert of ``domain``, else None (the router)."""
+    if not config.train.route_by_domain:
+        return None
+    labels = [ds.domain_label for ds in config.data.datasets]
+    if domain not in labels:
+        raise StudyError(f"oracle routing: no dataset of domain {domain!r} to route to (domains: {labels})")
+    return labels.index(domain)
+
+
+def _exact_match(study: StudyConfig, model: Any, tokenizer: Any, domain: str, config: Any,
+                 progress: bool) -> dict[str, Any]:
+    """Numeric exact match on ``domain``'s held-out examples (the train config's dataset of that domain)."""
+    specs = [dataset_spec(ds, i, "validation", study.exact_match_limit) for i, ds in enumerate(config.data.datasets)
+             if ds.domain_label == domain]
+    if not specs:
+        raise StudyError(f"exact_match: {domain!r} is not a domain of the train config")
+    started = time.monotonic()
+    result = exact_match(model, tokenizer, load_examples(specs[0], config.data.data_dir),
+                         batch_size=study.eval_batch_size, forced_expert=_oracle_expert(config, domain),
+                         progress=progress)
+    return {"exact_match": result.accuracy, "correct": result.correct, "total": result.total,
+            "eval_time_s": time.monotonic() - started}
 
 
 def _train_and_analyse(study: StudyConfig, variant: VariantConfig, seed: int, config: Any,

@@ -119,6 +119,10 @@ class TrainingArgs:
         "growth_threshold to the domains seen before) an expert of its own, adding experts when the pool is "
         "exhausted; the resulting skill library is saved with the checkpoints (docs/continual.md)."))
     growth_threshold: float = field(default=0.75, metadata=_help("Novelty threshold of allow_expert_growth."))
+    route_by_domain: bool = field(default=False, metadata=_help(
+        "Oracle routing: every sequence goes to the expert of its domain (expert i = data.datasets[i]), in training "
+        "and in the held-out evaluation; the router is not used. With moe.num_experts equal to the number of "
+        "datasets this is one LoRA per domain with the domain given: the upper bound of a routing study."))
     growth_examples: int = field(default=64, metadata=_help("Examples per domain embedded for the growth test."))
     router_calibration_examples: int = field(default=256, metadata=_help(
         "Set the router's feature standardisation (model.calibrate_router) from this many training examples "
@@ -224,6 +228,9 @@ class TrainConfig:
         if self.seed < 0:
             raise fail("seed", "must be >= 0")
         _validate_datasets(d.datasets, fail)
+        if t.route_by_domain and self.moe.num_experts != len(d.datasets):
+            raise fail("train.route_by_domain", f"needs moe.num_experts = the {len(d.datasets)} datasets "
+                       f"(one expert per domain), got {self.moe.num_experts}")
         if d.max_seq_length <= 0:
             raise fail("data.max_seq_length", "must be a positive integer")
         if d.mixing not in MODES:

@@ -84,8 +84,10 @@ def evaluate(
     step: int = 0,
     epoch: float = 0.0,
     accelerator=None,
+    route_by_domain: bool = False,
 ) -> EvalResult:
-    """Evaluate ``model`` on each domain's held-out examples; restores the model's train/eval mode."""
+    """Evaluate ``model`` on each domain's held-out examples; restores the model's train/eval mode.
+    ``route_by_domain``: each example goes to the expert of its domain (oracle routing)."""
     was_training = model.training
     model.eval()
     world = accelerator.num_processes if accelerator is not None else 1
@@ -100,9 +102,10 @@ def evaluate(
                 if index % world != rank:
                     continue
                 batch = collate(chunk)
-                batch.pop("domain_ids", None)
+                domain_ids = batch.pop("domain_ids", None)
                 batch = {k: v.to(device) for k, v in batch.items()}
-                out = model(**batch, supervised_logits_only=True)
+                forced = domain_ids.to(device) if route_by_domain and domain_ids is not None else None
+                out = model(**batch, supervised_logits_only=True, forced_expert=forced)
                 n_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
                 rows = batch["input_ids"].shape[0]
                 sums[0] += out.lm_loss.double() * n_tokens

@@ -302,10 +302,11 @@ class JointTrainer:
         step (a non-finite gradient skips the update, with a warning, and enough in a row stop the run).
         Returns True once an optimizer step completed (``state.step`` advanced)."""
         acc, t = self.accelerator, self.config.train
-        batch.pop("domain_ids", None)
+        domain_ids = batch.pop("domain_ids", None)
+        forced = domain_ids if t.route_by_domain else None
         bad = False
         with acc.accumulate(state.prepared):
-            out = state.prepared(**batch, supervised_logits_only=True)
+            out = state.prepared(**batch, supervised_logits_only=True, forced_expert=forced)
             acc.backward(out.loss)
             if acc.sync_gradients:
                 # The gradients are reduced across processes here, so every process sees the same norm and
@@ -388,7 +389,8 @@ class JointTrainer:
         # DDP forward would start collectives (buffer broadcast) the other processes never join.
         acc, step = self.accelerator, state.step
         result = evaluate(state.model, state.eval_sets, state.collate, self.config.data.eval_batch_size,
-                          state.model.num_experts, step=step, epoch=state.epoch_at(step), accelerator=acc)
+                          state.model.num_experts, step=step, epoch=state.epoch_at(step), accelerator=acc,
+                          route_by_domain=self.config.train.route_by_domain)
         state.history.append(result)
         if acc.is_main_process:
             state.bar.write(result.line())  # keeps the progress bar intact
