@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from dylora_moe import DyLoRAMoEConfig, DyLoRAMoEForCausalLM, load_base_model
+from dylora_moe.common.memory import rss_bytes
 
 VARIANTS = ("lora", "moe4", "moe8", "moe4_dense", "moe4_token", "xlora")
 BARS = {"moe4_vs_lora": 1.10, "moe8_vs_moe4": 1.05, "dense_vs_sparse": 1.10, "mem_moe4_vs_lora": 1.10}
@@ -119,13 +120,6 @@ def step_fn(model, batch):
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def rss_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def trim() -> None:

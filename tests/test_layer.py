@@ -157,3 +157,50 @@ def test_svd_init_checks_its_settings():
         DyLoRAMoEConfig(svd_rho=0.0)
     with pytest.raises(ValueError, match="larger than the 21 singular values per expert"):
         model_for(expert_init="svd", r=32)  # 64-wide weights, 3 experts: 21 singular values each
+
+
+# ----------------------------------------------------------------------------- layer-wise allocation (MoLA)
+def test_layer_experts_put_more_experts_in_upper_blocks(batch):
+    ids, mask, labels = batch
+    model = model_for(num_experts=3, layer_experts="increasing")
+    assert model.block_experts == {0: 1, 1: 3}  # a third of 3 in the first block, 3 in the last
+    assert [layer.num_experts for layer in model.expert_layers] == [1] * 4 + [3] * 4
+    assert [r.weight.shape[0] for r in model.routers] == [1, 3]
+    randomize_experts(model)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.expert_share.shape == (3,) and out.router_probs.shape == (3, 3)
+    assert torch.isclose(out.expert_share.sum(), torch.tensor(1.0))
+    out.loss.backward()
+    assert all(layer.lora_B[e].grad is not None for layer in model.expert_layers for e in range(layer.num_experts))
+    # expert 2 lives in the upper block only: forcing it leaves the lower block to the base weights
+    with torch.no_grad():
+        forced = model(input_ids=ids, attention_mask=mask, forced_expert=2).logits
+        merged = model.merge_expert(2)(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(forced, merged, atol=1e-5)
+    upper = [layer for layer in model.expert_layers if layer.layer_index == 1]
+    assert sum(p.numel() for p in model.expert_parameters(2)) == sum(4 * (la.in_features + la.out_features)
+                                                                      for la in upper)
+    with pytest.raises(ValueError, match="does not grow"):
+        model.add_expert()
+    with pytest.raises(ValueError, match="block 0 holds 1 experts"):
+        model(input_ids=ids, attention_mask=mask, forced_expert=torch.tensor([0, 1, 2]))
+
+
+def test_layer_experts_round_trip_and_checks(tmp_path, batch):
+    ids, mask, _ = batch
+    model = model_for(num_experts=4, layer_experts=[4, 2])
+    randomize_experts(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = DyLoRAMoEForCausalLM.from_pretrained(tmp_path / "ckpt", base_model=make_base("llama"))
+    assert loaded.block_experts == {0: 4, 1: 2}
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits,
+                           model(input_ids=ids, attention_mask=mask).logits)
+    with pytest.raises(ConfigError, match="needs routing='token'"):
+        DyLoRAMoEConfig(layer_experts="increasing", routing="sequence")
+    with pytest.raises(ConfigError, match="the largest equal to num_experts=4"):
+        DyLoRAMoEConfig(layer_experts=[2, 3])
+    with pytest.raises(ConfigError, match="3 counts for 2 adapted"):
+        model_for(num_experts=4, layer_experts=[4, 2, 2])
+    with pytest.raises(ConfigError, match="top_k"):
+        DyLoRAMoEConfig(num_experts=4, layer_experts=[4, 1], top_k=2)

@@ -166,6 +166,22 @@ def test_similarity_loss_pushes_experts_apart(batch):
     assert model.similarity_loss() < 0.5
 
 
+@pytest.mark.parametrize("routing", ["sequence", "token"])
+def test_forced_expert_per_sequence(routing, batch):
+    ids, mask, _ = batch
+    model = build(routing=routing)
+    randomize_experts(model)
+    with torch.no_grad():
+        rows = model(input_ids=ids, attention_mask=mask, forced_expert=torch.tensor([2, 0, 3])).logits
+        for row, expert in enumerate([2, 0, 3]):
+            alone = model(input_ids=ids, attention_mask=mask, forced_expert=expert).logits
+            assert torch.allclose(rows[row], alone[row], atol=1e-5)
+    with pytest.raises(IndexError, match="out of range for 4 experts"):
+        model(input_ids=ids, attention_mask=mask, forced_expert=torch.tensor([0, 4, 1]))
+    with pytest.raises(ValueError, match="one expert per sequence"):
+        model(input_ids=ids, attention_mask=mask, forced_expert=torch.tensor([0, 1]))
+
+
 def test_sequence_routing_uses_prompt_only(batch):
     ids, mask, labels = batch
     model = build(routing="sequence")

@@ -24,6 +24,7 @@ ROUTING_MODES = ("auto", "dense", "sparse")
 BALANCE_LOSSES = ("seed", "switch")
 GATES = ("probability", "straight_through")
 EXPERT_INITS = ("zero_b", "svd")
+LAYER_ALLOCATIONS = ("increasing", "decreasing")
 SCALINGS = ("alpha_r", "goat")
 # Fields added to DyLoRAMoEConfig after files were first saved with it, and the value that reproduces
 # what those older files were trained with (the probability gate was the only gate before `gate`).
@@ -43,6 +44,22 @@ def help_metadata(text: str, *, flag: str | None = None) -> dict[str, str]:
     and the generated option tables); ``flag`` names its command-line option when that is not the field's
     name (``output_dir`` as ``--output``)."""
     return {"help": text} if flag is None else {"help": text, "flag": flag}
+
+
+def experts_per_block(config: DyLoRAMoEConfig, blocks: int) -> list[int]:
+    """The number of experts of each of ``blocks`` adapted decoder blocks (in order) under
+    ``config.layer_experts``; a list must name one count per block."""
+    spec, most = config.layer_experts, config.num_experts
+    if spec is None:
+        return [most] * blocks
+    if isinstance(spec, list):
+        if len(spec) != blocks:
+            raise ConfigError(f"DyLoRAMoEConfig.layer_experts={spec!r}: {len(spec)} counts for {blocks} adapted "
+                              "decoder blocks")
+        return list(spec)
+    least = max(1, round(most / 3))
+    rising = [round(least + (most - least) * b / max(blocks - 1, 1)) for b in range(blocks)]
+    return rising if spec == "increasing" else rising[::-1]
 
 
 @dataclass
@@ -144,6 +161,15 @@ class DyLoRAMoEConfig:
     z_loss_coef: float = field(
         default=0.0, metadata={"help": "Coefficient of the router z-loss (ST-MoE: mean squared log-sum-exp of the "
                                "router logits), which keeps logits small; 0 disables it."})
+    layer_experts: list[int] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Experts per adapted decoder block (MoLA): None (num_experts in every block), 'increasing' "
+            "(linearly from a third of num_experts in the first adapted block to num_experts in the last: with "
+            "num_experts=6 the blocks hold 2 to 6, 4 on average), 'decreasing', or one count per adapted block "
+            "(the largest equal to num_experts). Token routing only; such a pool does not grow (add_expert)."
+        },
+    )
     ortho_coef: float = field(
         default=0.0,
         metadata={
@@ -200,6 +226,18 @@ class DyLoRAMoEConfig:
         for name in ("z_loss_coef", "ortho_coef"):
             if not getattr(self, name) >= 0:
                 raise bad(name, "must be >= 0")
+        le = self.layer_experts
+        if le is not None:
+            if self.routing != "token":
+                raise bad("layer_experts", "needs routing='token' (one router per block)")
+            if isinstance(le, str) and le not in LAYER_ALLOCATIONS:
+                raise bad("layer_experts", f"must be one of {LAYER_ALLOCATIONS}, a list of counts or None")
+            if isinstance(le, list) and (not le or not all(isinstance(n, int) and n >= 1 for n in le)
+                                         or max(le) != self.num_experts):
+                raise bad("layer_experts", f"a list needs counts >= 1, the largest equal to num_experts="
+                          f"{self.num_experts}")
+            if self.top_k > min(le if isinstance(le, list) else experts_per_block(self, 2)):
+                raise bad("top_k", "is larger than the fewest experts of a block")
         tm = self.target_modules
         if isinstance(tm, list):
             if not tm or not all(isinstance(t, str) and t for t in tm):

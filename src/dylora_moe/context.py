@@ -27,6 +27,8 @@ class RoutingContext:
     sequence: RoutingDecision | None = None
     #: token-routing decisions of the current pass, by decoder-layer index.
     layers: dict[int, RoutingDecision] = field(default_factory=dict)
+    #: decoder blocks that hold no adapter for the expert the pass is forced to (a layer-wise allocation)
+    skipped: set[int] = field(default_factory=set)
     #: ``[B, T]`` mask of real (non-padding) tokens of the current pass.
     token_mask: torch.Tensor | None = None
     #: explicit per-token mask of the tokens that decide sequence routing (set by ``forward``).
@@ -45,9 +47,13 @@ class RoutingContext:
     def begin_pass(self) -> None:
         self.sequence = None
         self.layers = {}
+        self.skipped = set()
         self.token_mask = None
 
-    def decision_for(self, layer_index: int) -> RoutingDecision:
+    def decision_for(self, layer_index: int) -> RoutingDecision | None:
+        """The decision of ``layer_index``'s block, or None when the pass skips the block's experts."""
+        if layer_index in self.skipped:
+            return None
         decision = self.sequence if self.sequence is not None else self.layers.get(layer_index)
         if decision is None:
             raise RuntimeError(

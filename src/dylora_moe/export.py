@@ -35,7 +35,8 @@ def export_expert(model: Any, index: int, directory: str | Path) -> Path:
     from peft import LoraConfig  # here, not at the top: peft is slow to import and only export needs it
 
     _check_index(model, index)
-    layers = dict(zip((t.name for t in model.targets), model.expert_layers))
+    layers = {t.name: layer for t, layer in zip(model.targets, model.expert_layers)
+              if index < layer.num_experts}  # a layer-wise allocation leaves some blocks without expert ``index``
     tensors, ranks = {}, set()
     for name, layer in layers.items():
         a, b = _expert_factors(layer, index)
@@ -92,6 +93,8 @@ def merge_expert(model: Any, index: int) -> PreTrainedModel:
             state[name.replace(".base_layer.", ".")] = tensor
     with torch.no_grad():
         for target, layer in zip(model.targets, model.expert_layers):
+            if index >= layer.num_experts:
+                continue
             key = f"{target.name}.weight"
             delta = layer.expert_delta_weight(index).to(state[key].dtype)
             state[key] = state[key] + delta.to(state[key].device)

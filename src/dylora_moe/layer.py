@@ -172,6 +172,8 @@ class MoELoRALayer(nn.Module):
         if self.context.adapters_disabled:
             return result
         decision = self.context.decision_for(self.layer_index)
+        if decision is None:  # forced to an expert this block does not hold: the block adds nothing
+            return result
         x = x.to(self.lora_B[0].dtype)
         delta = mixture_delta(self.lora_dropout(x), decision, self.a_list(), list(self.lora_B), self.scales(),
                               shared_a=self.shared_a)

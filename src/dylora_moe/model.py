@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 
-from .config import DyLoRAMoEConfig
+from .config import DyLoRAMoEConfig, experts_per_block
 from .context import RoutingContext
 from .experts import update_similarity
 from .export import export_expert, merge_expert
@@ -88,9 +88,16 @@ def sequence_routing(decisions: list[RoutingDecision]) -> tuple[torch.Tensor, to
     The choice is the expert most often first over the routed layers (and, with token routing, over the
     sequence's real tokens); the probabilities are the mean router distribution.
     """
-    probs = torch.stack([per_sequence_probs(d) for d in decisions]).mean(0)
-    choice = torch.stack([per_sequence_choice_counts(d) for d in decisions]).sum(0).argmax(-1)
+    most = max(d.num_experts for d in decisions)  # blocks may hold fewer experts (layer_experts)
+    probs = torch.stack([_padded(per_sequence_probs(d), most) for d in decisions]).mean(0)
+    choice = torch.stack([_padded(per_sequence_choice_counts(d), most) for d in decisions]).sum(0).argmax(-1)
     return choice, probs
+
+
+def _padded(values: torch.Tensor, experts: int) -> torch.Tensor:
+    """``values [..., E_block]`` with zeros for the experts a block does not hold -> ``[..., experts]``."""
+    missing = experts - values.shape[-1]
+    return values if missing == 0 else torch.nn.functional.pad(values, (0, missing))
 
 
 def _input_embedding_weight(model: PreTrainedModel) -> torch.Tensor:
@@ -140,16 +147,20 @@ class DyLoRAMoEForCausalLM(nn.Module):
         layers = self._wrap_targets(config)
         hidden = _input_embedding_weight(base_model).shape[1]
         block_ids = sorted({t.layer_index for t in self.targets})
+        #: experts of each adapted decoder block (MoLA's layer-wise allocation; else num_experts everywhere)
+        self.block_experts = dict(zip(block_ids, experts_per_block(config, len(block_ids))))
         self.router_slots = {-1: 0} if config.routing == "sequence" else {i: s for s, i in enumerate(block_ids)}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.init_seed)
             self.routers = nn.ModuleList(
-                build_router(config.router_type, hidden, config.num_experts, config.router_hidden)
-                for _ in self.router_slots
+                build_router(config.router_type, hidden,
+                             config.num_experts if block < 0 else self.block_experts[block], config.router_hidden)
+                for block in self.router_slots
             ).to(_input_embedding_weight(base_model).device)
-            for rank, alpha in zip(ranks, alphas):
+            for expert, (rank, alpha) in enumerate(zip(ranks, alphas)):
                 for layer in layers:
-                    layer.add_expert(rank, alpha)
+                    if expert < self.block_experts[layer.layer_index]:
+                        layer.add_expert(rank, alpha)
             if config.expert_init == "svd":
                 for layer in layers:
                     layer.init_from_svd(config.svd_rho)
@@ -224,7 +235,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
                 plist = getattr(layer, name)
                 if index is None:
                     yield from plist
-                elif not (layer.shared_a and name == "lora_A"):
+                elif index < layer.num_experts and not (layer.shared_a and name == "lora_A"):
                     yield plist[index]
 
     def router_parameters(self) -> Iterator[nn.Parameter]:
@@ -238,10 +249,13 @@ class DyLoRAMoEForCausalLM(nn.Module):
         every pair of experts, averaged over the adapted modules (0 with a single expert)."""
         if self.num_experts < 2:
             return torch.zeros((), device=self.device)
-        off = ~torch.eye(self.num_experts, dtype=torch.bool, device=self.device)
-        per_layer = [update_similarity(layer.a_list(), list(layer.lora_B))[off].pow(2).mean()
-                     for layer in self._expert_layers]
-        return torch.stack(per_layer).mean()
+        per_layer = []
+        for layer in self._expert_layers:
+            if layer.num_experts < 2:  # a block with one expert (layer_experts) has no pair
+                continue
+            off = ~torch.eye(layer.num_experts, dtype=torch.bool, device=self.device)
+            per_layer.append(update_similarity(layer.a_list(), list(layer.lora_B))[off].pow(2).mean())
+        return torch.stack(per_layer).mean() if per_layer else torch.zeros((), device=self.device)
 
     # ------------------------------------------------------------------ growth and maturity
     def add_expert(self, rank: int | None = None, alpha: float | None = None) -> int:
@@ -253,6 +267,9 @@ class DyLoRAMoEForCausalLM(nn.Module):
         parameters.
         """
         cfg = self.moe_config
+        if cfg.layer_experts is not None:
+            raise ValueError(f"add_expert: a pool with layer_experts={cfg.layer_experts!r} (a layer-wise allocation) "
+                             "does not grow")
         rank = cfg.r if rank is None else rank
         if not isinstance(rank, int) or rank <= 0:
             raise ValueError(f"add_expert: rank={rank!r} must be an integer > 0")
@@ -269,6 +286,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
                 layer.add_expert(rank, alpha)
             for router in self._router_list():
                 router.add_expert()
+        self.block_experts = {block: held + 1 for block, held in self.block_experts.items()}
         self.expert_ranks.append(rank)
         self.expert_alphas.append(alpha)
         self.maturity.append(False)
@@ -310,7 +328,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
             logits,
             mask,
             mode=self.routing_mode,
-            top_k=min(cfg.top_k, self.num_experts),
+            top_k=min(cfg.top_k, logits.shape[-1]),
             temperature=cfg.temperature,
             forced_expert=self.context.forced_expert,
             gate=cfg.gate,
@@ -427,6 +445,13 @@ class DyLoRAMoEForCausalLM(nn.Module):
             mask = ctx.token_mask
             if mask is None or mask.shape != hidden.shape[:2]:
                 mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+            forced, held = ctx.forced_expert, self.block_experts[layer_index]
+            if isinstance(forced, int) and forced >= held:  # the forced expert has no adapter in this block
+                ctx.skipped.add(layer_index)
+                return None
+            if isinstance(forced, torch.Tensor) and int(forced.max()) >= held:
+                raise ValueError(f"forced_expert: decoder block {layer_index} holds {held} experts (layer_experts), "
+                                 f"cannot route a sequence to expert {int(forced.max())}")
             ctx.layers[layer_index] = self._decide(self.routers[slot](hidden), mask)
             return None
 
@@ -509,7 +534,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
                 keep_logits: bool = True) -> DyLoRAMoECausalLMOutput:
         cfg = self.moe_config
         aux = torch.stack([balance_loss(d, cfg.balance_loss) for d in decisions]).mean()
-        share = torch.stack([expert_share(d) for d in decisions]).mean(0)
+        share = torch.stack([_padded(expert_share(d), self.num_experts) for d in decisions]).mean(0)
         entropy = torch.stack([router_entropy(d) for d in decisions]).mean()
         choice, probs = sequence_routing(decisions)
         z_losses = [d.z_loss for d in decisions if d.z_loss is not None]

@@ -218,3 +218,35 @@ def test_expert_growth_gives_novel_domains_their_own_expert(tmp_path, data_dir, 
     loaded = DyLoRAMoEForCausalLM.from_pretrained(result.final_dir, base_model=make_base("llama"))
     assert loaded.num_experts == experts and loaded.maturity == [True] * experts
     assert loaded.skill_library.names == skills
+
+
+def test_route_by_domain_trains_each_domain_on_its_own_expert(tmp_path, data_dir, monkeypatch):
+    """Oracle routing: the expert of a domain learns only from that domain (the router is not used)."""
+    seen = []
+    original = DyLoRAMoEForCausalLM.forward
+
+    def recording(self, *args, forced_expert=None, **kwargs):
+        seen.append(forced_expert)
+        return original(self, *args, forced_expert=forced_expert, **kwargs)
+
+    monkeypatch.setattr(DyLoRAMoEForCausalLM, "forward", recording)
+    config = tiny_config(tmp_path / "run", data_dir, **{"train.route_by_domain": True, "train.max_steps": 2,
+                                                        "train.eval_every": 0, "train.save_every": 0})
+    trainer = JointTrainer(config, *tiny_model_and_tokenizer())
+    result = trainer.train()
+    tensors = [f for f in seen if isinstance(f, torch.Tensor)]
+    assert tensors and len(tensors) == len(seen)  # every training and held-out forward was routed by domain
+    assert {int(v) for f in tensors for v in f} == {0, 1}
+    # the held-out evaluation routes by domain too: each domain's share is all on its own expert
+    for index, name in enumerate(DOMAINS):
+        share = result.end_eval.domains[name].expert_share
+        assert share[index] == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="route_by_domain.*one expert per domain"):
+        tiny_config(tmp_path / "x", data_dir, **{"train.route_by_domain": True, "moe.num_experts": 3})
+
+
+def test_metrics_record_the_peak_memory_of_training(tmp_path, data_dir):
+    config = tiny_config(tmp_path / "run", data_dir, **{"train.max_steps": 1, "train.eval_every": 0})
+    result = JointTrainer(config, *tiny_model_and_tokenizer()).train()
+    peak = result.metrics["peak_memory_mib"]
+    assert peak is not None and 10 < peak < 100_000  # a Linux CPU: the process's peak resident set, in MiB

@@ -62,6 +62,7 @@ def report(study: StudyConfig) -> dict[str, Any]:
             "expert_load": [u["expert_load"] for u in units],
             "share_matrix": units[0]["share_matrix"],
             "train_time_s": _spread([u["train_time_s"] for u in units]),
+            "peak_memory_mib": _spread([u.get("peak_memory_mib") for u in units]),
             "eval_curve": _mean_curve([u["eval_curve"] for u in units], domains),
             "units": units,
         }
@@ -188,7 +189,7 @@ def results_table(quality: dict[str, Any]) -> str:
         head = (["variant", "seeds", "adapter params"] + [f"loss {d}" for d in domains] + ["mean loss"]
                 + [f"pass@1 {b}" for b in benchmarks] + [f"exact match {d}" for d in exact]
                 + ["NMI per example", "NMI per decision", "router entropy per decision", "max load / uniform",
-                   "train s"])
+                   "train s", "peak MiB"])
         lines += [f"### {group}", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
         for n in names:
             v = variants[n]
@@ -197,7 +198,8 @@ def results_table(quality: dict[str, Any]) -> str:
             cells += [_fmt(v["pass_at_1"].get(b), seeds=len(v["seeds"])) for b in benchmarks]
             cells += [_fmt(v.get("exact_match", {}).get(d), seeds=len(v["seeds"])) for d in exact]
             cells += [_fmt(v["nmi"]), _fmt(v.get("decision_nmi")), _fmt(v.get("decision_entropy")),
-                      _fmt(v["load_imbalance"], 2), _fmt(v["train_time_s"], 1)]
+                      _fmt(v["load_imbalance"], 2), _fmt(v["train_time_s"], 1),
+                      _fmt(v.get("peak_memory_mib"), 0)]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     paired = quality.get("paired_pass_at_1") or {}

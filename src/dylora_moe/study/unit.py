@@ -183,6 +183,7 @@ def _train_and_analyse(study: StudyConfig, variant: VariantConfig, seed: int, co
         "steps": metrics["global_step"],
         "precision": metrics["precision"],
         "train_time_s": metrics["train_time_s"],
+        "peak_memory_mib": metrics.get("peak_memory_mib"),
         "unit_time_s": time.monotonic() - started + earlier,
         "device": str(next(model.parameters()).device),
         "eval_loss_start": metrics["eval_loss"]["start"],

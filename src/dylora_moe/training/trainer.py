@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..common import runs
+from ..common.memory import peak_memory_bytes, reset_peak_memory
 from ..continual.growth import grow_experts_for_domains
 from ..data import DataCollator, FormatStats, InterleavedSampler, TokenizedExample
 from ..errors import CheckpointError, ConfigError, TrainingError
@@ -282,6 +283,7 @@ class JointTrainer:
         if acc.is_main_process:
             state.writer = self._writer(state.start_step if state.resumed_from is not None else None)
             cfg.to_json_file(self.output_dir / runs.TRAIN_CONFIG_FILE)
+        reset_peak_memory(acc.device)  # the training loop's peak (metrics.json: peak_memory_mib)
 
     def batches(self, state: TrainState) -> Iterator[dict[str, torch.Tensor]]:
         """The run's remaining micro-batches; a resumed run's random states are restored once the loader has
@@ -447,6 +449,7 @@ class JointTrainer:
             "model": self.config.model, "num_experts": model.num_experts, "global_step": step,
             "total_steps": state.total_steps, "epochs": state.epoch_at(step), "precision": self.precision,
             "wall_time_s": time.perf_counter() - state.wall_start, "world_size": acc.num_processes,
+            "peak_memory_mib": _mib(peak_memory_bytes(acc.device)),
             "data": {"train": state.train_stats.as_dict(), "validation": state.eval_stats.as_dict()},
             "special_tokens": {role: getattr(state.tokenizer, f"{role}_token", None) for role in ("bos", "eos", "pad")},
             "versions": library_versions()})
@@ -636,6 +639,10 @@ def check_engine(distributed_type: str) -> None:
             "of the adapter and optimizer tensors. Use DDP (accelerate launch --config_file "
             "configs/accelerate/ddp.yaml; the frozen base model is replicated, the adapters are small) or "
             "DeepSpeed ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml); see docs/distributed.md")
+
+
+def _mib(size: int | None) -> float | None:
+    return None if size is None else size / 2**20
 
 
 def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
