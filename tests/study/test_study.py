@@ -21,6 +21,7 @@ from dylora_moe.study import (
     run_study,
     run_unit,
 )
+from dylora_moe.study import unit as unit_module
 from tests.tiny import make_base, make_tokenizer
 from tests.training import isolate_data_registry, write_data_dir
 
@@ -521,3 +522,37 @@ def test_a_unit_that_died_after_training_is_analysed_from_its_adapter_not_retrai
     other = run_unit(StudyConfig.from_yaml(study_path, [*one, "overrides=[train.lr=0.05]"]), VariantConfig("moe2"),
                      0, progress=False)
     assert weights.stat().st_mtime_ns != stamp and other["eval_loss_end"] != first["eval_loss_end"]
+
+
+def test_exact_match_mean_loss_peak_memory_and_an_oracle_unit(setup, monkeypatch):
+    """The domain study's additions: numeric exact match per domain, the mean held-out loss over domains, the
+    training's peak memory, and an oracle unit whose evaluations go to the expert of the domain."""
+    study_path, out = setup
+    study = StudyConfig.from_yaml(study_path, ["seeds=[0]", "exact_match=[mbpp]", "exact_match_limit=3",
+                                               "baseline=moe2"])
+    study.variants = [VariantConfig("moe2"), VariantConfig("oracle", ["train.route_by_domain=true"])]
+    experts = []
+    original = unit_module.exact_match
+
+    def recording(*args, forced_expert=None, **kwargs):
+        experts.append(forced_expert)
+        return original(*args, forced_expert=forced_expert, **kwargs)
+
+    monkeypatch.setattr(unit_module, "exact_match", recording)
+    quality = run_study(study, progress=False)
+    for name in ("moe2", "oracle"):
+        unit = json.loads((out / name / "seed0" / "unit.json").read_text())
+        assert unit["exact_match"]["mbpp"]["total"] == 3 and 0 <= unit["exact_match"]["mbpp"]["exact_match"] <= 1
+        assert unit["peak_memory_mib"] > 0
+        v = quality["variants"][name]
+        assert v["mean_eval_loss"]["mean"] == pytest.approx(
+            (v["eval_loss"]["code_alpaca"]["mean"] + v["eval_loss"]["mbpp"]["mean"]) / 2)
+        assert v["exact_match"]["mbpp"]["n"] == 1
+    assert experts == [None, 1]  # the oracle's MBPP answers come from the MBPP expert (the second dataset)
+    assert "exact match mbpp" in results_table(quality) and "mean loss" in results_table(quality)
+    for name, expert in (("moe2", None), ("oracle", 1)):
+        summary = json.loads((out / name / "seed0" / "eval" / "humaneval" / "summary.json").read_text())
+        assert summary["forced_expert"] == expert
+        rows = [json.loads(line) for line in (out / name / "seed0" / "eval" / "humaneval" / "results.jsonl").open()]
+        if expert is not None:  # the generation's routing record says every prompt went to that expert
+            assert {row["expert"] for row in rows} == {expert}

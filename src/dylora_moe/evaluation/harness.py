@@ -186,7 +186,8 @@ class _Evaluation:
                 "n_samples": c.n_samples, "temperature": c.temperature,
                 "top_p": c.top_p if c.temperature > 0 else None, "max_new_tokens": c.max_new_tokens,
                 "batch_size": c.batch_size, "batch_min_fill": self.gen.min_fill, "seed": c.seed,
-                "device": str(first.device), "dtype": str(first.dtype).replace("torch.", "")}
+                "forced_expert": c.expert, "device": str(first.device),
+                "dtype": str(first.dtype).replace("torch.", "")}
 
 
 def _row(sample: Sample, result: Any, style: str) -> dict[str, Any]:
