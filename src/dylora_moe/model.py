@@ -556,6 +556,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
             expert_share=share,
             router_entropy=entropy,
             router_probs=probs,
+            decision_probs=tuple(d.probs for d in decisions),
             expert_choice=choice,
             routing_mode=decisions[0].mode,
             z_loss=z_loss,

@@ -11,6 +11,8 @@ Everything a forward produces is returned here (nothing is stashed on the model)
 * ``expert_share`` ``[E]`` share of routed units per expert (sums to 1)
 * ``router_entropy`` scalar, mean router entropy in nats
 * ``router_probs`` ``[B, E]`` router probabilities per sequence (token routing: averaged)
+* ``decision_probs`` the router probabilities of each routing decision of the pass, in layer order: ``[B, T, E_l]``
+  (token routing) or ``[B, E_l]`` (sequence routing); differentiable (routing supervision per token)
 * ``expert_choice`` ``[B]`` the expert each sequence was (mostly) sent to
 * ``routing_mode``  'dense', 'sparse' or 'forced'
 """
@@ -30,6 +32,7 @@ class DyLoRAMoECausalLMOutput(CausalLMOutputWithPast):
     expert_share: torch.Tensor | None = None
     router_entropy: torch.Tensor | None = None
     router_probs: torch.Tensor | None = None
+    decision_probs: tuple[torch.Tensor, ...] | None = None
     expert_choice: torch.Tensor | None = None
     routing_mode: str | None = None
     z_loss: torch.Tensor | None = None

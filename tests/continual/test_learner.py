@@ -40,7 +40,10 @@ def test_lifecycle_grows_a_new_expert_and_keeps_old_ones_bit_exact():
     handle.remove()
     assert second.created and second.expert == 1 and second.rank == 8  # schedule: 2nd skill -> 8
     assert model.expert_ranks == [4, 8] and model.expert_alphas[1] == 16.0
-    assert set(modes) == {"dense"}  # the router mixes every expert while the new one is immature ...
+    # the router mixes every expert while the new one is immature (every training step) ...
+    dense = modes.index("sparse")
+    assert dense >= len(second.losses) and set(modes[:dense]) == {"dense"}
+    assert set(modes[dense:]) == {"sparse"} and second.guard is not None  # ... the guard's passes follow, mature
     assert model.routing_mode == "sparse" and model.maturity == [True, True]  # ... and is sparse again after
     assert all(torch.equal(a, b) for a, b in zip(old_params, snapshot(model, 0)))
     with torch.no_grad():

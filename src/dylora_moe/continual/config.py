@@ -50,6 +50,15 @@ class ContinualConfig:
         "goes within a few dozen steps."))
     router_loss_coef: float = field(default=1.0, metadata=_help(
         "Weight of the routing supervision: cross-entropy of the router towards the skill's expert."))
+    router_guard: bool = field(default=True, metadata=_help(
+        "After training a new expert, lower its router bias until no routed unit of the replayed examples of "
+        "earlier skills picks it (continual/protection.py); needs a library with replay examples."))
+    router_guard_margin: float = field(default=0.5, metadata=_help(
+        "Margin of the router guard, in log-probability: the new expert ends at least this far below the "
+        "chosen experts on the replayed units it guards."))
+    router_guard_leak: float = field(default=0.0, metadata=_help(
+        "Share of the replayed units of earlier skills the router guard may leave routed to the new expert: 0 "
+        "guards every one (the strongest protection; the new skill may then keep fewer of its own units)."))
     replay_fraction: float = field(default=0.5, metadata=_help(
         "Share of each batch taken from the replay buffer (when there are earlier skills and replay is on)."))
     replay_per_skill: int = field(default=32, metadata=_help(
@@ -82,6 +91,10 @@ class ContinualConfig:
                 raise fail(key, f"must be > 0, got {getattr(self, key)}")
         if not 0.0 <= self.replay_fraction < 1.0:
             raise fail("replay_fraction", f"must be in [0, 1), got {self.replay_fraction}")
+        if not 0.0 <= self.router_guard_leak < 1.0:
+            raise fail("router_guard_leak", f"must be in [0, 1), got {self.router_guard_leak}")
+        if self.router_guard_margin < 0:
+            raise fail("router_guard_margin", f"must be >= 0, got {self.router_guard_margin}")
         if self.router_loss_coef < 0:
             raise fail("router_loss_coef", f"must be >= 0, got {self.router_loss_coef}")
 

@@ -27,7 +27,8 @@ import contextlib
 import math
 import random
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,8 +41,9 @@ from . import extension  # noqa: F401  (model.skill_library: the library as a ch
 from .config import ContinualConfig
 from .library import SkillLibrary, embed_examples
 from .novelty import NoveltyDecision, NoveltyDetector
+from .protection import GuardReport, guard_new_expert, routing_supervision
 
-__all__ = ["LearnSkillResult", "batched_outputs", "learn_skill", "router_entropy_on", "train_expert"]
+__all__ = ["LearnSkillResult", "as_examples", "batched_outputs", "learn_skill", "router_entropy_on", "train_expert"]
 
 
 @dataclass
@@ -56,11 +58,13 @@ class LearnSkillResult:
     steps: int
     losses: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    guard: GuardReport | None = None
 
     def summary(self) -> str:
         if self.created:
+            guard = f"; {self.guard.line()}" if self.guard is not None else ""
             return (f"skill {self.name!r} is novel ({self.decision.reason}): expert {self.expert} (rank {self.rank}) "
-                    f"trained for {self.steps} steps and marked mature")
+                    f"trained for {self.steps} steps and marked mature{guard}")
         what = f"fine-tuned for {self.steps} steps" if self.steps else "left unchanged"
         return (f"skill {self.name!r} is not novel ({self.decision.reason}): it matches skill "
                 f"{self.decision.best_skill!r}, whose expert {self.expert} was {what}")
@@ -106,7 +110,26 @@ def router_entropy_on(model: Any, tokenizer: Any, examples: Sequence[Example], *
     return total / max(count, 1)
 
 
-def learn_skill(model: Any, tokenizer: Any, examples: Sequence[Example], name: str,
+def as_examples(items: Sequence[Example | Mapping[str, Any]], domain: str) -> list[Example]:
+    """``Example``s, or plain dicts with ``instruction`` and ``output`` (and optionally ``input``) turned into
+    examples of ``domain``; anything else raises a ``TypeError`` naming the item."""
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, Example):
+            out.append(item)
+            continue
+        if not isinstance(item, Mapping):
+            raise TypeError(f"skill {domain!r}: example {i} is a {type(item).__name__}, expected an Example or a dict "
+                            "with 'instruction' and 'output'")
+        missing = [key for key in ("instruction", "output") if not isinstance(item.get(key), str)]
+        if missing or not isinstance(item.get("input", ""), str):
+            raise TypeError(f"skill {domain!r}: example {i} needs string fields 'instruction' and 'output' (and "
+                            f"optionally 'input'); {'missing ' + str(missing) if missing else 'input is not a string'}")
+        out.append(Example(domain, item["instruction"], item.get("input", ""), item["output"]))
+    return out
+
+
+def learn_skill(model: Any, tokenizer: Any, examples: Sequence[Example | Mapping[str, Any]], name: str,
                 config: ContinualConfig | None = None, progress: bool = True) -> LearnSkillResult:
     """Run the lifecycle of one skill on ``model`` (in place); see the module docstring."""
     config = config or ContinualConfig()
@@ -117,9 +140,14 @@ def learn_skill(model: Any, tokenizer: Any, examples: Sequence[Example], name: s
         raise ValueError("a skill needs a name")
     if name in library.names:
         raise ValueError(f"skill {name!r} is already in the library (skills: {library.names}); choose a new name")
-    examples = list(examples)
+    examples = as_examples(examples, name)
     if not examples:
         raise ValueError(f"skill {name!r}: no examples")
+    if not len(library) and not _router_uncalibrated(model):
+        warnings.warn("this model's router was trained, but it has no skill library: nothing protects the routing "
+                      "of what it was trained on, and a new expert may take its inputs (docs/continual.md, 'After "
+                      "joint training'); checkpoints of joint training register their domains as skills "
+                      "(train.register_skills)", UserWarning, stacklevel=2)
     rng = random.Random(config.seed)
     embedding = embed_examples(model, tokenizer, examples[: config.embed_examples],
                                max_seq_length=config.max_seq_length)
@@ -158,11 +186,27 @@ def learn_skill(model: Any, tokenizer: Any, examples: Sequence[Example], name: s
     losses = train_expert(model, tokenizer, examples, expert, library, config, phases=phases, rng=rng,
                           progress=progress)
     model.set_maturity(expert, True)
+    guard = _guard(model, tokenizer, library, examples, expert, config)
     replay = rng.sample(examples, min(config.replay_per_skill, len(examples)))
     library.add(name, embedding, expert, len(examples), replay=replay)
     model.skill_library = library
     return LearnSkillResult(name, True, expert, model.expert_ranks[expert], decision, len(losses), losses,
-                            time.monotonic() - started)
+                            time.monotonic() - started, guard)
+
+
+def _guard(model: Any, tokenizer: Any, library: SkillLibrary, examples: Sequence[Example], expert: int,
+           config: ContinualConfig) -> GuardReport | None:
+    """The router guard of the new ``expert`` (``config.router_guard``) on the library's replay examples."""
+    replay = [e for e, _ in library.replay_examples()]
+    if not config.router_guard or not replay:
+        return None
+
+    def batches(items: Sequence[Example]) -> list[dict[str, torch.Tensor]]:
+        return [{k: b[k].to(model.device) for k in ("input_ids", "attention_mask", "labels")}
+                for b in _collated(tokenizer, items, config.batch_size, config.max_seq_length)]
+
+    return guard_new_expert(model, batches(replay), batches(examples[: config.embed_examples]), expert,
+                            margin=config.router_guard_margin, leak=config.router_guard_leak)
 
 
 def _router_uncalibrated(model: Any) -> bool:
@@ -206,7 +250,9 @@ def train_expert(model: Any, tokenizer: Any, examples: Sequence[Example], expert
     batches = _SkillBatches(new_items, _replay_items(library, tokenizer, config) if replay_on else [], expert,
                             config, rng, DataCollator.from_tokenizer(tokenizer))
     saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    hooks = _select_trainable(model, expert, config, train_router=not fine_tune)
+    # a library with domains of joint training (routing 'kept') freezes the old router rows whatever the protection
+    freeze_rows = config.protection in ("freeze_rows", "both") or library.has_kept_routing
+    hooks = _select_trainable(model, expert, train_router=not fine_tune, freeze_rows=freeze_rows)
     optimizer, trainable = _optimizer(model, expert, config, phases)
     log: list[dict[str, float]] = []
     bar = tqdm(total=sum(steps for _, steps, _ in phases), desc=f"expert {expert}", disable=not progress,
@@ -222,7 +268,7 @@ def train_expert(model: Any, tokenizer: Any, examples: Sequence[Example], expert
                         group["lr"] = lr
                 inputs, targets = batches.next(model.device)
                 lm_loss, route = _skill_step(model, optimizer, trainable, inputs, targets, config,
-                                             forced=expert if fine_tune else None)
+                                             forced=expert if fine_tune else None, expert=expert)
                 log.append({"phase": phase, "lr": lr, "lm_loss": lm_loss, "route_loss": route})
                 bar.update(1)
                 bar.set_postfix(phase=phase, loss=f"{lm_loss:.4f}")
@@ -237,13 +283,14 @@ def train_expert(model: Any, tokenizer: Any, examples: Sequence[Example], expert
 
 
 def _replay_items(library: SkillLibrary, tokenizer: Any, config: ContinualConfig) -> list[tuple[Any, int]]:
-    """The library's replay examples, tokenized, each with the expert of its skill."""
+    """The library's replay examples, tokenized, each with its routing target (the expert of its skill, or
+    ``KEEP_ROUTING``)."""
     pairs = library.replay_examples() if library.skills else []
     if not pairs:
         return []
-    experts = library.expert_of()
-    tokenized, _ = tokenize_examples([e for e, _ in pairs], tokenizer, config.max_seq_length, domains=list(experts))
-    return [(item, experts[item.domain]) for item in tokenized]
+    target = {example.domain: goal for example, goal in pairs}
+    tokenized, _ = tokenize_examples([e for e, _ in pairs], tokenizer, config.max_seq_length, domains=library.names)
+    return [(item, target[item.domain]) for item in tokenized]
 
 
 class _SkillBatches:
@@ -272,9 +319,9 @@ class _SkillBatches:
         return inputs, torch.tensor([t for _, t in picked], device=device)
 
 
-def _select_trainable(model: Any, expert: int, config: ContinualConfig, train_router: bool) -> list[Any]:
-    """Make only expert ``expert`` (and, when ``train_router``, the router, protected as configured) trainable;
-    returns the gradient hooks of ``freeze_rows`` (to remove afterwards)."""
+def _select_trainable(model: Any, expert: int, *, train_router: bool, freeze_rows: bool) -> list[Any]:
+    """Make only expert ``expert`` (and, when ``train_router``, the router: with ``freeze_rows`` only its row)
+    trainable; returns the gradient hooks that mask the other rows (to remove afterwards)."""
     hooks = []
     for p in model.expert_parameters():
         p.requires_grad_(False)
@@ -282,7 +329,7 @@ def _select_trainable(model: Any, expert: int, config: ContinualConfig, train_ro
         p.requires_grad_(True)
     for p in model.router_parameters():
         p.requires_grad_(train_router)
-        if train_router and config.protection in ("freeze_rows", "both"):
+        if train_router and freeze_rows:
             mask = _router_row_mask(p, expert, model.num_experts)
             if mask is None:
                 p.requires_grad_(False)  # shared router layers (MLP hidden) stay as they are
@@ -304,15 +351,15 @@ def _optimizer(model: Any, expert: int, config: ContinualConfig,
 
 def _skill_step(model: Any, optimizer: torch.optim.Optimizer, trainable: list[torch.nn.Parameter],
                 inputs: dict[str, torch.Tensor], targets: torch.Tensor, config: ContinualConfig,
-                forced: int | None) -> tuple[float, float]:
+                forced: int | None, expert: int) -> tuple[float, float]:
     """One optimizer step on the LM loss plus (router trained) the routing loss towards ``targets``;
     returns ``(lm_loss, route_loss)``."""
     out = model(**inputs, forced_expert=forced, supervised_logits_only=True)
     loss = out.lm_loss
     route = torch.zeros((), device=model.device)
     if forced is None and config.router_loss_coef > 0:
-        probs = out.router_probs.float().clamp_min(1e-9)
-        route = -probs.log().gather(1, targets[:, None]).mean()
+        route = routing_supervision(out.router_probs, targets, expert, out.decision_probs or (),
+                                    inputs.get("attention_mask"))
         loss = loss + config.router_loss_coef * route
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -321,8 +368,8 @@ def _skill_step(model: Any, optimizer: torch.optim.Optimizer, trainable: list[to
     return float(out.lm_loss.detach()), float(route.detach())
 
 
-def add_new_skill(model: DyLoRAMoEForCausalLM, examples: Sequence[Example], tokenizer: Any, name: str,
-                  config: ContinualConfig | None = None, progress: bool = False) -> bool:
+def add_new_skill(model: DyLoRAMoEForCausalLM, examples: Sequence[Example | Mapping[str, Any]], tokenizer: Any,
+                  name: str, config: ContinualConfig | None = None, progress: bool = True) -> bool:
     """The seed's API, ``model.add_new_skill(examples, tokenizer, name)``: learn skill ``name``; True if a new
     expert was created, False if the data matched a known skill (see :func:`learn_skill`)."""
     return learn_skill(model, tokenizer, examples, name, config, progress=progress).created

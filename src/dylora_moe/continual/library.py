@@ -30,22 +30,33 @@ from safetensors.torch import load_file, save_file
 from ..data import DataCollator, Example, tokenize_examples
 from ..serialization import CheckpointError, read_versioned_json
 
-__all__ = ["LIBRARY_FILE", "LIBRARY_TENSORS", "Skill", "SkillLibrary", "embed_examples"]
+__all__ = ["KEEP_ROUTING", "LIBRARY_FILE", "LIBRARY_TENSORS", "Skill", "SkillLibrary", "embed_examples"]
 
 LIBRARY_FILE = "skill_library.json"
 LIBRARY_TENSORS = "skill_library.safetensors"
 LIBRARY_FORMAT_VERSION = 1
 
 
+#: a replay target meaning "keep the routing this input had": the expert being trained must stay off it
+KEEP_ROUTING = -1
+ROUTINGS = ("own", "kept")
+
+
 @dataclass
 class Skill:
-    """One learned skill: its name, the expert that holds it, and the examples kept for replay."""
+    """One learned skill: its name, the expert that holds it, and the examples kept for replay.
+
+    ``routing``: 'own' (a skill learned by continual learning or given its own expert by growth: its inputs
+    are routed to ``expert``), or 'kept' (a domain of joint training, spread over the experts as the router
+    learned: replay keeps a newer expert off its inputs and leaves their routing as it was; ``expert`` is the
+    one they use most)."""
 
     name: str
     expert: int
     examples: int
     created: float = field(default_factory=time.time)
     replay: list[dict[str, str]] = field(default_factory=list)
+    routing: str = "own"
 
 
 class SkillLibrary:
@@ -72,15 +83,17 @@ class SkillLibrary:
         return self.names.index(self.get(name).name)
 
     def add(self, name: str, embedding: torch.Tensor, expert: int, examples: int = 0,
-            replay: Sequence[Example] = ()) -> Skill:
-        """Add a skill (its name must be new); ``embedding`` is ``[hidden]``."""
+            replay: Sequence[Example] = (), routing: str = "own") -> Skill:
+        """Add a skill (its name must be new); ``embedding`` is ``[hidden]``; ``routing`` as in :class:`Skill`."""
+        if routing not in ROUTINGS:
+            raise ValueError(f"skill {name!r}: routing={routing!r} is not one of {ROUTINGS}")
         if not name or name in self.names:
             raise ValueError(f"skill name {name!r} is empty or already in the library (skills: {self.names})")
         vec = embedding.detach().float().cpu().reshape(1, -1)
         if self.embeddings is not None and vec.shape[1] != self.embeddings.shape[1]:
             raise ValueError(f"embedding size {vec.shape[1]} != the library's {self.embeddings.shape[1]}")
         self.embeddings = vec if self.embeddings is None else torch.cat([self.embeddings, vec])
-        skill = Skill(name, int(expert), int(examples), replay=[_example_dict(e) for e in replay])
+        skill = Skill(name, int(expert), int(examples), replay=[_example_dict(e) for e in replay], routing=routing)
         self.skills.append(skill)
         return skill
 
@@ -94,10 +107,16 @@ class SkillLibrary:
         skill.replay.extend(_example_dict(e) for e in replay)
 
     def replay_examples(self, exclude: Sequence[str] = ()) -> list[tuple[Example, int]]:
-        """``(example, expert)`` for every replay example of every skill not in ``exclude``."""
+        """``(example, target)`` for every replay example of every skill not in ``exclude``: the target is the
+        skill's expert, or :data:`KEEP_ROUTING` for a 'kept' skill."""
         return [(Example(domain=s.name, instruction=r["instruction"], input=r.get("input", ""),
-                         output=r["output"]), s.expert)
+                         output=r["output"]), s.expert if s.routing == "own" else KEEP_ROUTING)
                 for s in self.skills if s.name not in exclude for r in s.replay]
+
+    @property
+    def has_kept_routing(self) -> bool:
+        """Whether some skill keeps the routing joint training gave it (the router rows must then stay)."""
+        return any(s.routing == "kept" for s in self.skills)
 
     def expert_of(self) -> dict[str, int]:
         return {s.name: s.expert for s in self.skills}
@@ -126,6 +145,9 @@ class SkillLibrary:
                 library.skills.append(Skill(**item))
             except TypeError as exc:
                 raise CheckpointError(f"{where}: skills[{i}] is malformed ({exc})") from None
+            if library.skills[-1].routing not in ROUTINGS:
+                raise CheckpointError(f"{where}: skills[{i}].routing={library.skills[-1].routing!r} is not one of "
+                                      f"{ROUTINGS}")
         if library.skills:
             tensors_path = Path(directory) / LIBRARY_TENSORS
             try:

@@ -123,7 +123,12 @@ class TrainingArgs:
         "Oracle routing: every sequence goes to the expert of its domain (expert i = data.datasets[i]), in training "
         "and in the held-out evaluation; the router is not used. With moe.num_experts equal to the number of "
         "datasets this is one LoRA per domain with the domain given: the upper bound of a routing study."))
-    growth_examples: int = field(default=64, metadata=_help("Examples per domain embedded for the growth test."))
+    growth_examples: int = field(default=64, metadata=_help(
+        "Examples per domain embedded for the growth test and for register_skills."))
+    register_skills: bool = field(default=True, metadata=_help(
+        "At the end, record every training domain as a skill of the checkpoint's skill library (its embedding, "
+        "32 replay examples, its routing kept as trained), so that continual learning (learn-skill) can extend "
+        "the checkpoint without disturbing the domains it was trained on (docs/continual.md)."))
     router_calibration_examples: int = field(default=256, metadata=_help(
         "Set the router's feature standardisation (model.calibrate_router) from this many training examples "
         "(the start of the training stream) before the first step; 0 = skip."))

@@ -51,7 +51,7 @@ from transformers import get_scheduler
 
 from ..common import runs
 from ..common.memory import peak_memory_bytes, reset_peak_memory
-from ..continual.growth import grow_experts_for_domains
+from ..continual.growth import domains_as_skills, grow_experts_for_domains
 from ..data import DataCollator, FormatStats, InterleavedSampler, TokenizedExample
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..loading import load_base_model
@@ -133,6 +133,7 @@ class TrainState:
     window_start: float = 0.0
     grad_norm: Any = None
     bad_run: int = 0
+    train_domains: dict[str, list[Any]] = field(default_factory=dict)  # the raw training examples, by domain
 
     def epoch_at(self, step: int) -> float:
         return step * self.samples_per_step / self.stream.num_samples
@@ -232,7 +233,7 @@ class JointTrainer:
             eval_sets={d: [x for x in eval_tokenized if x.domain == d] for d in domains},
             train_stats=stats, eval_stats=eval_stats, stream=stream, collate=DataCollator.from_tokenizer(tokenizer),
             samples_per_step=samples_per_step, total_steps=total_steps, optimizer=optimizer,
-            scheduler=self._scheduler(optimizer, total_steps), wall_start=wall_start)
+            scheduler=self._scheduler(optimizer, total_steps), wall_start=wall_start, train_domains=train_raw)
 
     def resume(self, state: TrainState, checkpoint: Path) -> None:
         """Continue from ``checkpoint`` (before the loader exists): the trainer state, the global batch it was
@@ -454,6 +455,8 @@ class JointTrainer:
             "special_tokens": {role: getattr(state.tokenizer, f"{role}_token", None) for role in ("bos", "eos", "pad")},
             "versions": library_versions()})
         if acc.is_main_process:
+            if self.config.train.register_skills and model.skill_library is None:
+                self._register_skills(state, model)
             model.save_pretrained(final_dir)
             write_metrics(metrics_path, metrics)
             plot_routing(metrics.get("expert_share", {}), plot_path,
@@ -467,6 +470,17 @@ class JointTrainer:
                            state.train_stats)
 
     # ------------------------------------------------------------------ setup helpers
+    def _register_skills(self, state: TrainState, model: DyLoRAMoEForCausalLM) -> None:
+        """The training domains as skills of the final adapter's library (``train.register_skills``)."""
+        t = self.config.train
+        shares = {name: d.expert_share for name, d in state.history[-1].domains.items()} if state.history else {}
+        was_training = model.training
+        library = domains_as_skills(model, state.tokenizer, state.train_domains, shares,
+                                    examples_per_domain=t.growth_examples,
+                                    max_seq_length=self.config.data.max_seq_length, seed=self.config.seed)
+        model.train(was_training)
+        self.accelerator.print(f"skills registered for continual learning: {', '.join(library.names)}")
+
     def _make_accelerator(self) -> Accelerator:
         precision = self.config.train.precision
         if precision == "auto":
