@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -61,3 +63,60 @@ def test_calibration_suggests_a_separating_threshold(model_and_tok):
     assert not detector.decide(held["a"], library).novel
     with pytest.raises(KeyError, match="not a skill"):
         calibrate_threshold({"zzz": held["a"]}, library)
+
+
+def test_standardized_similarity_measures_distance_in_units_of_the_examples_spread(tmp_path):
+    from dylora_moe.continual.novelty import similarities
+
+    library = SkillLibrary()
+    library.add("a", torch.zeros(4), 0, spread=torch.ones(4))
+    library.add("b", torch.full((4,), 10.0), 1, spread=torch.full((4,), 10.0))
+    # one spread away in every dimension from 'a'; the same distance is a tenth of 'b''s spread
+    sims = similarities(torch.ones(4), library, kind="standardized")
+    assert sims[0] == pytest.approx(math.exp(-1.0)) and sims[1] == pytest.approx(math.exp(-0.81))
+    # the new data's own spread enters the variance: (1 + 3^2) / 2 = 5 in 'a''s dimensions
+    assert similarities(torch.ones(4), library, kind="standardized", spread=torch.full((4,), 3.0))[0] == \
+        pytest.approx(math.exp(-1 / 5))
+    # scaling every state by 100 (another model's geometry) leaves it unchanged; raw cosine is scale-free too,
+    # but not shift-free: a common offset pulls every raw similarity towards 1
+    scaled = SkillLibrary()
+    scaled.add("a", torch.zeros(4) * 100 + 50, 0, spread=torch.ones(4) * 100)
+    assert similarities(torch.ones(4) * 100 + 50, scaled, kind="standardized")[0] == pytest.approx(sims[0])
+    assert similarities(torch.ones(4) * 100 + 50, scaled)[0] > 0.99
+    decision = NoveltyDetector(threshold=0.4, similarity="standardized").decide(torch.ones(4), library)
+    assert not decision.novel and decision.best_skill == "b" and "standardized similarity" in decision.reason
+    # skills without a spread (libraries saved before spreads were kept) are named
+    old = SkillLibrary()
+    old.add("old", torch.zeros(4), 0)
+    old.add("new", torch.ones(4), 1, spread=torch.ones(4))
+    with pytest.raises(ValueError, match=r"skills without one .*\['old'\]"):
+        similarities(torch.ones(4), old, kind="standardized")
+    old.save(tmp_path)
+    loaded = SkillLibrary.load(tmp_path)
+    assert torch.isnan(loaded.spreads[0]).all() and torch.equal(loaded.spreads[1], torch.ones(4))
+
+
+def test_update_pools_the_spread_of_both_sets():
+    library = SkillLibrary()
+    a, b = torch.randn(300, 3), torch.randn(100, 3) * 2 + 1
+    library.add("s", a.mean(0), 0, examples=300, spread=a.std(0, correction=0))
+    library.update("s", b.mean(0), 100, spread=b.std(0, correction=0))
+    both = torch.cat([a, b])
+    torch.testing.assert_close(library.embeddings[0], both.mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(library.spreads[0], both.std(0, correction=0), rtol=1e-4, atol=1e-4)
+
+
+def test_the_standardized_detector_flags_the_other_skill_not_a_held_out_split(model_and_tok):
+    from dylora_moe.continual.library import embedding_and_spread
+
+    model, tok = model_and_tok
+    library = SkillLibrary()
+    vec, spread = embedding_and_spread(model, tok, skill_examples(A_WORDS, 48, 0))
+    library.add("known", vec, 0, spread=spread)
+    detector = NoveltyDetector(threshold=0.5, similarity="standardized")
+    vec, spread = embedding_and_spread(model, tok, skill_examples(A_WORDS, 16, 99))
+    same = detector.decide(vec, library, spread=spread)
+    vec, spread = embedding_and_spread(model, tok, skill_examples(B_WORDS, 16, 5))
+    new = detector.decide(vec, library, spread=spread)
+    assert not same.novel and new.novel, (same.reason, new.reason)
+

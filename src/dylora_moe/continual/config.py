@@ -25,6 +25,10 @@ class ContinualConfig:
     threshold: float = field(default=0.75, metadata=_help(
         "Novel when the (max or median) cosine similarity to every known skill is below this."))
     reduction: str = field(default="max", metadata=_help("'max' or 'median' similarity over the library."))
+    similarity: str = field(default="raw", metadata=_help(
+        "How a new skill's data are compared with a known skill's: 'raw', the seed's cosine of mean final hidden "
+        "states; 'standardized', exp(-z^2) with z^2 the squared difference of the means in units of the "
+        "examples' spread, averaged over dimensions (continual/novelty.py)."))
     entropy_threshold: float | None = field(default=None, metadata=_help(
         "Also novel when the router's mean entropy on the new data exceeds this (nats); None = off."))
     force: bool = field(default=False, metadata=_help("Create a new expert even if the data are not novel."))
@@ -70,6 +74,8 @@ class ContinualConfig:
         def fail(key: str, message: str) -> ConfigError:
             return ConfigError(f"{source}: '{key}' {message}")
 
+        if self.similarity not in ("raw", "standardized"):
+            raise fail("similarity", f"must be 'raw' or 'standardized', got {self.similarity!r}")
         if self.reduction not in ("max", "median"):
             raise fail("reduction", f"must be 'max' or 'median', got {self.reduction!r}")
         if not -1.0 <= self.threshold <= 1.0:

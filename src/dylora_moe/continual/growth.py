@@ -23,7 +23,7 @@ from typing import Any
 from ..data import Example
 from ..model import DyLoRAMoEForCausalLM
 from . import extension  # noqa: F401  (model.skill_library)
-from .library import SkillLibrary, embed_examples
+from .library import SkillLibrary, embedding_and_spread
 from .novelty import NoveltyDetector
 
 __all__ = ["domains_as_skills", "grow_experts_for_domains"]
@@ -35,15 +35,16 @@ def grow_experts_for_domains(model: DyLoRAMoEForCausalLM, tokenizer: Any, domain
     """Give every novel domain an expert of its own (see the module docstring); all experts end mature."""
     library, detector, claimed = SkillLibrary(), NoveltyDetector(threshold), 0
     for domain, examples in domains.items():
-        vec = embed_examples(model, tokenizer, list(examples)[:examples_per_domain], max_seq_length=max_seq_length)
+        vec, spread = embedding_and_spread(model, tokenizer, list(examples)[:examples_per_domain],
+                                           max_seq_length=max_seq_length)
         decision = detector.decide(vec, library)
         if decision.novel:
             expert = claimed if claimed < model.num_experts else model.add_expert()
             claimed += 1
-            library.add(domain, vec, expert, len(examples))
+            library.add(domain, vec, expert, len(examples), spread=spread)
             log(f"growth: domain {domain!r} is novel ({decision.reason}): expert {expert}")
         else:
-            library.update(decision.best_skill, vec, len(examples))
+            library.update(decision.best_skill, vec, len(examples), spread=spread)
             log(f"growth: domain {domain!r} is not novel ({decision.reason}): shares "
                 f"expert {library.get(decision.best_skill).expert}")
     model.set_all_mature()
@@ -60,10 +61,11 @@ def domains_as_skills(model: DyLoRAMoEForCausalLM, tokenizer: Any, domains: Mapp
     library, rng = SkillLibrary(), random.Random(seed)
     for domain, examples in domains.items():
         examples = list(examples)
-        vec = embed_examples(model, tokenizer, examples[:examples_per_domain], max_seq_length=max_seq_length)
+        vec, spread = embedding_and_spread(model, tokenizer, examples[:examples_per_domain],
+                                           max_seq_length=max_seq_length)
         share = list(shares.get(domain, [])) or [1.0]
         replay = rng.sample(examples, min(replay_per_skill, len(examples)))
         library.add(domain, vec, max(range(len(share)), key=share.__getitem__), len(examples), replay=replay,
-                    routing="kept")
+                    routing="kept", spread=spread)
     model.skill_library = library
     return library

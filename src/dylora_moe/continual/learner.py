@@ -39,7 +39,7 @@ from ..data import DataCollator, Example, tokenize_examples
 from ..model import DyLoRAMoEForCausalLM
 from . import extension  # noqa: F401  (model.skill_library: the library as a checkpoint attachment)
 from .config import ContinualConfig
-from .library import SkillLibrary, embed_examples
+from .library import SkillLibrary, embedding_and_spread
 from .novelty import NoveltyDecision, NoveltyDetector
 from .protection import GuardReport, guard_new_expert, routing_supervision
 
@@ -149,14 +149,14 @@ def learn_skill(model: Any, tokenizer: Any, examples: Sequence[Example | Mapping
                       "joint training'); checkpoints of joint training register their domains as skills "
                       "(train.register_skills)", UserWarning, stacklevel=2)
     rng = random.Random(config.seed)
-    embedding = embed_examples(model, tokenizer, examples[: config.embed_examples],
-                               max_seq_length=config.max_seq_length)
+    embedding, spread = embedding_and_spread(model, tokenizer, examples[: config.embed_examples],
+                                             max_seq_length=config.max_seq_length)
     entropy = None
     if config.entropy_threshold is not None and len(library):
         entropy = router_entropy_on(model, tokenizer, examples[: config.embed_examples],
                                     max_seq_length=config.max_seq_length)
-    detector = NoveltyDetector(config.threshold, config.reduction, config.entropy_threshold)
-    decision = detector.decide(embedding, library, entropy)
+    detector = NoveltyDetector(config.threshold, config.reduction, config.entropy_threshold, config.similarity)
+    decision = detector.decide(embedding, library, entropy, spread)
     if not decision.novel and not config.force:
         skill = library.get(decision.best_skill)
         losses: list[dict[str, float]] = []
@@ -164,7 +164,7 @@ def learn_skill(model: Any, tokenizer: Any, examples: Sequence[Example | Mapping
             losses = train_expert(model, tokenizer, examples, skill.expert, library, config,
                                   phases=[("consolidate", config.consolidate_steps, config.consolidate_lr)],
                                   fine_tune=True, rng=rng, progress=progress)
-        library.update(skill.name, embedding, len(examples))
+        library.update(skill.name, embedding, len(examples), spread=spread)
         model.skill_library = library
         return LearnSkillResult(name, False, skill.expert, model.expert_ranks[skill.expert], decision,
                                 len(losses), losses, time.monotonic() - started)
@@ -188,7 +188,7 @@ def learn_skill(model: Any, tokenizer: Any, examples: Sequence[Example | Mapping
     model.set_maturity(expert, True)
     guard = _guard(model, tokenizer, library, examples, expert, config)
     replay = rng.sample(examples, min(config.replay_per_skill, len(examples)))
-    library.add(name, embedding, expert, len(examples), replay=replay)
+    library.add(name, embedding, expert, len(examples), replay=replay, spread=spread)
     model.skill_library = library
     return LearnSkillResult(name, True, expert, model.expert_ranks[expert], decision, len(losses), losses,
                             time.monotonic() - started, guard)

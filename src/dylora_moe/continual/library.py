@@ -30,7 +30,8 @@ from safetensors.torch import load_file, save_file
 from ..data import DataCollator, Example, tokenize_examples
 from ..serialization import CheckpointError, read_versioned_json
 
-__all__ = ["KEEP_ROUTING", "LIBRARY_FILE", "LIBRARY_TENSORS", "Skill", "SkillLibrary", "embed_examples"]
+__all__ = ["KEEP_ROUTING", "LIBRARY_FILE", "LIBRARY_TENSORS", "Skill", "SkillLibrary", "embed_examples",
+           "embedding_and_spread", "pooled_states"]
 
 LIBRARY_FILE = "skill_library.json"
 LIBRARY_TENSORS = "skill_library.safetensors"
@@ -65,6 +66,9 @@ class SkillLibrary:
     def __init__(self) -> None:
         self.skills: list[Skill] = []
         self.embeddings: torch.Tensor | None = None  # [S, hidden] float32, CPU
+        #: [S, hidden] per-dimension standard deviation of each skill's pooled states over its examples (NaN rows:
+        #: not known, skills saved before spreads were kept); None while no skill has one
+        self.spreads: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.skills)
@@ -83,8 +87,9 @@ class SkillLibrary:
         return self.names.index(self.get(name).name)
 
     def add(self, name: str, embedding: torch.Tensor, expert: int, examples: int = 0,
-            replay: Sequence[Example] = (), routing: str = "own") -> Skill:
-        """Add a skill (its name must be new); ``embedding`` is ``[hidden]``; ``routing`` as in :class:`Skill`."""
+            replay: Sequence[Example] = (), routing: str = "own", spread: torch.Tensor | None = None) -> Skill:
+        """Add a skill (its name must be new); ``embedding`` and ``spread`` (the per-dimension standard deviation of
+        its examples' pooled states, optional) are ``[hidden]``; ``routing`` as in :class:`Skill`."""
         if routing not in ROUTINGS:
             raise ValueError(f"skill {name!r}: routing={routing!r} is not one of {ROUTINGS}")
         if not name or name in self.names:
@@ -93,16 +98,33 @@ class SkillLibrary:
         if self.embeddings is not None and vec.shape[1] != self.embeddings.shape[1]:
             raise ValueError(f"embedding size {vec.shape[1]} != the library's {self.embeddings.shape[1]}")
         self.embeddings = vec if self.embeddings is None else torch.cat([self.embeddings, vec])
+        self._add_spread(spread, vec.shape[1])
         skill = Skill(name, int(expert), int(examples), replay=[_example_dict(e) for e in replay], routing=routing)
         self.skills.append(skill)
         return skill
 
-    def update(self, name: str, embedding: torch.Tensor, examples: int, replay: Sequence[Example] = ()) -> None:
-        """Fold more data into a skill: its embedding becomes the example-weighted mean; replay grows."""
+    def _add_spread(self, spread: torch.Tensor | None, hidden: int) -> None:
+        row = torch.full((1, hidden), float("nan")) if spread is None else spread.detach().float().cpu().reshape(1, -1)
+        if self.spreads is None and spread is None:
+            return
+        if self.spreads is None:  # earlier skills have none
+            self.spreads = torch.full((len(self.skills), hidden), float("nan"))
+        self.spreads = torch.cat([self.spreads, row])
+
+    def update(self, name: str, embedding: torch.Tensor, examples: int, replay: Sequence[Example] = (),
+               spread: torch.Tensor | None = None) -> None:
+        """Fold more data into a skill: its embedding becomes the example-weighted mean (its spread, when both
+        are known, the pooled standard deviation of the two sets); replay grows."""
         i, skill = self.index(name), self.get(name)
         total = skill.examples + examples
-        old = self.embeddings[i] * skill.examples
-        self.embeddings[i] = (old + embedding.detach().float().cpu() * examples) / max(total, 1)
+        old_mean = self.embeddings[i].clone()
+        new_mean = embedding.detach().float().cpu()
+        self.embeddings[i] = (old_mean * skill.examples + new_mean * examples) / max(total, 1)
+        if self.spreads is not None and spread is not None and not bool(torch.isnan(self.spreads[i]).any()):
+            a, b = skill.examples / max(total, 1), examples / max(total, 1)
+            second = (a * (self.spreads[i].pow(2) + old_mean.pow(2))
+                      + b * (spread.float().cpu().pow(2) + new_mean.pow(2)))
+            self.spreads[i] = (second - self.embeddings[i].pow(2)).clamp_min(0).sqrt()
         skill.examples = total
         skill.replay.extend(_example_dict(e) for e in replay)
 
@@ -132,7 +154,10 @@ class SkillLibrary:
         meta = {"format_version": LIBRARY_FORMAT_VERSION, "skills": [asdict(s) for s in self.skills]}
         (directory / LIBRARY_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         if self.embeddings is not None:
-            save_file({"embeddings": self.embeddings.contiguous()}, str(directory / LIBRARY_TENSORS))
+            tensors = {"embeddings": self.embeddings.contiguous()}
+            if self.spreads is not None:
+                tensors["spreads"] = self.spreads.contiguous()
+            save_file(tensors, str(directory / LIBRARY_TENSORS))
 
     @classmethod
     def load(cls, directory: str | Path) -> SkillLibrary:
@@ -151,11 +176,16 @@ class SkillLibrary:
         if library.skills:
             tensors_path = Path(directory) / LIBRARY_TENSORS
             try:
-                library.embeddings = load_file(str(tensors_path))["embeddings"].float()
+                tensors = load_file(str(tensors_path))
+                library.embeddings = tensors["embeddings"].float()
+                library.spreads = tensors["spreads"].float() if "spreads" in tensors else None
             except FileNotFoundError:
                 raise CheckpointError(f"{tensors_path}: file not found (the library lists skills)") from None
             except Exception as exc:
                 raise CheckpointError(f"{tensors_path}: unreadable or corrupt ({exc})") from None
+            if library.spreads is not None and library.spreads.shape != library.embeddings.shape:
+                raise CheckpointError(f"{tensors_path}: spreads of shape {tuple(library.spreads.shape)} for embeddings "
+                                      f"of shape {tuple(library.embeddings.shape)}")
             if library.embeddings.shape[0] != len(library.skills):
                 raise CheckpointError(f"{tensors_path}: {library.embeddings.shape[0]} embeddings for "
                                       f"{len(library.skills)} skills")
@@ -178,10 +208,11 @@ def _example_dict(example: Example) -> dict[str, str]:
 
 
 @torch.no_grad()
-def embed_examples(model: Any, tokenizer: Any, examples: Sequence[Example], *, batch_size: int = 8,
-                   max_seq_length: int = 512) -> torch.Tensor:
-    """``[hidden]``: the mean over ``examples`` of each example's mean final hidden state (after the base
-    model's final norm, adapters disabled), formatted as in training (prompt + response)."""
+def pooled_states(model: Any, tokenizer: Any, examples: Sequence[Example], *, batch_size: int = 8,
+                  max_seq_length: int = 512) -> torch.Tensor:
+    """``[N, hidden]`` float32 on the CPU: each example's mean final hidden state over its real tokens (after the
+    base model's final norm, adapters disabled), formatted as in training (prompt + response); examples longer
+    than ``max_seq_length`` are dropped."""
     if not examples:
         raise ValueError("cannot embed an empty set of examples")
     items, stats = tokenize_examples(list(examples), tokenizer, max_seq_length)
@@ -192,7 +223,7 @@ def embed_examples(model: Any, tokenizer: Any, examples: Sequence[Example], *, b
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total, count = None, 0
+    rows = []
     try:
         with model.disable_adapters():
             for start in range(0, len(items), batch_size):
@@ -200,10 +231,22 @@ def embed_examples(model: Any, tokenizer: Any, examples: Sequence[Example], *, b
                 mask = batch["attention_mask"].to(device)
                 hidden = backbone(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state
                 weights = mask.unsqueeze(-1).to(torch.float32)
-                per_example = (hidden.float() * weights).sum(1) / weights.sum(1).clamp_min(1)  # [B, hidden]
-                summed = per_example.sum(0)
-                total = summed if total is None else total + summed
-                count += per_example.shape[0]
+                rows.append(((hidden.float() * weights).sum(1) / weights.sum(1).clamp_min(1)).cpu())  # [B, hidden]
     finally:
         model.train(was_training)
-    return (total / count).cpu()
+    return torch.cat(rows)
+
+
+def embedding_and_spread(model: Any, tokenizer: Any, examples: Sequence[Example], *,
+                         max_seq_length: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(embedding, spread)``, each ``[hidden]``: the mean and the per-dimension standard deviation over
+    ``examples`` of :func:`pooled_states` (the spread is NaN, unknown, for a single example)."""
+    states = pooled_states(model, tokenizer, examples, max_seq_length=max_seq_length)
+    spread = states.std(0) if states.shape[0] > 1 else torch.full_like(states[0], float("nan"))
+    return states.mean(0), spread
+
+
+def embed_examples(model: Any, tokenizer: Any, examples: Sequence[Example], *, batch_size: int = 8,
+                   max_seq_length: int = 512) -> torch.Tensor:
+    """``[hidden]``: the mean over ``examples`` of :func:`pooled_states`."""
+    return pooled_states(model, tokenizer, examples, batch_size=batch_size, max_seq_length=max_seq_length).mean(0)

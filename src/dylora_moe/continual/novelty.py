@@ -23,17 +23,41 @@ import torch
 
 from .library import SkillLibrary
 
-__all__ = ["NoveltyDecision", "NoveltyDetector", "ThresholdSuggestion", "calibrate_threshold", "similarities"]
+__all__ = ["SIMILARITIES", "NoveltyDecision", "NoveltyDetector", "ThresholdSuggestion", "calibrate_threshold",
+           "similarities"]
 
 REDUCTIONS = ("max", "median")
+#: 'raw': the seed's cosine of mean states; 'standardized': exp(-z^2), z^2 the mean over hidden dimensions of
+#: the squared difference of the means in units of the examples' spread (a per-dimension effect size)
+SIMILARITIES = ("raw", "standardized")
 
 
-def similarities(embedding: torch.Tensor, library: SkillLibrary) -> list[float]:
-    """Cosine similarity of ``embedding`` ``[hidden]`` with every skill of ``library`` (library order)."""
+def similarities(embedding: torch.Tensor, library: SkillLibrary, *, kind: str = "raw",
+                 spread: torch.Tensor | None = None) -> list[float]:
+    """Similarity of ``embedding`` ``[hidden]`` with every skill of ``library`` (library order).
+
+    ``kind='raw'``: cosine similarity. ``kind='standardized'``: ``exp(-z^2)`` with ``z^2 = mean_d (e_d -
+    s_d)^2 / v_d``, ``v`` the mean of the skill's and the new data's per-dimension variances over their
+    examples (``library.spreads`` and ``spread``, standard deviations ``[hidden]``): 1 for the same mean, and
+    a scale set by how much single examples vary, not by the model's hidden-state geometry, so one threshold
+    serves several models (benchmarks/novelty_calibration.py)."""
+    if kind not in SIMILARITIES:
+        raise ValueError(f"similarity kind must be one of {SIMILARITIES}, got {kind!r}")
     if library.embeddings is None or len(library) == 0:
         return []
     vec = embedding.detach().float().cpu().reshape(1, -1)
-    return torch.nn.functional.cosine_similarity(vec, library.embeddings, dim=-1).tolist()
+    if kind == "raw":
+        return torch.nn.functional.cosine_similarity(vec, library.embeddings, dim=-1).tolist()
+    spreads = library.spreads
+    if spreads is None or bool(torch.isnan(spreads).all(-1).any()):
+        missing = [n for i, n in enumerate(library.names) if spreads is None or bool(torch.isnan(spreads[i]).all())]
+        raise ValueError(f"the standardized similarity needs every skill's spread; skills without one (learned "
+                         f"before spreads were kept): {missing}; use similarity='raw' or re-learn them")
+    variance = spreads.pow(2)
+    if spread is not None:
+        variance = (variance + spread.detach().float().cpu().reshape(1, -1).pow(2)) / 2
+    z2 = ((vec - library.embeddings).pow(2) / variance.clamp_min(1e-12)).mean(-1)
+    return torch.exp(-z2).tolist()
 
 
 @dataclass
@@ -49,6 +73,7 @@ class NoveltyDecision:
     router_entropy: float | None = None
     threshold: float = 0.75
     reduction: str = "max"
+    similarity: str = "raw"
 
 
 @dataclass
@@ -58,8 +83,11 @@ class NoveltyDetector:
     threshold: float = 0.75
     reduction: str = "max"
     entropy_threshold: float | None = None
+    similarity: str = "raw"
 
     def __post_init__(self) -> None:
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         if not -1.0 <= self.threshold <= 1.0:
@@ -67,25 +95,27 @@ class NoveltyDetector:
         if self.entropy_threshold is not None and self.entropy_threshold < 0:
             raise ValueError(f"entropy_threshold must be >= 0 nats, got {self.entropy_threshold}")
 
-    def decide(self, embedding: torch.Tensor, library: SkillLibrary,
-               router_entropy: float | None = None) -> NoveltyDecision:
-        sims = similarities(embedding, library)
+    def decide(self, embedding: torch.Tensor, library: SkillLibrary, router_entropy: float | None = None,
+               spread: torch.Tensor | None = None) -> NoveltyDecision:
+        """``embedding [hidden]`` of the new data (``spread [hidden]``: its per-dimension standard deviation over
+        the examples, for the standardized similarity)."""
+        sims = similarities(embedding, library, kind=self.similarity, spread=spread)
         if not sims:
             return NoveltyDecision(True, "the library is empty", threshold=self.threshold, reduction=self.reduction,
-                                   router_entropy=router_entropy)
+                                   router_entropy=router_entropy, similarity=self.similarity)
         by_name = dict(zip(library.names, sims))
         best = max(by_name, key=by_name.get)
         top, median = max(sims), statistics.median(sims)
         score = top if self.reduction == "max" else median
         novel = score < self.threshold
-        reason = (f"{self.reduction} similarity {score:.3f} {'<' if novel else '>='} threshold {self.threshold:g} "
-                  f"(closest skill {best!r}: {top:.3f})")
+        reason = (f"{self.reduction} {self.similarity} similarity {score:.3f} {'<' if novel else '>='} threshold "
+                  f"{self.threshold:g} (closest skill {best!r}: {top:.3f})")
         if not novel and self.entropy_threshold is not None and router_entropy is not None \
                 and router_entropy > self.entropy_threshold:
             novel = True
             reason += f"; but router entropy {router_entropy:.3f} > {self.entropy_threshold:g} nats"
         return NoveltyDecision(novel, reason, by_name, top, median, best, router_entropy, self.threshold,
-                               self.reduction)
+                               self.reduction, self.similarity)
 
 
 @dataclass
