@@ -1,7 +1,8 @@
 """How well each similarity of the novelty detector tells known skills from new ones, on real domains.
 
-Every domain is a skill: its embedding comes from the first ``--examples`` examples of its train split.
-Each domain's held-out split (validation, first ``--examples``) is then asked twice:
+Every domain is a skill: its embedding comes from ``--examples`` examples of its train split, drawn at random
+(``--seed``; files are often ordered, e.g. Spider by database). Each domain's held-out split (validation,
+``--examples`` drawn the same way) is then asked twice:
 
 * against the library of all domains: it is *known* (it must not be flagged);
 * against the library of the other domains (leave one out): it is *new* (it must be flagged).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 
 import torch
 
@@ -65,6 +67,7 @@ def main() -> None:
     parser.add_argument("--max-seq-length", type=int, default=256)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.75, 0.9, 0.95, 0.5])
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -73,10 +76,12 @@ def main() -> None:
     states, queries = {}, {}
     for name in args.domains:
         for split, out in (("train", states), ("validation", queries)):
-            examples = load_examples(name, args.data_dir, split=split)[: args.examples]
+            examples = load_examples(name, args.data_dir, split=split)
+            examples = random.Random(args.seed).sample(examples, min(args.examples, len(examples)))
             out[name] = pooled_states(model, tokenizer, examples, max_seq_length=args.max_seq_length)
         print(f"{name}: {len(states[name])} train, {len(queries[name])} held-out examples embedded", flush=True)
-    report = {"model": args.model, "examples": args.examples, "domains": args.domains, "similarities": {}}
+    report = {"model": args.model, "examples": args.examples, "seed": args.seed, "domains": args.domains,
+              "similarities": {}}
     for kind in SIMILARITIES:
         known, new = scores(states, queries, kind)
         row = {"known_min": min(known), "new_max": max(new), "separable": min(known) > max(new),

@@ -35,7 +35,7 @@ def grow_experts_for_domains(model: DyLoRAMoEForCausalLM, tokenizer: Any, domain
     """Give every novel domain an expert of its own (see the module docstring); all experts end mature."""
     library, detector, claimed = SkillLibrary(), NoveltyDetector(threshold), 0
     for domain, examples in domains.items():
-        vec, spread = embedding_and_spread(model, tokenizer, list(examples)[:examples_per_domain],
+        vec, spread = embedding_and_spread(model, tokenizer, examples, limit=examples_per_domain,
                                            max_seq_length=max_seq_length)
         decision = detector.decide(vec, library)
         if decision.novel:
@@ -61,7 +61,7 @@ def domains_as_skills(model: DyLoRAMoEForCausalLM, tokenizer: Any, domains: Mapp
     library, rng = SkillLibrary(), random.Random(seed)
     for domain, examples in domains.items():
         examples = list(examples)
-        vec, spread = embedding_and_spread(model, tokenizer, examples[:examples_per_domain],
+        vec, spread = embedding_and_spread(model, tokenizer, examples, limit=examples_per_domain, seed=seed,
                                            max_seq_length=max_seq_length)
         share = list(shares.get(domain, [])) or [1.0]
         replay = rng.sample(examples, min(replay_per_skill, len(examples)))

@@ -149,8 +149,8 @@ def learn_skill(model: Any, tokenizer: Any, examples: Sequence[Example | Mapping
                       "joint training'); checkpoints of joint training register their domains as skills "
                       "(train.register_skills)", UserWarning, stacklevel=2)
     rng = random.Random(config.seed)
-    embedding, spread = embedding_and_spread(model, tokenizer, examples[: config.embed_examples],
-                                             max_seq_length=config.max_seq_length)
+    embedding, spread = embedding_and_spread(model, tokenizer, examples, limit=config.embed_examples,
+                                             seed=config.seed, max_seq_length=config.max_seq_length)
     entropy = None
     if config.entropy_threshold is not None and len(library):
         entropy = router_entropy_on(model, tokenizer, examples[: config.embed_examples],

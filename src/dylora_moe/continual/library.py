@@ -18,6 +18,7 @@ Files (written by ``DyLoRAMoEForCausalLM.save_pretrained`` when ``model.skill_li
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -237,10 +238,15 @@ def pooled_states(model: Any, tokenizer: Any, examples: Sequence[Example], *, ba
     return torch.cat(rows)
 
 
-def embedding_and_spread(model: Any, tokenizer: Any, examples: Sequence[Example], *,
-                         max_seq_length: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+def embedding_and_spread(model: Any, tokenizer: Any, examples: Sequence[Example], *, limit: int | None = None,
+                         seed: int = 0, max_seq_length: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """``(embedding, spread)``, each ``[hidden]``: the mean and the per-dimension standard deviation over
-    ``examples`` of :func:`pooled_states` (the spread is NaN, unknown, for a single example)."""
+    ``examples`` of :func:`pooled_states` (the spread is NaN, unknown, for a single example). With ``limit``,
+    at most that many examples, drawn at random with ``seed`` (data files are often ordered: the first ones
+    would stand for a part of the skill only)."""
+    examples = list(examples)
+    if limit is not None and len(examples) > limit:
+        examples = random.Random(seed).sample(examples, limit)
     states = pooled_states(model, tokenizer, examples, max_seq_length=max_seq_length)
     spread = states.std(0) if states.shape[0] > 1 else torch.full_like(states[0], float("nan"))
     return states.mean(0), spread
