@@ -77,6 +77,9 @@ def test_standardized_similarity_measures_distance_in_units_of_the_examples_spre
     # the new data's own spread enters the variance: (1 + 3^2) / 2 = 5 in 'a''s dimensions
     assert similarities(torch.ones(4), library, kind="standardized", spread=torch.full((4,), 3.0))[0] == \
         pytest.approx(math.exp(-1 / 5))
+    # a single new example has no spread: the skill's alone is used
+    assert similarities(torch.ones(4), library, kind="standardized", spread=torch.full((4,), float("nan")))[0] == \
+        pytest.approx(sims[0])
     # scaling every state by 100 (another model's geometry) leaves it unchanged; raw cosine is scale-free too,
     # but not shift-free: a common offset pulls every raw similarity towards 1
     scaled = SkillLibrary()

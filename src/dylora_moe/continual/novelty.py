@@ -49,12 +49,14 @@ def similarities(embedding: torch.Tensor, library: SkillLibrary, *, kind: str = 
     if kind == "raw":
         return torch.nn.functional.cosine_similarity(vec, library.embeddings, dim=-1).tolist()
     spreads = library.spreads
-    if spreads is None or bool(torch.isnan(spreads).all(-1).any()):
-        missing = [n for i, n in enumerate(library.names) if spreads is None or bool(torch.isnan(spreads[i]).all())]
+    unknown = [True] * len(library) if spreads is None else torch.isnan(spreads).all(-1).tolist()
+    if spreads is None or any(unknown):
+        missing = [name for name, gone in zip(library.names, unknown) if gone]
         raise ValueError(f"the standardized similarity needs every skill's spread; skills without one (learned "
-                         f"before spreads were kept): {missing}; use similarity='raw' or re-learn them")
+                         f"before spreads were kept, or from one example): {missing}; use similarity='raw' or "
+                         "re-learn them")
     variance = spreads.pow(2)
-    if spread is not None:
+    if spread is not None and not bool(torch.isnan(spread).any()):  # a single new example has no spread
         variance = (variance + spread.detach().float().cpu().reshape(1, -1).pow(2)) / 2
     z2 = ((vec - library.embeddings).pow(2) / variance.clamp_min(1e-12)).mean(-1)
     return torch.exp(-z2).tolist()
