@@ -27,7 +27,15 @@ import torch
 from dylora_moe import DyLoRAMoEConfig, DyLoRAMoEForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import interleaved_times, load, make_batch, peak_step_memory, step_fn, trim  # noqa: E402
+from train_step import (  # noqa: E402
+    interleaved_times,
+    load,
+    make_batch,
+    parse_step_arguments,
+    peak_step_memory,
+    step_fn,
+    trim,
+)
 
 ATTENTION = dict(routing="token")
 DESIGNS: dict[str, dict] = {
@@ -84,16 +92,7 @@ def run(args) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m", help="'smollm2-135m', 'tiny-llama' or a hub id/folder")
-    parser.add_argument("--variants", default=",".join(DESIGNS))
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--json", help="write the result here")
-    args = parser.parse_args(argv)
-    args.dtype = getattr(torch, args.dtype)
-    args.variants = args.variants.split(",")
+    args = parse_step_arguments(parser, argv, DESIGNS, "write the result here")
     with tempfile.TemporaryDirectory():
         result = run(args)
     for name, ratio in result["step_vs_lora_r64"].items():

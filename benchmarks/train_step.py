@@ -234,19 +234,26 @@ def run_setting(name, args, workdir):
     return result
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="tiny-llama,smollm2-135m")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+def parse_step_arguments(parser: argparse.ArgumentParser, argv, variants, json_help: str) -> argparse.Namespace:
+    """The options every step benchmark shares (variants, batch, length, repeats, device, dtype, JSON output),
+    added to ``parser`` and parsed from ``argv``; ``args.dtype`` is a torch dtype, ``args.variants`` a list."""
+    parser.add_argument("--variants", default=",".join(variants))
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--json", help="write one JSON object per model setting (a list) here")
+    parser.add_argument("--json", help=json_help)
     args = parser.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
     args.variants = args.variants.split(",")
+    return args
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="tiny-llama,smollm2-135m")
+    args = parse_step_arguments(parser, argv, VARIANTS, "write one JSON object per model setting (a list) here")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
