@@ -10,9 +10,12 @@ Every domain is a skill: its embedding comes from ``--examples`` examples of its
 For each similarity (``raw``: the seed's cosine of mean states; ``standardized``: see
 ``dylora_moe.continual.novelty``) the script prints the lowest similarity of a known query to its own skill,
 the highest similarity of a new query to any skill, whether a threshold separates them, and the precision
-and recall of novelty at the given thresholds. Run::
+and recall of novelty at the given thresholds. Queries are asked with the first ``--query-sizes`` examples
+of their draw too (the detector sees batches of a few examples in ``dylora-moe continual``), with the
+sample-size correction of the standardized similarity. Run::
 
-    python benchmarks/novelty_calibration.py --model smollm2-135m --examples 64 --json novelty.json
+    python benchmarks/novelty_calibration.py --model smollm2-135m --examples 64 --query-sizes 8 16 64 \
+        --json novelty.json
 """
 
 from __future__ import annotations
@@ -39,16 +42,20 @@ def library_of(states: dict[str, torch.Tensor], names: list[str]) -> SkillLibrar
     return library
 
 
-def scores(states, queries, kind: str) -> tuple[list[float], list[float]]:
-    """(own similarity of every known query, best similarity of every new query)."""
+def scores(states, queries, kind: str, size: int) -> tuple[list[float], list[float]]:
+    """(own similarity of every known query, best similarity of every new query), each query cut to its first
+    ``size`` examples."""
     names = list(states)
     full = library_of(states, names)
     known, new = [], []
     for name, q in queries.items():
-        sims = similarities(q.mean(0), full, kind=kind, spread=q.std(0))
+        q = q[:size]
+        spread = q.std(0) if len(q) > 1 else None
+        sims = similarities(q.mean(0), full, kind=kind, spread=spread, count=len(q))
         known.append(sims[names.index(name)])
         others = [n for n in names if n != name]
-        new.append(max(similarities(q.mean(0), library_of(states, others), kind=kind, spread=q.std(0))))
+        new.append(max(similarities(q.mean(0), library_of(states, others), kind=kind, spread=spread,
+                                    count=len(q))))
     return known, new
 
 
@@ -66,7 +73,9 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--max-seq-length", type=int, default=256)
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.75, 0.9, 0.95, 0.5])
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.75, 0.85, 0.9, 0.95, 0.5])
+    parser.add_argument("--query-sizes", type=int, nargs="+", default=None,
+                        help="examples per query (default: --examples)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -82,15 +91,17 @@ def main() -> None:
         print(f"{name}: {len(states[name])} train, {len(queries[name])} held-out examples embedded", flush=True)
     report = {"model": args.model, "examples": args.examples, "seed": args.seed, "domains": args.domains,
               "similarities": {}}
-    for kind in SIMILARITIES:
-        known, new = scores(states, queries, kind)
-        row = {"known_min": min(known), "new_max": max(new), "separable": min(known) > max(new),
-               "known": dict(zip(args.domains, known)), "new": dict(zip(args.domains, new)),
-               "at": {str(t): precision_recall(known, new, t) for t in args.thresholds}}
-        report["similarities"][kind] = row
-        print(f"{kind:>12}: known min {row['known_min']:.4f}  new max {row['new_max']:.4f}  "
-              f"separable {row['separable']}  " + "  ".join(
-                  f"t={t}: P {p:.2f} R {r:.2f}" for t, (p, r) in row["at"].items()))
+    for size in args.query_sizes or [args.examples]:
+        for kind in SIMILARITIES:
+            known, new = scores(states, queries, kind, size)
+            row = {"query_examples": size, "known_min": min(known), "new_max": max(new),
+                   "separable": min(known) > max(new), "known": dict(zip(args.domains, known)),
+                   "new": dict(zip(args.domains, new)),
+                   "at": {str(t): precision_recall(known, new, t) for t in args.thresholds}}
+            report["similarities"][f"{kind}@{size}"] = row
+            print(f"{kind:>12} @ {size:>3} examples: known min {row['known_min']:.4f}  new max {row['new_max']:.4f}  "
+                  f"separable {row['separable']}  " + "  ".join(
+                      f"t={t}: P {p:.2f} R {r:.2f}" for t, (p, r) in row["at"].items()), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

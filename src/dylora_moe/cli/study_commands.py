@@ -122,13 +122,23 @@ def _continual(ns: argparse.Namespace) -> int:
     run = config_from_options(ContinualRunConfig, ns, source="continual run config")
     options = config_from_options(RunOptions, ns, overrides=False)
     report = run_continual(run, progress=options.progress)
-    for method, r in report["methods"].items():
-        mf = r["max_forgetting"]
-        print(f"{method}: max forgetting {'n/a' if mf is None else f'{mf:+.2%}'}, average "
-              f"{r['average_forgetting']:+.2%}, backward transfer {r['backward_transfer']:+.4f}")
-    detector = report["methods"]["dylora"]["detector"]
-    print(f"detector: precision {detector['precision']}, recall {detector['recall']} "
-          f"(threshold {detector['threshold']})")
-    print(f"bar (max forgetting <= 2% and below the baseline): {'met' if report['bar']['met'] else 'NOT met'}")
-    print(f"wrote {run.output_dir}/continual.json and continual.png")
+    print("method: AP (mean held-out loss after the last stage), BWT, FT, FWT; mean over orders [min, max]")
+    for method, row in report["summary"].items():
+        parts = []
+        for metric in ("ap", "bwt", "ft", "fwt"):
+            cell = row.get(metric)
+            if cell is not None and cell["mean"] is not None:
+                fmt = "{:.4f}" if metric == "ap" else "{:+.2%}"
+                spread = (f" [{fmt.format(cell['min'])}, {fmt.format(cell['max'])}]"
+                          if row.get("orders", 1) > 1 else "")
+                parts.append(f"{metric.upper()} {fmt.format(cell['mean'])}{spread}")
+        print(f"  {method}: {', '.join(parts)}")
+    for key, unit in report["units"].items():
+        if "routing_accuracy" in unit:
+            print(f"{key}: routing accuracy {unit['routing_accuracy'].get('mean', float('nan')):.2f}")
+    bar = report["bar"]
+    print(f"detector: precision {bar.get('detector_precision')}, recall {bar.get('detector_recall')}")
+    print(f"bar of issue #29: {'met' if bar['met'] else 'NOT met'} "
+          f"({', '.join(k for k, v in bar.items() if v is False) or 'every check passes'})")
+    print(f"wrote {run.output_dir}/continual.json and continual.png (units in {run.output_dir}/units)")
     return 0

@@ -2,11 +2,12 @@
 
 * :mod:`.library`: the skill library (one embedding and expert per skill, replay examples), saved with
   the checkpoint; :func:`embed_examples`.
-* :mod:`.novelty`: the novelty detector (cosine similarity against the library, optional router
-  entropy) and threshold calibration.
+* :mod:`.novelty`: the novelty detector (standardized or raw similarity against the library, optional
+  router entropy) and threshold calibration.
 * :mod:`.learner`: the lifecycle of one skill (detect, grow or reuse an expert, two-phase training with
   router protection, maturity, library update): :func:`learn_skill`.
-* :mod:`.benchmark`: a sequence of skills with the forgetting matrix against a sequential LoRA baseline.
+* :mod:`.benchmark`: a sequence of skills in several orders, against sequential LoRA, replay LoRA, O-LoRA
+  (:mod:`.baselines`) and the multi-task and oracle bounds; AP, BWT, FT, FWT (:mod:`.metrics`).
 * :mod:`.skills`: skill data (Code Alpaca split by language, instruction files).
 
 The torch-using names are imported on first use (:mod:`dylora_moe.lazy`).

@@ -33,7 +33,7 @@ def grow_experts_for_domains(model: DyLoRAMoEForCausalLM, tokenizer: Any, domain
                              *, threshold: float, examples_per_domain: int = 64, max_seq_length: int = 512,
                              log: Callable[[str], None] = print) -> SkillLibrary:
     """Give every novel domain an expert of its own (see the module docstring); all experts end mature."""
-    library, detector, claimed = SkillLibrary(), NoveltyDetector(threshold), 0
+    library, detector, claimed = SkillLibrary(), NoveltyDetector(threshold, similarity="raw"), 0
     for domain, examples in domains.items():
         vec, spread = embedding_and_spread(model, tokenizer, examples, limit=examples_per_domain,
                                            max_seq_length=max_seq_length)

@@ -28,7 +28,7 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +39,7 @@ from ..data import DataCollator, Example, tokenize_examples
 from ..model import DyLoRAMoEForCausalLM
 from . import extension  # noqa: F401  (model.skill_library: the library as a checkpoint attachment)
 from .config import ContinualConfig
-from .library import SkillLibrary, embedding_and_spread
+from .library import SkillLibrary, embedding_and_spread, fill_missing_spreads
 from .novelty import NoveltyDecision, NoveltyDetector
 from .protection import GuardReport, guard_new_expert, routing_supervision
 
@@ -156,7 +156,9 @@ def learn_skill(model: Any, tokenizer: Any, examples: Sequence[Example | Mapping
         entropy = router_entropy_on(model, tokenizer, examples[: config.embed_examples],
                                     max_seq_length=config.max_seq_length)
     detector = NoveltyDetector(config.threshold, config.reduction, config.entropy_threshold, config.similarity)
-    decision = detector.decide(embedding, library, entropy, spread)
+    if config.similarity == "standardized":
+        fill_missing_spreads(model, tokenizer, library, max_seq_length=config.max_seq_length)
+    decision = detector.decide(embedding, library, entropy, spread, count=min(len(examples), config.embed_examples))
     if not decision.novel and not config.force:
         skill = library.get(decision.best_skill)
         losses: list[dict[str, float]] = []
@@ -233,12 +235,15 @@ def _router_row_mask(param: torch.nn.Parameter, expert: int, num_experts: int) -
 
 def train_expert(model: Any, tokenizer: Any, examples: Sequence[Example], expert: int, library: SkillLibrary,
                  config: ContinualConfig, *, phases: Sequence[tuple[str, int, float]], fine_tune: bool = False,
-                 rng: random.Random | None = None, progress: bool = True) -> list[dict[str, float]]:
+                 rng: random.Random | None = None, progress: bool = True, replay: bool | None = None,
+                 extra_loss: Callable[[], torch.Tensor] | None = None) -> list[dict[str, float]]:
     """Train expert ``expert`` (and the router, protected) on ``examples``; returns one log row per step.
 
     ``phases`` are ``(name, steps, peak_lr)``: ``"seed"`` holds its rate, any other phase decays it on a cosine.
-    ``fine_tune=True``: the data go to ``expert`` directly (forced), and the router stays frozen. Every
-    parameter's ``requires_grad`` is restored afterwards.
+    ``fine_tune=True``: the data go to ``expert`` directly (forced), and the router stays frozen. ``replay``:
+    mix the library's replay examples into every batch (None: as ``config.protection`` says, never when
+    fine-tuning). ``extra_loss()`` is added to every step's loss (a baseline's regulariser). Every parameter's
+    ``requires_grad`` is restored afterwards.
     """
     rng = rng or random.Random(config.seed)
     torch.manual_seed(config.seed)
@@ -246,7 +251,7 @@ def train_expert(model: Any, tokenizer: Any, examples: Sequence[Example], expert
     if not new_items:
         raise ValueError(f"no example fits max_seq_length={config.max_seq_length} "
                          f"({stats.total.dropped} dropped as too long)")
-    replay_on = config.protection in ("replay", "both") and not fine_tune
+    replay_on = (config.protection in ("replay", "both") and not fine_tune) if replay is None else replay
     batches = _SkillBatches(new_items, _replay_items(library, tokenizer, config) if replay_on else [], expert,
                             config, rng, DataCollator.from_tokenizer(tokenizer))
     saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -268,7 +273,8 @@ def train_expert(model: Any, tokenizer: Any, examples: Sequence[Example], expert
                         group["lr"] = lr
                 inputs, targets = batches.next(model.device)
                 lm_loss, route = _skill_step(model, optimizer, trainable, inputs, targets, config,
-                                             forced=expert if fine_tune else None, expert=expert)
+                                             forced=expert if fine_tune else None, expert=expert,
+                                             extra_loss=extra_loss)
                 log.append({"phase": phase, "lr": lr, "lm_loss": lm_loss, "route_loss": route})
                 bar.update(1)
                 bar.set_postfix(phase=phase, loss=f"{lm_loss:.4f}")
@@ -351,11 +357,12 @@ def _optimizer(model: Any, expert: int, config: ContinualConfig,
 
 def _skill_step(model: Any, optimizer: torch.optim.Optimizer, trainable: list[torch.nn.Parameter],
                 inputs: dict[str, torch.Tensor], targets: torch.Tensor, config: ContinualConfig,
-                forced: int | None, expert: int) -> tuple[float, float]:
-    """One optimizer step on the LM loss plus (router trained) the routing loss towards ``targets``;
-    returns ``(lm_loss, route_loss)``."""
+                forced: int | None, expert: int,
+                extra_loss: Callable[[], torch.Tensor] | None = None) -> tuple[float, float]:
+    """One optimizer step on the LM loss plus (router trained) the routing loss towards ``targets`` (plus
+    ``extra_loss()``); returns ``(lm_loss, route_loss)``."""
     out = model(**inputs, forced_expert=forced, supervised_logits_only=True)
-    loss = out.lm_loss
+    loss = out.lm_loss if extra_loss is None else out.lm_loss + extra_loss()
     route = torch.zeros((), device=model.device)
     if forced is None and config.router_loss_coef > 0:
         route = routing_supervision(out.router_probs, targets, expert, out.decision_probs or (),

@@ -32,7 +32,7 @@ from ..data import DataCollator, Example, tokenize_examples
 from ..serialization import CheckpointError, read_versioned_json
 
 __all__ = ["KEEP_ROUTING", "LIBRARY_FILE", "LIBRARY_TENSORS", "Skill", "SkillLibrary", "embed_examples",
-           "embedding_and_spread", "pooled_states"]
+           "embedding_and_spread", "fill_missing_spreads", "pooled_states"]
 
 LIBRARY_FILE = "skill_library.json"
 LIBRARY_TENSORS = "skill_library.safetensors"
@@ -250,6 +250,30 @@ def embedding_and_spread(model: Any, tokenizer: Any, examples: Sequence[Example]
     states = pooled_states(model, tokenizer, examples, max_seq_length=max_seq_length)
     spread = states.std(0) if states.shape[0] > 1 else torch.full_like(states[0], float("nan"))
     return states.mean(0), spread
+
+
+def fill_missing_spreads(model: Any, tokenizer: Any, library: SkillLibrary, *, max_seq_length: int = 512) -> list[str]:
+    """Give every skill without a spread (learned before spreads were kept) the spread of its replay examples'
+    pooled states, so the standardized similarity can compare with it; returns the names filled. Skills with
+    fewer than two replay examples that fit ``max_seq_length`` stay without one (the similarity names them)."""
+    if library.embeddings is None:
+        return []
+    filled = []
+    for i, skill in enumerate(library.skills):
+        if library.spreads is not None and not bool(torch.isnan(library.spreads[i]).all()):
+            continue
+        replay = [e for e, _ in library.replay_examples() if e.domain == skill.name]
+        try:
+            states = pooled_states(model, tokenizer, replay, max_seq_length=max_seq_length) if replay else None
+        except ValueError:  # none fits max_seq_length
+            states = None
+        if states is None or states.shape[0] < 2:
+            continue
+        if library.spreads is None:
+            library.spreads = torch.full_like(library.embeddings, float("nan"))
+        library.spreads[i] = states.std(0)
+        filled.append(skill.name)
+    return filled
 
 
 def embed_examples(model: Any, tokenizer: Any, examples: Sequence[Example], *, batch_size: int = 8,

@@ -1,14 +1,18 @@
 """Novelty detection: is a new skill's data unlike every skill in the library?
 
-``NoveltyDetector.decide(embedding, library)`` compares the new embedding ``[hidden]`` with each skill's by
-cosine similarity; the data are novel when the maximum (``reduction="max"``, default) or the median
-(``"median"``) similarity is below ``threshold`` (0.75 by default, the seed's value). Optionally the
+``NoveltyDetector.decide(embedding, library)`` compares the new embedding ``[hidden]`` with each skill's; the
+data are novel when the maximum (``reduction="max"``, default) or the median (``"median"``) similarity is below
+``threshold``. Two similarities: ``"standardized"`` (the default), the distance between the means in units of
+the examples' spread, corrected for the sample sizes, whose default threshold 0.85 was calibrated once and
+does not depend on the model's hidden-state scale; and ``"raw"``, the seed's cosine of the means (its default
+threshold 0.75, the seed's value, flags nothing on SmolLM2: docs/continual.md). Optionally the
 router's entropy on the new data is a second criterion: a router that is unsure where to send the data
 (mean entropy above ``entropy_threshold`` nats) also makes them novel. ``calibrate_threshold`` suggests a
 threshold from held-out splits of known skills::
 
-    detector = NoveltyDetector(threshold=0.75)
-    decision = detector.decide(embed_examples(model, tok, new), library)
+    detector = NoveltyDetector()                          # standardized, threshold 0.85
+    embedding, spread = embedding_and_spread(model, tok, new)
+    decision = detector.decide(embedding, library, spread=spread, count=len(new))
     decision.novel, decision.best_skill, decision.max_similarity
     suggestion = calibrate_threshold({"python": held_out_vec, ...}, library)
 """
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import DEFAULT_THRESHOLDS
 from .library import SkillLibrary
 
 __all__ = ["SIMILARITIES", "NoveltyDecision", "NoveltyDetector", "ThresholdSuggestion", "calibrate_threshold",
@@ -33,14 +38,19 @@ SIMILARITIES = ("raw", "standardized")
 
 
 def similarities(embedding: torch.Tensor, library: SkillLibrary, *, kind: str = "raw",
-                 spread: torch.Tensor | None = None) -> list[float]:
+                 spread: torch.Tensor | None = None, count: int | None = None) -> list[float]:
     """Similarity of ``embedding`` ``[hidden]`` with every skill of ``library`` (library order).
 
     ``kind='raw'``: cosine similarity. ``kind='standardized'``: ``exp(-z^2)`` with ``z^2 = mean_d (e_d -
     s_d)^2 / v_d``, ``v`` the mean of the skill's and the new data's per-dimension variances over their
     examples (``library.spreads`` and ``spread``, standard deviations ``[hidden]``): 1 for the same mean, and
     a scale set by how much single examples vary, not by the model's hidden-state geometry, so one threshold
-    serves several models (benchmarks/novelty_calibration.py)."""
+    serves several models (benchmarks/novelty_calibration.py).
+
+    Two means of samples of one distribution differ by chance: ``E[z^2] = 1/n + 1/m`` for ``n`` new examples
+    (``count``) and the ``m`` of the skill (``Skill.examples``). That expectation is subtracted (``z^2`` floored
+    at 0), so a known skill scores near 1 whether it is asked about with 8 examples or 256; without ``count``
+    only the skill's part is subtracted."""
     if kind not in SIMILARITIES:
         raise ValueError(f"similarity kind must be one of {SIMILARITIES}, got {kind!r}")
     if library.embeddings is None or len(library) == 0:
@@ -59,7 +69,10 @@ def similarities(embedding: torch.Tensor, library: SkillLibrary, *, kind: str = 
     if spread is not None and not bool(torch.isnan(spread).any()):  # a single new example has no spread
         variance = (variance + spread.detach().float().cpu().reshape(1, -1).pow(2)) / 2
     z2 = ((vec - library.embeddings).pow(2) / variance.clamp_min(1e-12)).mean(-1)
-    return torch.exp(-z2).tolist()
+    chance = torch.tensor([1.0 / s.examples if s.examples > 0 else 0.0 for s in library.skills])
+    if count is not None and count > 0:
+        chance = chance + 1.0 / count
+    return torch.exp(-(z2 - chance).clamp_min(0)).tolist()
 
 
 @dataclass
@@ -73,23 +86,26 @@ class NoveltyDecision:
     median_similarity: float | None = None
     best_skill: str | None = None
     router_entropy: float | None = None
-    threshold: float = 0.75
+    threshold: float = DEFAULT_THRESHOLDS["standardized"]
     reduction: str = "max"
-    similarity: str = "raw"
+    similarity: str = "standardized"
 
 
 @dataclass
 class NoveltyDetector:
-    """Cosine-similarity novelty test against a :class:`SkillLibrary` (see the module docstring)."""
+    """Similarity novelty test against a :class:`SkillLibrary` (see the module docstring); ``threshold=None``
+    takes the similarity's :data:`DEFAULT_THRESHOLDS`."""
 
-    threshold: float = 0.75
+    threshold: float | None = None
     reduction: str = "max"
     entropy_threshold: float | None = None
-    similarity: str = "raw"
+    similarity: str = "standardized"
 
     def __post_init__(self) -> None:
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
+        if self.threshold is None:
+            self.threshold = DEFAULT_THRESHOLDS[self.similarity]
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         if not -1.0 <= self.threshold <= 1.0:
@@ -98,10 +114,11 @@ class NoveltyDetector:
             raise ValueError(f"entropy_threshold must be >= 0 nats, got {self.entropy_threshold}")
 
     def decide(self, embedding: torch.Tensor, library: SkillLibrary, router_entropy: float | None = None,
-               spread: torch.Tensor | None = None) -> NoveltyDecision:
+               spread: torch.Tensor | None = None, count: int | None = None) -> NoveltyDecision:
         """``embedding [hidden]`` of the new data (``spread [hidden]``: its per-dimension standard deviation over
-        the examples, for the standardized similarity)."""
-        sims = similarities(embedding, library, kind=self.similarity, spread=spread)
+        the ``count`` examples it was pooled from, for the standardized similarity)."""
+        sims = similarities(embedding, library, kind=self.similarity, spread=spread, count=count)
+        assert self.threshold is not None  # set in __post_init__
         if not sims:
             return NoveltyDecision(True, "the library is empty", threshold=self.threshold, reduction=self.reduction,
                                    router_entropy=router_entropy, similarity=self.similarity)

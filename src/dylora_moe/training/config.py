@@ -118,7 +118,8 @@ class TrainingArgs:
         "Before training, embed each training domain and give every novel one (cosine similarity below "
         "growth_threshold to the domains seen before) an expert of its own, adding experts when the pool is "
         "exhausted; the resulting skill library is saved with the checkpoints (docs/continual.md)."))
-    growth_threshold: float = field(default=0.75, metadata=_help("Novelty threshold of allow_expert_growth."))
+    growth_threshold: float = field(default=0.75, metadata=_help(
+        "Novelty threshold of allow_expert_growth (raw cosine similarity, the seed's form and value)."))
     route_by_domain: bool = field(default=False, metadata=_help(
         "Oracle routing: every sequence goes to the expert of its domain (expert i = data.datasets[i]), in training "
         "and in the held-out evaluation; the router is not used. With moe.num_experts equal to the number of "
