@@ -124,8 +124,8 @@ def test_continual_benchmark_rejects_a_bad_order(checkpoint, tmp_path, capsys):
 def test_continual_benchmark_keeps_the_router_settings_it_was_measured_with(checkpoint, tmp_path):
     """`dylora-moe continual` builds its models with sequence routing, temperature 2 and the probability gate
     (what docs/continual.md measured), whatever the joint-training defaults are."""
-    from dylora_moe.continual.baselines import lora_model
     from dylora_moe.continual.config import ContinualRunConfig
+    from dylora_moe.study.continual_baselines import lora_model
 
     model, _ = lora_model(ContinualRunConfig(model=str(tmp_path / "base"), rank=4), 4)
     cfg = model.moe_config

@@ -117,7 +117,7 @@ def _learn_skill(ns: argparse.Namespace) -> int:
 
 
 def _continual(ns: argparse.Namespace) -> int:
-    from ..continual.benchmark import run_continual  # imports torch
+    from ..study.continual_benchmark import run_continual  # imports torch
 
     run = config_from_options(ContinualRunConfig, ns, source="continual run config")
     options = config_from_options(RunOptions, ns, overrides=False)

@@ -6,8 +6,8 @@
   router entropy) and threshold calibration.
 * :mod:`.learner`: the lifecycle of one skill (detect, grow or reuse an expert, two-phase training with
   router protection, maturity, library update): :func:`learn_skill`.
-* :mod:`.benchmark`: a sequence of skills in several orders, against sequential LoRA, replay LoRA, O-LoRA
-  (:mod:`.baselines`) and the multi-task and oracle bounds; AP, BWT, FT, FWT (:mod:`.metrics`).
+* :mod:`.metrics`: AP, BWT, FT, FWT and routing accuracy of a skill x stage matrix; the benchmark that
+  measures them is :mod:`dylora_moe.study.continual_benchmark`.
 * :mod:`.skills`: skill data (Code Alpaca split by language, instruction files).
 
 The torch-using names are imported on first use (:mod:`dylora_moe.lazy`).

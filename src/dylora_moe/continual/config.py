@@ -128,13 +128,13 @@ class ContinualConfig:
         return config
 
 
-#: the methods of the continual benchmark (continual/benchmark.py): ours, three sequential baselines, two bounds
+#: the methods of the continual benchmark (study/continual_benchmark.py): ours, three sequential baselines, two bounds
 METHODS = ("dylora", "sequential_lora", "replay_lora", "olora", "multitask_lora", "oracle")
 
 
 @dataclass
 class ContinualRunConfig:
-    """A continual-learning benchmark run (continual/benchmark.py): skills learned in order, several orders,
+    """A continual-learning benchmark run (study/continual_benchmark.py): skills learned in order, several orders,
     DyLoRA-MoE against sequential baselines and bounds."""
 
     model: str = field(default="smollm2-135m", metadata=_help("Base model: hub id, folder or 'smollm2-135m'."))

@@ -1,4 +1,4 @@
-"""The baselines of the continual benchmark (dylora_moe.continual.baselines) on a tiny model saved to disk."""
+"""The baselines of the continual benchmark (dylora_moe.study.continual_baselines), on a tiny model on disk."""
 
 from __future__ import annotations
 
@@ -8,9 +8,15 @@ import pytest
 import torch
 
 from dylora_moe.continual import learner
-from dylora_moe.continual.baselines import olora_penalty, run_multitask_lora, run_olora, run_oracle, run_sequential_lora
-from dylora_moe.continual.benchmark import skill_loss
 from dylora_moe.continual.config import ContinualRunConfig
+from dylora_moe.study.continual_baselines import (
+    olora_penalty,
+    run_multitask_lora,
+    run_olora,
+    run_oracle,
+    run_sequential_lora,
+)
+from dylora_moe.study.continual_benchmark import skill_loss
 from tests.continual import A_WORDS, B_WORDS, fast_config, skill_examples
 from tests.tiny import make_base, make_tokenizer
 
@@ -61,7 +67,7 @@ def test_olora_freezes_earlier_blocks_and_keeps_the_new_one_orthogonal(base_dir)
 
 
 def test_olora_penalty_is_the_squared_overlap_of_the_blocks(base_dir):
-    from dylora_moe.continual.baselines import lora_model
+    from dylora_moe.study.continual_baselines import lora_model
 
     model, _ = lora_model(run_config(base_dir), 2 * RANK)
     assert olora_penalty(model, 0, RANK).item() == 0.0
@@ -104,7 +110,7 @@ def test_the_bounds_train_on_all_skills_at_once_and_on_each_alone(base_dir, monk
         calls.append(({e.domain for e in examples}, [s for _, s, _ in phases], model.expert_ranks[0]))
         return original(model, tokenizer, examples, *args, phases=phases, **kwargs)
 
-    monkeypatch.setattr("dylora_moe.continual.baselines.train_expert", spy)
+    monkeypatch.setattr("dylora_moe.study.continual_baselines.train_expert", spy)
     run = run_config(base_dir)
     multi = run_multitask_lora(run, two_skills(), lambda m: {"a": {"loss": 1.0}, "b": {"loss": 2.0}},
                                progress=False)

@@ -1,7 +1,9 @@
-"""The methods DyLoRA-MoE's continual learning is measured against (continual/benchmark.py), on one footing.
+"""The methods DyLoRA-MoE's continual learning is measured against (study/continual_benchmark.py), on one
+footing.
 
-Every method trains with :func:`.learner.train_expert`: the same phases (seeding at ``seed_lr``, then
-consolidation on a cosine from ``consolidate_lr``), batch size, sequence length, data order and seed; every
+Every method trains with :func:`dylora_moe.continual.learner.train_expert`: the same phases (seeding at
+``seed_lr``, then consolidation on a cosine from ``consolidate_lr``), batch size, sequence length, data order
+and seed; every
 LoRA is a one-expert :class:`~dylora_moe.model.DyLoRAMoEForCausalLM` (the same adapter code as the mixture).
 
 * :func:`run_sequential_lora`: one LoRA of rank ``rank`` fine-tuned on the stages in turn; with
@@ -29,12 +31,12 @@ import torch
 
 from ..common.devices import resolve_device
 from ..config import DyLoRAMoEConfig
+from ..continual.config import ContinualConfig, ContinualRunConfig
+from ..continual.learner import train_expert
+from ..continual.library import SkillLibrary
 from ..data import Example
 from ..loading import load_base_model
 from ..model import DyLoRAMoEForCausalLM
-from .config import ContinualConfig, ContinualRunConfig
-from .learner import train_expert
-from .library import SkillLibrary
 
 __all__ = ["lora_model", "olora_penalty", "run_multitask_lora", "run_olora", "run_oracle", "run_sequential_lora"]
 

@@ -1,10 +1,10 @@
 """The continual-learning benchmark: skills learned one after another, in several orders, DyLoRA-MoE against
-sequential LoRA, replay LoRA and O-LoRA, with the multi-task and oracle bounds (continual/baselines.py).
+sequential LoRA, replay LoRA and O-LoRA, with the multi-task and oracle bounds (study/continual_baselines.py).
 
 ``run_continual(ContinualRunConfig(...))`` (CLI: ``dylora-moe continual --config configs/continual-five.yaml``)
 measures, for every task order (``orders``) and sequential method, the held-out loss of every skill after every
 stage (and numeric exact match for the ``exact_match`` skills), with no task identity at inference. From those
-matrices (continual/metrics.py): average performance after the last stage (AP), backward transfer (BWT),
+matrices (:mod:`dylora_moe.continual.metrics`): average performance after the last stage (AP), backward transfer (BWT),
 forgetting (FT) and forward transfer (FWT, against the base model's losses before training). DyLoRA-MoE also
 reports its novelty detector's precision and recall on a labelled stream (held-out batches of known skills must
 not be flagged, the next skill's batches must be) and its router's accuracy: the share of each skill's held-out
@@ -27,15 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_text_atomically
+from ..continual.config import ContinualConfig, ContinualRunConfig
+from ..continual.learner import batched_outputs, learn_skill
+from ..continual.library import SkillLibrary, embedding_and_spread
+from ..continual.metrics import continual_metrics, forgetting_metrics, routing_accuracy
+from ..continual.novelty import NoveltyDetector
+from ..continual.skills import load_skill_examples
 from ..data import Example
 from ..evaluation.exact_match import exact_match
-from .baselines import lora_model, run_multitask_lora, run_olora, run_oracle, run_sequential_lora
-from .config import ContinualConfig, ContinualRunConfig
-from .learner import batched_outputs, learn_skill
-from .library import SkillLibrary, embedding_and_spread
-from .metrics import continual_metrics, forgetting_metrics, routing_accuracy
-from .novelty import NoveltyDetector
-from .skills import load_skill_examples
+from .continual_baselines import lora_model, run_multitask_lora, run_olora, run_oracle, run_sequential_lora
 
 __all__ = ["ContinualRunConfig", "forgetting_metrics", "run_continual", "skill_loss"]
 
