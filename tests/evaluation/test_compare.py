@@ -70,3 +70,20 @@ def test_compare_rejects_what_cannot_be_paired(tmp_path, capsys):
     assert main(["compare", a, str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dylora-moe: error:") and "missing/results.jsonl: not found" in err
+
+
+def test_compare_with_a_references_run_counts_the_references_not_their_pass_bodies(tmp_path, capsys):
+    """A `dylora-moe eval --references` folder holds a `reference` row and a `pass_body` row (the sandbox's
+    check that an empty body fails) per HumanEval problem; compare must read the references' verdicts."""
+    refs = tmp_path / "refs"
+    assert main(["eval", "--references", "--benchmark", "humaneval", "--limit", "5", "--workers", "2",
+                 "--no-progress", "--output", str(refs)]) == 0
+    kinds = [json.loads(line)["kind"] for line in (refs / "results.jsonl").read_text().splitlines()]
+    assert kinds.count("reference") == 5 and kinds.count("pass_body") == 5
+    assert read_verdicts(refs) == {f"HumanEval/{i}": True for i in range(5)}
+    model = _run(tmp_path / "model", {f"HumanEval/{i}": i < 2 for i in range(5)}, benchmark="humaneval")
+    result = compare_runs(model, refs)
+    assert result.pass_at_1 == (0.4, 1.0) and (result.only_a, result.only_b) == (0, 3)
+    capsys.readouterr()
+    assert main(["compare", model, str(refs)]) == 0
+    assert "only A 0, only B 3" in capsys.readouterr().out

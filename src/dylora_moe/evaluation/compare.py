@@ -59,7 +59,9 @@ def sign_test(only_a: int, only_b: int) -> float:
 
 def read_verdicts(run_dir: str | Path) -> dict[str, bool]:
     """``{task_id: passed}`` from a run's ``results.jsonl`` (first sample of each problem); a
-    ``ValueError`` names the file and line of a row it cannot read."""
+    ``ValueError`` names the file and line of a row it cannot read. In a references run (``eval
+    --references``) only the reference solutions' rows count: its ``pass_body`` rows are the sandbox's
+    sanity check (an empty body), not the run's verdicts."""
     path = Path(run_dir) / "results.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (a folder written by `dylora-moe eval` holds it)")
@@ -72,7 +74,7 @@ def read_verdicts(run_dir: str | Path) -> dict[str, bool]:
             task, status, sample = row["task_id"], row["status"], row.get("sample", 0)
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}, line {number}: not a result row with task_id and status ({exc})") from None
-        if sample == 0:
+        if sample == 0 and row.get("kind", "reference") == "reference":
             verdicts[task] = status == "passed"
     return verdicts
 
