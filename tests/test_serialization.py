@@ -129,3 +129,18 @@ def test_corrupt_weights(tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="unreadable or corrupt"):
         DyLoRAMoEForCausalLM.from_pretrained(tmp_path / "ckpt", base_model=make_base("llama"))
+
+
+def test_from_pretrained_returns_the_model_in_eval_mode(tmp_path, batch):
+    """As transformers does: dropout is off after loading, so two forwards agree; .train() turns it back on."""
+    ids, mask, _ = batch
+    model = DyLoRAMoEForCausalLM(make_base("llama"), DyLoRAMoEConfig(num_experts=2, r=4, alpha=8, dropout=0.5))
+    for p in model.expert_parameters():
+        torch.nn.init.normal_(p, std=0.5)  # B != 0, so the adapters (and their dropout) change the output
+    model.train().save_pretrained(tmp_path / "ckpt")
+    loaded = DyLoRAMoEForCausalLM.from_pretrained(tmp_path / "ckpt", base_model=make_base("llama"))
+    assert not loaded.training and not any(m.training for m in loaded.modules())
+    first, second = (loaded(input_ids=ids, attention_mask=mask).logits for _ in range(2))
+    assert torch.equal(first, second)
+    loaded.train()
+    assert not torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, first)

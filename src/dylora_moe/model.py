@@ -628,7 +628,8 @@ class DyLoRAMoEForCausalLM(nn.Module):
     def from_pretrained(cls, directory: str | Path, base_model: PreTrainedModel | None = None, *,
                         dtype: Any = None, device: Any = None) -> DyLoRAMoEForCausalLM:
         """Rebuild a model from a checkpoint folder, on ``base_model`` (default: the fingerprinted base model,
-        loaded with ``load_base_model``); refuses another base model or a newer format."""
+        loaded with ``load_base_model``); refuses another base model or a newer format. The model comes back in
+        eval mode (dropout off), as transformers' ``from_pretrained`` does: call ``.train()`` to train on."""
         directory = Path(directory)
         meta, config, tensors = read_adapter(directory)
         fingerprint = meta["base_model"]
@@ -643,7 +644,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
         for attachment in model.attachments.values():
             if hasattr(attachment, "check_against"):
                 attachment.check_against(model, str(directory))
-        return model
+        return model.eval()
 
     def export_expert(self, index: int, directory: str | Path) -> Path:
         """Expert ``index`` as a standard PEFT LoRA adapter folder (see ``export.py``)."""
