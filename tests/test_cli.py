@@ -93,6 +93,58 @@ def test_train_inspect_generate(tmp_path, run_files, capsys):
     assert main([*argv, "--resume"]) == 0
 
 
+def test_generate_samples_reads_a_prompt_file_and_forces_an_expert(tmp_path, run_files, capsys):
+    config, data_dir = run_files
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--data-dir", str(data_dir), "--output-dir", str(out)]) == 0
+    capsys.readouterr()
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"instruction": "add two numbers"}, {"instruction": "sort a list", "input": "[3, 1]"},
+        {"instruction": "print hello"}]))
+    replies = tmp_path / "replies.jsonl"
+    base = ["generate", str(out), "--prompts-file", str(prompts), "--max-new-tokens", "6", "--batch-size", "2"]
+    assert main([*base, "--expert", "1", "--output", str(replies)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("[expert 1 of 2, forced") == 3 and "### 2: print hello" in printed
+    rows = [json.loads(line) for line in replies.read_text().splitlines()]
+    assert [r["instruction"] for r in rows] == ["add two numbers", "sort a list", "print hello"]
+    assert rows[1]["input"] == "[3, 1]" and all(r["expert"] == 1 and r["forced"] for r in rows)
+
+    def sampled(*extra):
+        target = tmp_path / f"s{len(list(tmp_path.glob('s*.jsonl')))}.jsonl"
+        assert main([*base, "--temperature", "5.0", "--top-p", "1.0", *extra, "--output", str(target)]) == 0
+        return [json.loads(line)["reply"] for line in target.read_text().splitlines()]
+
+    greedy = [r["reply"] for r in (json.loads(line) for line in replies.read_text().splitlines())]
+    assert sampled("--seed", "3") == sampled("--seed", "3")  # a seed makes sampling repeatable
+    assert sampled("--seed", "3") != sampled("--seed", "4") or sampled("--seed", "3") != greedy
+    capsys.readouterr()
+    txt = tmp_path / "prompts.txt"
+    txt.write_text("add two numbers\n\nprint hello\n")
+    assert main(["generate", str(out), "--prompts-file", str(txt), "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.count("[router: expert") == 2
+
+
+def test_generate_refuses_bad_options_clearly(tmp_path, run_files, capsys):
+    config, data_dir = run_files
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--data-dir", str(data_dir), "--output-dir", str(out)]) == 0
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"instruction": "fine"}\n{"input": "no instruction"}\n')
+    for argv, message in [
+        (["--prompt", "x", "--expert", "7"], "--expert=7: "),
+        (["--prompt", "x", "--temperature", "-1"], "--temperature=-1.0: must be >= 0"),
+        (["--prompt", "x", "--top-p", "0"], "--top-p=0.0: must be in (0, 1]"),
+        ([], "give exactly one of --prompt and --prompts-file"),
+        (["--prompts-file", str(bad)], "prompts.jsonl:2: missing or empty 'instruction'"),
+    ]:
+        capsys.readouterr()
+        assert main(["generate", str(out), *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert "dylora-moe: error:" in err and message in err and "Traceback" not in err, (argv, err)
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [

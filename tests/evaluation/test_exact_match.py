@@ -22,6 +22,8 @@ def test_first_number_reads_signs_separators_decimals_and_fractions():
 class ScriptedModel(torch.nn.Module):
     """Answers each prompt with the next scripted reply (token ids), like a greedy model would."""
 
+    num_experts = 2  # a DyLoRA-MoE model's interface: forced_expert is checked against it
+
     def __init__(self, tokenizer, replies):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..config import DyLoRAMoEConfig
@@ -37,15 +38,37 @@ class InspectOptions:
 
 @dataclass
 class GenerateOptions:
-    """What ``generate`` writes."""
+    """What ``generate`` answers and how it decodes."""
 
-    prompt: str = field(metadata=_help("The instruction (formatted as in training)."))
-    input: str = field(default="", metadata=_help("Optional input/context of the instruction."))
+    prompt: str | None = field(default=None, metadata=_help("The instruction (formatted as in training)."))
+    prompts_file: str | None = field(default=None, metadata=_help(
+        "Answer every prompt of this file instead: JSON / JSON Lines records with 'instruction' (and optionally "
+        "'input'), or a .txt file with one instruction per line."))
+    input: str = field(default="", metadata=_help("Optional input/context of --prompt."))
     max_new_tokens: int = field(default=256, metadata=_help("Tokens generated at most."))
+    temperature: float = field(default=0.0, metadata=_help("Sampling temperature; 0 = greedy decoding."))
+    top_p: float = field(default=1.0, metadata=_help("Nucleus sampling: the smallest set of tokens whose "
+                                                     "probabilities add up to this (with --temperature > 0)."))
+    seed: int | None = field(default=None, metadata=_help("Seed of sampling, for repeatable replies."))
+    expert: int | None = field(default=None, metadata=_help(
+        "Send every prompt to this expert instead of routing it."))
+    batch_size: int = field(default=8, metadata=_help("Prompts generated at once."))
+    output: str | None = field(default=None, metadata=_help(
+        "Also write the replies here as JSON Lines (instruction, input, reply, expert, router_probs)."))
 
     def validate(self, source: str = "generate", origins: dict[str, str] | None = None) -> None:
+        if (self.prompt is None) == (self.prompts_file is None):
+            raise ConfigError("give exactly one of --prompt and --prompts-file")
         if self.max_new_tokens < 1:
             raise ConfigError(f"--max-new-tokens={self.max_new_tokens}: must be >= 1")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size={self.batch_size}: must be >= 1")
+        if self.temperature < 0:
+            raise ConfigError(f"--temperature={self.temperature}: must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top-p={self.top_p}: must be in (0, 1]")
+        if self.expert is not None and self.expert < 0:
+            raise ConfigError(f"--expert={self.expert}: must be >= 0")
 
 
 def register(sub: Any) -> None:
@@ -64,7 +87,8 @@ def register(sub: Any) -> None:
     add_config_options(report, DyLoRAMoEConfig)
     report.set_defaults(func=_report)
 
-    generate = sub.add_parser("generate", help="generate greedily with a trained adapter; reports the chosen expert")
+    generate = sub.add_parser("generate", help="answer a prompt (or a file of prompts) with a trained adapter, greedy "
+                              "or sampled; reports the expert each prompt went to, or forces one (--expert)")
     add_config_options(generate, InspectOptions, positional=("checkpoint",))
     add_config_options(generate, GenerateOptions)
     generate.set_defaults(func=_generate)
@@ -115,24 +139,34 @@ def _load_for_inference(options: InspectOptions) -> tuple[Any, dict[str, Any], A
 
 
 def _generate(ns: argparse.Namespace) -> int:
-    import torch
-
-    from ..data import Example, build_prompt_ids, resolve_pad_token_id
+    from ..atomic import write_text_atomically
+    from ..common.generation import SamplingSettings, generate_replies, read_prompts
+    from ..data import Example
 
     options = config_from_options(GenerateOptions, ns, overrides=False)
+    prompts = (read_prompts(options.prompts_file) if options.prompts_file is not None  # bad files fail first
+               else [Example("prompt", options.prompt or "", options.input)])
     adapter, _, model, tokenizer = _load_for_inference(config_from_options(InspectOptions, ns, overrides=False))
-    example = Example(domain="prompt", instruction=options.prompt, input=options.input)
-    ids = torch.tensor([build_prompt_ids(example, tokenizer)], device=model.device)
-    mask = torch.ones_like(ids)
-    with torch.no_grad():
-        routed = model(input_ids=ids, attention_mask=mask)
-        output = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=options.max_new_tokens,
-                                do_sample=False, pad_token_id=resolve_pad_token_id(tokenizer))
-    completion = tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
-    probs = ", ".join(f"{p:.3f}" for p in routed.router_probs[0].tolist())
-    print(completion)
-    print(f"[router: expert {int(routed.expert_choice[0])} of {model.num_experts} "
-          f"(probabilities {probs}); adapter {adapter}]")
+    if options.expert is not None and options.expert >= model.num_experts:
+        raise ConfigError(f"--expert={options.expert}: {adapter} has {model.num_experts} experts "
+                          f"(0..{model.num_experts - 1})")
+    settings = SamplingSettings(options.max_new_tokens, options.temperature, options.top_p, options.seed)
+    replies = generate_replies(model, tokenizer, prompts, settings, expert=options.expert,
+                               batch_size=options.batch_size, progress=len(prompts) > options.batch_size)
+    for i, reply in enumerate(replies):
+        if len(replies) > 1:
+            print(f"### {i}: {reply.instruction[:70]}")
+        print(reply.text)
+        if reply.forced:
+            print(f"[expert {reply.expert} of {model.num_experts}, forced; adapter {adapter}]")
+        else:
+            probs = ", ".join(f"{p:.3f}" for p in reply.router_probs or [])
+            print(f"[router: expert {reply.expert} of {model.num_experts} (probabilities {probs}); adapter {adapter}]")
+    if options.output is not None:
+        rows = [{"instruction": r.instruction, "input": r.input, "reply": r.text, "expert": r.expert,
+                 "forced": r.forced, "router_probs": r.router_probs} for r in replies]
+        write_text_atomically(Path(options.output), "".join(json.dumps(row) + "\n" for row in rows))
+        print(f"wrote {len(rows)} replies to {options.output}")
     return 0
 
 

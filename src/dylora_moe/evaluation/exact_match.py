@@ -16,10 +16,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-import torch
-from tqdm.auto import tqdm
-
-from ..data import Example, build_prompt_ids, resolve_pad_token_id
+from ..common.generation import SamplingSettings, generate_replies
+from ..data import Example
 
 __all__ = ["ExactMatchResult", "exact_match", "first_number"]
 
@@ -54,33 +52,18 @@ class ExactMatchResult:
         return {"exact_match": self.accuracy, "correct": self.correct, "total": self.total, "rows": self.rows}
 
 
-@torch.no_grad()
 def exact_match(model: Any, tokenizer: Any, examples: Sequence[Example], *, batch_size: int = 16,
                 max_new_tokens: int = 24, forced_expert: int | None = None,
                 progress: bool = True) -> ExactMatchResult:
-    """Greedy replies to ``examples`` (left-padded batches, the KV cache), scored by :func:`first_number`;
-    ``forced_expert`` sends every prompt of a DyLoRA-MoE model to that expert."""
-    was_training, side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"
-    pad_id = resolve_pad_token_id(tokenizer)
+    """Greedy replies to ``examples`` (:func:`~dylora_moe.common.generation.generate_replies`: left-padded
+    batches, the KV cache), scored by :func:`first_number`; ``forced_expert`` sends every prompt of a
+    DyLoRA-MoE model to that expert."""
+    replies = generate_replies(model, tokenizer, examples, SamplingSettings(max_new_tokens=max_new_tokens),
+                               expert=forced_expert, batch_size=batch_size, routing=False, progress=progress,
+                               desc="exact match")
     rows: list[dict[str, Any]] = []
-    try:
-        for start in tqdm(range(0, len(examples), batch_size), desc="exact match", disable=not progress):
-            batch = examples[start:start + batch_size]
-            prompts = [build_prompt_ids(ex, tokenizer) for ex in batch]
-            width = max(len(p) for p in prompts)
-            ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=model.device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
-            extra = {} if forced_expert is None else {"forced_expert": forced_expert}
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=pad_id, **extra)
-            for ex, row in zip(batch, out[:, width:]):
-                reply = tokenizer.decode(row, skip_special_tokens=True)
-                want, got = first_number(ex.output), first_number(reply)
-                rows.append({"input": ex.input, "reference": ex.output, "reply": reply,
-                             "correct": want is not None and got == want})
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
+    for ex, reply in zip(examples, replies):
+        want, got = first_number(ex.output), first_number(reply.text)
+        rows.append({"input": ex.input, "reference": ex.output, "reply": reply.text,
+                     "correct": want is not None and got == want})
     return ExactMatchResult(sum(r["correct"] for r in rows), len(rows), rows)
