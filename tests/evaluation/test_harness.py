@@ -74,7 +74,7 @@ def test_pass_at_1_counts_real_passes(monkeypatch, tmp_path):
     problems = load_problems("humaneval", limit=2)
     canonical = problems[0].reference[len(problems[0].prompt):]
 
-    def fake_generate(model, tokenizer, problems, config, on_batch=None, done=None):
+    def fake_generate(model, tokenizer, problems, config, on_batch=None, done=None, on_token=None):
         samples = [Sample(p.task_id, 0, p.prompt, c, p.prompt + c, 3, expert=i, router_probs=[0.5, 0.5])
                    for i, (p, c) in enumerate(zip(problems, [canonical, "    pass\n"]))]
         on_batch(samples)
@@ -203,7 +203,7 @@ def stored_run(monkeypatch, tmp_path):
     replies = [problems[0].reference + "```\n\nThis function checks the distances.",
                f"def {problems[1].entry_point}(x):\n    return []\n```\nIt returns an empty list."]
 
-    def fake_generate(model, tokenizer, problems, config, on_batch=None, done=None):
+    def fake_generate(model, tokenizer, problems, config, on_batch=None, done=None, on_token=None):
         samples = [Sample(p.task_id, 0, p.prompt, reply, p.prompt + "\n\n" + reply.split("```")[1], 7, expert=i,
                           router_probs=[0.25, 0.75]) for i, (p, reply) in enumerate(zip(problems, replies))]
         on_batch(samples)

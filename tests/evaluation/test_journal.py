@@ -187,3 +187,38 @@ def test_eval_command_interrupted_says_how_to_resume(tmp_path, monkeypatch, caps
     err = capsys.readouterr().err
     assert f"2 generated batch(es) are kept in {tmp_path / JOURNAL_FILE}: run the same command again" in err
     assert "dylora-moe: interrupted" in err
+
+
+def test_a_finished_folder_is_not_generated_again_another_evaluation_is_refused_and_overwrite_replaces(
+        moe, tmp_path, monkeypatch):
+    tokenizer = make_tokenizer()
+    first = evaluate(moe, tokenizer, output_dir=tmp_path, **SETTINGS)
+    results = (tmp_path / "results.jsonl").read_bytes()
+    calls = count_generate_calls(monkeypatch, moe)
+    again = evaluate(moe, tokenizer, output_dir=tmp_path, **SETTINGS)
+    assert calls == [] and again == first  # the same evaluation, finished: nothing regenerated
+    assert (tmp_path / "results.jsonl").read_bytes() == results
+    with pytest.raises(EvaluationError, match=r"already holds a finished evaluation .*\(seed: 0 there, 1 now\).*"
+                                              r"--overwrite"):
+        evaluate(moe, tokenizer, output_dir=tmp_path, **{**SETTINGS, "seed": 1})
+    assert (tmp_path / "results.jsonl").read_bytes() == results  # refused: left as it was
+    old = json.loads((tmp_path / "summary.json").read_text())
+    old.pop("fingerprint")  # a summary written before summaries kept their fingerprint
+    (tmp_path / "summary.json").write_text(json.dumps(old))
+    with pytest.raises(EvaluationError, match="did not record what it ran"):
+        evaluate(moe, tokenizer, output_dir=tmp_path, **SETTINGS)
+    replaced = evaluate(moe, tokenizer, output_dir=tmp_path, overwrite=True, **{**SETTINGS, "seed": 1})
+    assert calls == [3, 3, 2] and replaced["seed"] == 1 and replaced["fingerprint"]["seed"] == 1
+
+
+def test_generation_reports_every_decoding_step_with_the_batches_left(moe):
+    from dylora_moe.evaluation.benchmarks import load_problems
+    from dylora_moe.evaluation.generation import GenerationConfig, generate_samples
+
+    steps: list[tuple[int, int]] = []
+    generate_samples(moe, make_tokenizer(), load_problems("humaneval", limit=4),
+                     GenerationConfig(max_new_tokens=5, batch_size=2), on_token=lambda s, batches_left: steps.append(
+                         (s, batches_left)))
+    assert steps[0] == (1, 2) and (1, 1) in steps  # a new batch starts at step 1; two batches, then one left
+    assert all(1 <= s <= 5 for s, _ in steps) and max(s for s, _ in steps) >= 2
+    assert [s for s, left in steps if left == 2] == list(range(1, len([1 for _, left in steps if left == 2]) + 1))

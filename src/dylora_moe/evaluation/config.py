@@ -64,6 +64,9 @@ class EvalConfig:
     resume: bool = field(default=True, metadata=_help(
         "Keep the samples an interrupted run into the same output folder journaled and generate only the rest "
         "(off: discard them)."))
+    overwrite: bool = field(default=False, metadata=_help(
+        "Run again into an output folder that holds a finished evaluation, replacing it (without it, the same "
+        "evaluation is not run again and another one is refused)."))
     threads: int | None = field(default=None, metadata=_help("torch CPU threads."))
     expert: int | None = field(default=None, metadata=_help(
         "Send every prompt to this expert of a DyLoRA-MoE model (the router is not used), e.g. the expert of "

@@ -142,13 +142,16 @@ class _StopCriteria(StoppingCriteria):
     WINDOW = 16
 
     def __init__(self, tokenizer: Any, prompt_length: int, done: Callable[[str], bool],
-                 triggers: Sequence[str]) -> None:
+                 triggers: Sequence[str], on_step: Callable[[int], None] | None = None) -> None:
         super().__init__()
         self.tokenizer, self.prompt_length, self.done = tokenizer, prompt_length, done
         self.triggers = tuple(triggers)
         self.finished: list[bool] | None = None
+        self.on_step = on_step
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs: Any) -> torch.BoolTensor:
+        if self.on_step is not None:
+            self.on_step(input_ids.shape[1] - self.prompt_length)
         if self.finished is None:
             self.finished = [False] * input_ids.shape[0]
         rows = [row for row, finished in enumerate(self.finished) if not finished]
@@ -216,6 +219,7 @@ def generate_samples(
     *,
     on_batch: Callable[[list[Sample]], None] | None = None,
     done: Mapping[tuple[str, int], Sample] | None = None,
+    on_token: Callable[[int, int], None] | None = None,
 ) -> list[Sample]:
     """Generate ``config.n_samples`` samples per problem, in problem order then sample order.
 
@@ -224,6 +228,8 @@ def generate_samples(
     ``done`` holds samples generated earlier, by ``(task_id, sample index)`` (a resumed run): a batch whose
     every sample is there is not generated again and is not passed to ``on_batch``. Batches are planned and
     seeded over all problems either way, so the other batches come out as in a run from scratch.
+    ``on_token(step, batches_left)`` is called after every decoding step (``step`` 1.. within the batch; a
+    progress bar over a batch's tokens).
     """
     config = config or GenerationConfig()
     config.validate()
@@ -236,14 +242,17 @@ def generate_samples(
     tokenizer.padding_side = "left"
     samples: dict[tuple[int, int], Sample] = {}
     done = done or {}
+    batches = plan_batches(jobs, [run.lengths[i] for i, _ in jobs], config.batch_size, config.min_fill)
+    left = sum(not all((problems[i].task_id, s) in done for i, s in batch) for batch in batches)
     try:
-        for number, batch in enumerate(plan_batches(jobs, [run.lengths[i] for i, _ in jobs], config.batch_size,
-                                                    config.min_fill)):
+        for number, batch in enumerate(batches):
             kept = [done.get((problems[i].task_id, s)) for i, s in batch]
             if all(sample is not None for sample in kept):
                 samples.update(zip(batch, kept))
                 continue
-            made = run.batch(batch, seed=config.seed + number)
+            step = None if on_token is None else functools.partial(on_token, batches_left=left)
+            made = run.batch(batch, seed=config.seed + number, on_token=step)
+            left -= 1
             samples.update(zip(batch, made))
             if on_batch is not None:
                 on_batch(made)
@@ -266,14 +275,16 @@ class _Generation:
         self.eos_ids = _eos_ids(model, tokenizer)
         self.device = next(model.parameters()).device
 
-    def batch(self, batch: list[tuple[int, int]], seed: int) -> list[Sample]:
+    def batch(self, batch: list[tuple[int, int]], seed: int,
+              on_token: Callable[[int], None] | None = None) -> list[Sample]:
         """Generate the samples ``(problem index, sample index)`` of ``batch`` together (left padding, KV cache),
-        sampling seeded with ``seed``."""
+        sampling seeded with ``seed``; ``on_token(step)`` after every decoding step."""
         config, tokenizer, problems = self.config, self.tokenizer, self.problems
         enc = tokenizer([self.prompts[i] for i, _ in batch], add_special_tokens=self.add_special, padding=True,
                         return_tensors="pt").to(self.device)
         width = enc["input_ids"].shape[1]
-        stop = _StopCriteria(tokenizer, width, *_stop_test(self.style, problems[batch[0][0]].benchmark))
+        stop = _StopCriteria(tokenizer, width, *_stop_test(self.style, problems[batch[0][0]].benchmark),
+                             on_step=on_token)
         kwargs: dict[str, Any] = {"do_sample": False}
         if config.temperature > 0:
             kwargs = {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p, "top_k": 0}

@@ -33,6 +33,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from ..atomic import write_text_atomically
 from ..common.devices import resolve_device, resolve_dtype
 from ..common.inference import load_for_eval
@@ -123,10 +125,13 @@ class _Evaluation:
         if model is None:
             model, tokenizer = load_for_eval(c.model, c.base_only, dtype=c.dtype, device=resolve_device(c.device))
         loaded = time.monotonic()
-        self.out.mkdir(parents=True, exist_ok=True)
         style = resolve_prompt_style(tokenizer, c.prompt_style)
-        journal = GenerationJournal(self.out / JOURNAL_FILE, _fingerprint(model, tokenizer, self.problems, style,
-                                                                          self.gen))
+        fingerprint = _fingerprint(model, tokenizer, self.problems, style, self.gen)
+        finished = self._finished(fingerprint)
+        if finished is not None:
+            return finished
+        self.out.mkdir(parents=True, exist_ok=True)
+        journal = GenerationJournal(self.out / JOURNAL_FILE, fingerprint)
         try:
             done = journal.open(resume=c.resume)
         except JournalError as exc:
@@ -144,10 +149,30 @@ class _Evaluation:
         note = (f"pass@k for k > n_samples={c.n_samples} is undefined: reported as null"
                 if max(ks) > c.n_samples else None)
         summary = {**self._settings(model, model_name, style), **summary, "note": note,
-                   "resumed_samples": len(done), "timing": timing}
+                   "resumed_samples": len(done), "timing": timing, "fingerprint": fingerprint}
         write_text_atomically(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         journal.finish()
         return summary
+
+    def _finished(self, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+        """A finished evaluation already in the output folder: the same one is returned as it is (nothing is
+        generated again); another one, or one from before summaries kept their fingerprint, is refused unless
+        ``overwrite``."""
+        summary_path, results_path = self.out / "summary.json", self.out / "results.jsonl"
+        if self.config.overwrite or not summary_path.is_file():
+            return None
+        summary = json.loads(summary_path.read_text())
+        if summary.get("fingerprint") == fingerprint and results_path.is_file():
+            if self.config.progress:
+                print(f"{self.out}: this evaluation is already finished there (summary.json); nothing to generate. "
+                      "Pass --overwrite to run it again.", flush=True)
+            return summary
+        before = summary.get("fingerprint") or {}
+        differs = [k for k in sorted(set(before) | set(fingerprint)) if before.get(k) != fingerprint.get(k)]
+        changes = ", ".join(f"{k}: {before.get(k)!r} there, {fingerprint.get(k)!r} now" for k in differs[:3])
+        what = f"another evaluation ({changes})" if before else "an evaluation that did not record what it ran"
+        raise EvaluationError(f"{self.out} already holds a finished evaluation (summary.json) of {what}: choose "
+                              "another --output, or pass --overwrite to replace it")
 
     def _generate_and_execute(self, model: Any, tokenizer: Any, journal: GenerationJournal,
                               done: dict[Any, Sample]) -> tuple[list[Sample], dict[Any, Any], float]:
@@ -157,6 +182,14 @@ class _Evaluation:
         total = len(self.problems) * self.config.n_samples
         sandbox = SandboxPool(self.limits, self.workers, self.config.progress, total)
         gen_bar = progress_bar(total, "generate", self.config.progress, position=0)
+        token_bar = tqdm(total=self.gen.max_new_tokens, unit="tok", disable=not self.config.progress, position=2,
+                         leave=False, dynamic_ncols=True)
+
+        def on_token(step: int, batches_left: int) -> None:
+            if step == 1:  # a new batch: its tokens so far, against the cap, with the batches still to generate
+                token_bar.reset(total=self.gen.max_new_tokens)
+                token_bar.set_description(f"tokens of this batch ({batches_left} to generate)")
+            token_bar.update(step - token_bar.n)
 
         def execute(samples: Sequence[Sample]) -> None:
             for sample in samples:
@@ -170,8 +203,10 @@ class _Evaluation:
         try:
             execute(list(done.values()))
             gen_bar.update(len(done))
-            samples = generate_samples(model, tokenizer, self.problems, self.gen, on_batch=on_batch, done=done)
+            samples = generate_samples(model, tokenizer, self.problems, self.gen, on_batch=on_batch, done=done,
+                                       on_token=on_token)
         finally:
+            token_bar.close()
             gen_bar.close()
             journal.close()
             generated = time.monotonic()

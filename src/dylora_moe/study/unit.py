@@ -121,7 +121,8 @@ def _pass_at_1(study: StudyConfig, model: Any, tokenizer: Any, benchmark: str, u
                        expert=_oracle_expert(config, "mbpp"),
                        limit=study.eval_limit, batch_size=study.eval_batch_size,
                        max_new_tokens=study.max_new_tokens, workers=study.eval_workers,
-                       data_dir=config.data.data_dir, progress=progress)
+                       data_dir=config.data.data_dir, progress=progress,
+                       overwrite=True)  # a unit trained again replaces its stale pass@1 (the journal still resumes)
     return {"pass@1": summary["pass@k"]["pass@1"], "problems": summary["problems"],
             "outcomes": summary["outcomes"], "experts": summary["experts"],
             "eval_time_s": summary["timing"]["total_s"], "resumed_samples": summary.get("resumed_samples", 0),
