@@ -20,6 +20,7 @@ from dylora_moe.data import (
     read_records,
     register_local_dataset,
     resolve_data_dir,
+    sources,
 )
 
 from .conftest import MBPP_IDS, alpaca_records, mbpp_record, write_json, write_jsonl
@@ -172,18 +173,22 @@ def test_data_dir_argument_env_and_default(data_dir, tmp_path, monkeypatch):
     assert resolve_data_dir() == data_dir.resolve()
     assert len(load_examples("mbpp")) == 4
     monkeypatch.delenv(DATA_DIR_ENV)
-    work = tmp_path / "repo"
-    work.mkdir()
     (tmp_path / "shared").mkdir()
     data_dir.rename(tmp_path / "shared" / "data")
-    monkeypatch.chdir(work)
-    assert resolve_data_dir() == (tmp_path / "shared" / "data").resolve()
-    assert len(load_examples("mbpp", split="test")) == 3
+    monkeypatch.setattr(sources, "CHECKOUT_DATA_DIR", tmp_path / "shared" / "data")
+    for where in (tmp_path, tmp_path / "shared", Path("/")):  # the default does not depend on the working directory
+        monkeypatch.chdir(where)
+        assert resolve_data_dir() == (tmp_path / "shared" / "data").resolve()
+        assert len(load_examples("mbpp", split="test")) == 3
+
+
+def test_the_default_data_dir_is_beside_the_checkout():
+    assert sources.CHECKOUT_DATA_DIR == Path(sources.__file__).resolve().parents[3].parent / "shared" / "data"
 
 
 def test_missing_data_dir_and_file_messages(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(DataError, match=f"no data directory found: {DATA_DIR_ENV} is not set"):
+    monkeypatch.setattr(sources, "CHECKOUT_DATA_DIR", tmp_path / "nowhere")
+    with pytest.raises(DataError, match=f"no data directory found: {DATA_DIR_ENV} is not set .*--data-dir DIR"):
         resolve_data_dir()
     with pytest.raises(DataError) as info:
         load_examples("mbpp")

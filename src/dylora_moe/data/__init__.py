@@ -2,7 +2,7 @@
 
 * :mod:`.sources` — dataset registry (``code_alpaca``, ``mbpp``, local JSON/JSONL files) and
   :class:`Example` records; data-directory lookup (``data_dir`` / ``$DYLORA_MOE_DATA_DIR`` /
-  ``../shared/data``).
+  ``shared/data`` beside the checkout, whatever the working directory).
 * :mod:`.formatting` — prompt building (chat template or plain instruction template), tokenization
   with prompt masking and truncation (:class:`FormatStats` report); :mod:`.collate` — padding collator.
 * :mod:`.mixing` — :class:`InterleavedSampler`, a seeded, resumable weighted domain sampler.

@@ -13,9 +13,9 @@ any local JSON / JSON Lines file with instruction/input/output columns can be re
     by_domain = load_domains(["code_alpaca", "mbpp", "sql"])      # dict[str, list[Example]]
 
 Relative file paths are looked up in the data directory: the ``data_dir`` argument, else the
-environment variable ``DYLORA_MOE_DATA_DIR``, else ``../shared/data`` relative to the current
-working directory (see :func:`resolve_data_dir`).  Every problem with the data raises
-:class:`~dylora_moe.data.errors.DataError` naming the file, line/record and field.
+environment variable ``DYLORA_MOE_DATA_DIR``, else ``shared/data`` beside the project's checkout
+(:data:`CHECKOUT_DATA_DIR`, whatever the working directory; see :func:`resolve_data_dir`). Every problem with
+the data raises :class:`~dylora_moe.data.errors.DataError` naming the file, line/record and field.
 
 Splits: ``mbpp`` uses the standard split by task id (``prompt`` 1-10, ``test`` 11-510,
 ``validation`` 511-600, ``train`` 601-974, or ``all``).  Instruction files (``code_alpaca`` and
@@ -40,6 +40,7 @@ from .packaged import PACKAGED_SOURCES, fetched_path
 
 __all__ = [
     "CODE_ALPACA_HUB_ID",
+    "CHECKOUT_DATA_DIR",
     "DATA_DIR_ENV",
     "MBPP_HUB_ID",
     "MBPP_SPLITS",
@@ -60,6 +61,9 @@ __all__ = [
 ]
 
 DATA_DIR_ENV = "DYLORA_MOE_DATA_DIR"
+#: the default data directory: ``shared/data`` next to the checkout this package runs from (``src/dylora_moe``
+#: -> the checkout -> ``../shared/data``), so a command finds it from any working directory
+CHECKOUT_DATA_DIR = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 CODE_ALPACA_HUB_ID = "sahil2801/CodeAlpaca-20k"
 MBPP_HUB_ID = "mbpp"
 #: Standard MBPP split by task id (inclusive ranges).
@@ -225,7 +229,7 @@ def load_domains(specs: Iterable[DatasetSpec | str], data_dir: str | Path | None
 
 # ----------------------------------------------------------------------------- files
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
-    """The data directory: ``data_dir``, else ``$DYLORA_MOE_DATA_DIR``, else ``./../shared/data``.
+    """The data directory: ``data_dir``, else ``$DYLORA_MOE_DATA_DIR``, else :data:`CHECKOUT_DATA_DIR`.
 
     Raises :class:`DataError` if the chosen directory does not exist or none is found.
     """
@@ -236,16 +240,17 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
 
 
 def _find_data_dir(data_dir: str | Path | None) -> tuple[Path | None, str]:
-    how = f"pass data_dir=... or set the environment variable {DATA_DIR_ENV}"
+    how = (f"pass --data-dir DIR (data_dir=... in Python, data.data_dir in a YAML config) or set the environment "
+           f"variable {DATA_DIR_ENV}")
     if data_dir is not None:
-        path, origin = Path(data_dir).expanduser(), "the data_dir argument"
+        path, origin = Path(data_dir).expanduser(), "the data_dir argument (--data-dir)"
     elif os.environ.get(DATA_DIR_ENV):
         path, origin = Path(os.environ[DATA_DIR_ENV]).expanduser(), f"${DATA_DIR_ENV}"
     else:
-        default = Path.cwd() / ".." / "shared" / "data"
+        default = CHECKOUT_DATA_DIR
         if default.is_dir():
-            return default.resolve(), f"the default ../shared/data (from {Path.cwd()})"
-        return None, f"{DATA_DIR_ENV} is not set and {default.resolve()} does not exist; {how}"
+            return default.resolve(), f"the default {default} (shared/data beside the checkout)"
+        return None, f"{DATA_DIR_ENV} is not set and the default {default} does not exist; {how}"
     if not path.is_dir():
         return None, f"data directory {path} (from {origin}) does not exist; {how}"
     return path.resolve(), f"{path} (from {origin})"
@@ -265,7 +270,8 @@ def _resolve_file(path: str | Path, data_dir: str | Path | None) -> Path:
     if base is None:
         raise DataError(f"cannot locate '{path}': {origin}")
     raise DataError(
-        f"file '{path}' not found in data directory {origin}; put it there, pass data_dir=..., or set {DATA_DIR_ENV}"
+        f"file '{path}' not found in data directory {origin}; put it there, pass --data-dir DIR (data_dir=...), "
+        f"or set {DATA_DIR_ENV}"
     )
 
 

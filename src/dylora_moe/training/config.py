@@ -77,7 +77,8 @@ class DataConfig:
     datasets: list[DatasetConfig] = field(default_factory=_default_datasets, metadata=_help(
         "Training datasets, one domain each: list of {name, path, domain, weight, limit, hub_id}."))
     data_dir: str | None = field(default=None, metadata=_help(
-        "Data directory for relative paths (default: $DYLORA_MOE_DATA_DIR, else ../shared/data)."))
+        "Data directory for relative paths (default: $DYLORA_MOE_DATA_DIR, else shared/data beside the "
+        "checkout, from any working directory)."))
     max_seq_length: int = field(default=1024, metadata=_help(
         "Maximum tokens per sequence; longer responses are cut on the right."))
     mixing: str = field(default="interleave", metadata=_help(
