@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -200,3 +201,25 @@ def test_commands_that_need_no_model_never_import_torch(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "False False"
+
+
+def test_config_errors_come_back_before_torch_is_imported(tmp_path):
+    """A bad setting is reported at once: every command validates its configs before importing torch."""
+    bad = [
+        ["train", "--config", "configs/cpu-demo.yaml", "moe.top_k=9"],
+        ["report", "smollm2-135m", "--top-k", "0"],
+        ["generate", "nowhere", "--prompt", "x", "--temperature", "-1"],
+        ["study", "--config", "configs/study-domains.yaml", "parallel=0"],
+        ["learn-skill", "nowhere", "--data", "x.jsonl", "--name", "x", "protection=magic"],
+        ["continual", "orders=[[0,0,1]]"],
+        ["analyze", "nowhere", "--data", "mbpp", "--output", "x", "--batch-size", "0"],
+    ]
+    code = (
+        "import sys; from dylora_moe.cli import main\n"
+        f"codes = [main(argv) for argv in {bad!r}]\n"
+        "print(codes, 'torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert done.stdout.strip().splitlines()[-1] == f"{[2] * len(bad)} False False", done.stderr
+    assert done.stderr.count("dylora-moe: error:") == len(bad) and "Traceback" not in done.stderr

@@ -188,9 +188,10 @@ def _compare(ns: argparse.Namespace) -> int:
 
 
 def _analyze(ns: argparse.Namespace) -> int:
+    options = config_from_options(AnalyzeOptions, ns, overrides=False)
+
     from ..evaluation.analysis import analyze  # imports torch
 
-    options = config_from_options(AnalyzeOptions, ns, overrides=False)
     _set_threads(options.threads)
     report = analyze(options.checkpoint, options.data, output_dir=options.output, split=options.split,
                      limit=options.limit, batch_size=options.batch_size, max_seq_length=options.max_seq_length,

@@ -99,12 +99,13 @@ def register(sub: Any) -> None:
 
 
 def _train(ns: argparse.Namespace) -> int:
-    from ..training import JointTrainer
-
     if ns.data_dir_alias is not None:
         label = f"--data-dir {ns.data_dir_alias}"
         ns.overrides = [*ns.overrides, (label, f"data.data_dir={json.dumps(ns.data_dir_alias)}")]
-    config = config_from_options(TrainConfig, ns, source="train config")
+    config = config_from_options(TrainConfig, ns, source="train config")  # config errors come before torch
+
+    from ..training import JointTrainer
+
     trainer = JointTrainer(config)
     result = trainer.train()
     trainer.accelerator.print(f"done: {result.global_step} optimizer steps in {result.train_time_s:.1f}s; "
@@ -113,11 +114,12 @@ def _train(ns: argparse.Namespace) -> int:
 
 
 def _report(ns: argparse.Namespace) -> int:
+    options = config_from_options(ReportOptions, ns, overrides=False)
+    config = config_from_options(DyLoRAMoEConfig, ns, overrides=False)
+
     from ..api import DyLoRAMoEForCausalLM
     from ..loading import load_base_model
 
-    options = config_from_options(ReportOptions, ns, overrides=False)
-    config = config_from_options(DyLoRAMoEConfig, ns, overrides=False)
     base, _ = load_base_model(options.model)
     model = DyLoRAMoEForCausalLM(base, config, base_name_or_path=options.model)
     print(model.parameter_report())
@@ -139,11 +141,12 @@ def _load_for_inference(options: InspectOptions) -> tuple[Any, dict[str, Any], A
 
 
 def _generate(ns: argparse.Namespace) -> int:
+    options = config_from_options(GenerateOptions, ns, overrides=False)
+
     from ..atomic import write_text_atomically
     from ..common.generation import SamplingSettings, generate_replies, read_prompts
     from ..data import Example
 
-    options = config_from_options(GenerateOptions, ns, overrides=False)
     prompts = (read_prompts(options.prompts_file) if options.prompts_file is not None  # bad files fail first
                else [Example("prompt", options.prompt or "", options.input)])
     adapter, _, model, tokenizer = _load_for_inference(config_from_options(InspectOptions, ns, overrides=False))

@@ -84,10 +84,11 @@ def register(sub: Any) -> None:
 
 
 def _study(ns: argparse.Namespace) -> int:
-    from ..study import results_table, run_study  # imports torch
-
     study = config_from_options(StudyConfig, ns, source="the built-in study")
     options = config_from_options(RunOptions, ns, overrides=False)
+
+    from ..study import results_table, run_study  # imports torch
+
     quality = run_study(study, progress=options.progress, report_only=options.report_only)
     print(results_table(quality))
     print(f"wrote {study.output_dir}/quality.json, results_table.md and plots")
@@ -95,13 +96,14 @@ def _study(ns: argparse.Namespace) -> int:
 
 
 def _learn_skill(ns: argparse.Namespace) -> int:
+    options = config_from_options(LearnSkillOptions, ns, overrides=False)
+    config = config_from_options(ContinualConfig, ns, source="continual config")
+
     from ..common.inference import load_for_eval  # imports torch
     from ..common.runs import resolve_adapter_dir
     from ..continual.learner import learn_skill
     from ..continual.skills import load_skill_examples
 
-    options = config_from_options(LearnSkillOptions, ns, overrides=False)
-    config = config_from_options(ContinualConfig, ns, source="continual config")
     examples = load_skill_examples(options.data, split="all", data_dir=options.data_dir)  # bad data fail first
     adapter = resolve_adapter_dir(options.checkpoint)
     model, tokenizer = load_for_eval(adapter, device=options.device)
@@ -117,10 +119,12 @@ def _learn_skill(ns: argparse.Namespace) -> int:
 
 
 def _continual(ns: argparse.Namespace) -> int:
+    run = config_from_options(ContinualRunConfig, ns, source="continual run config")
+    run.validate("continual run config")
+    options = config_from_options(RunOptions, ns, overrides=False)
+
     from ..study.continual_benchmark import run_continual  # imports torch
 
-    run = config_from_options(ContinualRunConfig, ns, source="continual run config")
-    options = config_from_options(RunOptions, ns, overrides=False)
     report = run_continual(run, progress=options.progress)
     print("method: AP (mean held-out loss after the last stage), BWT, FT, FWT; mean over orders [min, max]")
     for method, row in report["summary"].items():
