@@ -223,3 +223,42 @@ def test_config_errors_come_back_before_torch_is_imported(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert done.stdout.strip().splitlines()[-1] == f"{[2] * len(bad)} False False", done.stderr
     assert done.stderr.count("dylora-moe: error:") == len(bad) and "Traceback" not in done.stderr
+
+
+def test_ctrl_c_during_training_saves_the_step_and_prints_the_resume_command(tmp_path, run_files, capsys,
+                                                                              monkeypatch):
+    import os
+    import signal
+
+    from dylora_moe.training import JointTrainer
+
+    config, data_dir = run_files
+    out = tmp_path / "run"
+    argv = ["train", "--config", str(config), "--data-dir", str(data_dir), "--output-dir", str(out),
+            "train.max_steps=4"]
+    real = JointTrainer.after_step
+
+    def after_step(self, state, presses=1):
+        real(self, state)
+        if state.step == 2:
+            for _ in range(presses):
+                os.kill(os.getpid(), signal.SIGINT)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(JointTrainer, "after_step", after_step)
+        assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "training interrupted at step 2 of 4" in err and "Traceback" not in err
+    assert f"continue from {out / 'checkpoint-2'} with:" in err and "train.max_steps=4 --resume" in err
+    assert (out / "checkpoint-2").is_dir() and not (out / "final").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    assert main([*argv, "--resume"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["global_step"] == 4
+
+    again = tmp_path / "again"  # two presses: stop at once, before the step is saved
+    with monkeypatch.context() as patch:
+        patch.setattr(JointTrainer, "after_step", lambda self, state: after_step(self, state, presses=2))
+        assert main([*argv[:-2], str(again), "train.max_steps=4"]) == 130
+    err = capsys.readouterr().err
+    assert "training interrupted at step 2 of 4; no checkpoint of this step was written" in err
+    assert "no checkpoint was written yet" in err and not list(again.glob("checkpoint-*"))

@@ -20,6 +20,7 @@ __all__ = [
     "JournalError",
     "StudyError",
     "TargetError",
+    "TrainingInterrupted",
     "TrainingError",
 ]
 
@@ -88,6 +89,17 @@ class BaseModelError(RuntimeError):
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many consecutive non-finite steps); the message says what to do."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on Ctrl-C: after the step it was in, with a checkpoint of that step (``checkpoint``;
+    None when the second Ctrl-C stopped it at once), so that ``--resume`` goes on from there."""
+
+    def __init__(self, step: int, total_steps: int, checkpoint: Path | None, output_dir: Path) -> None:
+        self.step, self.total_steps, self.checkpoint, self.output_dir = step, total_steps, checkpoint, output_dir
+        kept = (f"{checkpoint} holds step {step}" if checkpoint is not None
+                else "no checkpoint of this step was written")
+        super().__init__(f"training interrupted at step {step} of {total_steps}; {kept}")
 
 
 class StudyError(RuntimeError):

@@ -21,10 +21,11 @@ print ``dylora-moe: error: ...`` on stderr and exit with status 2, without a tra
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 
-from ..errors import USER_ERRORS
+from ..errors import USER_ERRORS, TrainingInterrupted
 from . import data_commands, evaluation_commands, model_commands, study_commands
 
 __all__ = ["build_parser", "main", "parse_arguments"]
@@ -53,9 +54,14 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     ns = parse_arguments(argv)
     try:
         return ns.func(ns)
+    except TrainingInterrupted as exc:
+        print(f"dylora-moe: {exc}", file=sys.stderr)
+        print(_resume_hint(exc, argv), file=sys.stderr)
+        return 130
     except USER_ERRORS as exc:
         print(f"dylora-moe: error: {exc}", file=sys.stderr)
         return 2
@@ -68,6 +74,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dylora-moe: interrupted", file=sys.stderr)
         return 130
+
+
+def _resume_hint(exc: TrainingInterrupted, argv: list[str]) -> str:
+    from ..common.runs import latest_checkpoint  # torch-free
+
+    latest = exc.checkpoint or latest_checkpoint(exc.output_dir)
+    if latest is None:
+        return "dylora-moe: no checkpoint was written yet (train.save_every): running the command again starts over"
+    command = shlex.join(["dylora-moe", *argv, *([] if "--resume" in argv else ["--resume"])])
+    return f"dylora-moe: continue from {latest} with:\n  {command}"
 
 
 if __name__ == "__main__":

@@ -53,13 +53,14 @@ from ..common import runs
 from ..common.memory import peak_memory_bytes, reset_peak_memory
 from ..continual.growth import domains_as_skills, grow_experts_for_domains
 from ..data import DataCollator, FormatStats, InterleavedSampler, TokenizedExample
-from ..errors import CheckpointError, ConfigError, TrainingError
+from ..errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
 from ..loading import load_base_model
 from ..model import DyLoRAMoEForCausalLM
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import StreamBatches, load_split, tokenize_split
 from .evaluation import EvalResult, evaluate
+from .interrupt import StopRequest
 from .summary import build_metrics, plot_routing, summary_table, write_metrics
 
 # Keys a resumed run must share with its checkpoint (everything that decides the computation). The batch
@@ -165,17 +166,31 @@ class JointTrainer:
     def train(self) -> TrainResult:
         """Run (or resume) training; return a :class:`TrainResult`."""
         state = self.setup()
+        acc = self.accelerator
         try:
-            if not state.history:
-                self.evaluate(state)
-            for batch in self.batches(state):
-                if self.step(state, batch):
-                    self.after_step(state)
-            if not state.history or state.history[-1].step != state.step:
-                self.evaluate(state)
+            with StopRequest(enabled=acc.num_processes == 1, say=state.bar.write) as stop:
+                if not state.history:
+                    self.evaluate(state)
+                for batch in self.batches(state):
+                    if self.step(state, batch):
+                        self.after_step(state)
+                        if stop.requested and state.step < state.total_steps:
+                            raise TrainingInterrupted(state.step, state.total_steps, self._save_once(state),
+                                                      self.output_dir)
+                if not state.history or state.history[-1].step != state.step:
+                    self.evaluate(state)
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, TrainingInterrupted):
+                raise
+            raise TrainingInterrupted(state.step, state.total_steps, None, self.output_dir) from exc
         finally:
             self.close(state)
         return self.finish(state)
+
+    def _save_once(self, state: TrainState) -> Path:
+        """The checkpoint of the current step: written now unless ``after_step`` just did."""
+        target = runs.checkpoint_dir(self.output_dir, state.step)
+        return target if target.is_dir() else self.save(state)
 
     def setup(self) -> TrainState:
         """Everything before the first step: the accelerator, the output folder, data, model, optimizer and
