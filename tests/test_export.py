@@ -1,5 +1,7 @@
 """export_expert gives a PEFT adapter reproducing the expert; merge_expert a plain model."""
 
+import json
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -70,3 +72,27 @@ def test_merge_expert(arch, batch):
 def test_export_index_checked(tmp_path):
     with pytest.raises(IndexError, match="expert index 4 out of range"):
         model_for("llama").export_expert(4, tmp_path / "x")
+
+
+def test_an_expert_exported_from_the_embedded_default_names_a_base_peft_can_load(tmp_path, batch, monkeypatch):
+    """The alias 'smollm2-135m' means nothing to PEFT: the adapter names the converted local copy, so
+    AutoPeftModelForCausalLM loads it offline (a tiny model stands in for the cached copy)."""
+    from peft import AutoPeftModelForCausalLM
+
+    from dylora_moe import loading
+    from tests.tiny import make_tokenizer
+
+    cached = tmp_path / "cache" / "smollm2"
+    make_base("llama").save_pretrained(cached)
+    make_tokenizer().save_pretrained(cached)
+    monkeypatch.setattr(loading, "smollm2_path", lambda: cached)
+    ids, mask, _ = batch
+    model = DyLoRAMoEForCausalLM(make_base("llama"), DyLoRAMoEConfig(dropout=0.0), mature=True,
+                                 base_name_or_path="smollm2-135m")
+    randomize_experts(model)
+    out_dir = model.export_expert(1, tmp_path / "expert1")
+    config = json.loads((out_dir / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(cached)
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(out_dir)).eval()
+    want = model(input_ids=ids, attention_mask=mask, forced_expert=1).logits
+    assert torch.allclose(peft_model(input_ids=ids, attention_mask=mask).logits, want, atol=1e-5)

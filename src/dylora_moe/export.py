@@ -2,7 +2,9 @@
 
 * ``export_expert(model, i, dir)`` writes ``adapter_config.json`` + ``adapter_model.safetensors``
   that ``peft.PeftModel.from_pretrained(base, dir)`` loads on the same base model; the PEFT model
-  then reproduces expert ``i``'s outputs (the expert with gate 1, i.e. ``forced_expert=i``).
+  then reproduces expert ``i``'s outputs (the expert with gate 1, i.e. ``forced_expert=i``). Its
+  ``base_model_name_or_path`` is the base model's hub id or folder (for the embedded default, its converted
+  local copy), so ``AutoPeftModelForCausalLM.from_pretrained(dir)`` finds the base by itself.
 * ``merge_expert(model, i)`` returns a new plain ``PreTrainedModel`` (the wrapper and its base are
   left untouched) whose target weights are ``W + (alpha_i / r_i) B_i A_i``.
 """
@@ -18,6 +20,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .atomic import write_folder_atomically
 from .layer import ADAPTER_BUFFER_NAMES, ADAPTER_PARAMETER_NAMES
+from .loading import resolve_model_path
 
 
 def _check_index(model: Any, index: int) -> None:
@@ -53,7 +56,8 @@ def export_expert(model: Any, index: int, directory: str | Path) -> Path:
         fan_in_fan_out={layer.is_conv1d for layer in layers.values()} == {True},
         bias="none",
         task_type="CAUSAL_LM",
-        base_model_name_or_path=model.base_name_or_path,
+        # the embedded default's alias means nothing to PEFT: name the converted local copy it loads from
+        base_model_name_or_path=resolve_model_path(model.base_name_or_path) if model.base_name_or_path else None,
         inference_mode=True,
     )
 
