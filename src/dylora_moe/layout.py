@@ -8,7 +8,7 @@ One place, at the bottom of the package, so that the core (``serialization.py``)
         adapter/                        ADAPTER_DIR: an adapter folder
           dylora_moe_config.json        CONFIG_FILE
           dylora_moe_weights.safetensors  WEIGHTS_FILE
-      final/                            FINAL_DIR: the final adapter folder
+      final/                            FINAL_DIR: the final adapter folder, with its model card (MODEL_CARD_FILE)
       train_config.json                 TRAIN_CONFIG_FILE
     eval/humaneval/                     an evaluation folder: results.jsonl, summary.json and, while it runs,
       generation.partial.jsonl          JOURNAL_FILE (the samples generated so far)
@@ -16,6 +16,7 @@ One place, at the bottom of the package, so that the core (``serialization.py``)
 
 CONFIG_FILE = "dylora_moe_config.json"
 WEIGHTS_FILE = "dylora_moe_weights.safetensors"
+MODEL_CARD_FILE = "README.md"
 CHECKPOINT_PREFIX = "checkpoint-"
 ADAPTER_DIR = "adapter"
 FINAL_DIR = "final"

@@ -33,6 +33,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from .errors import BaseModelError
 
 SMOLLM2_ALIAS = "smollm2-135m"
+#: the Hub model the embedded GGUF was made from (model cards name it as the base model)
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
 ALIASES = {SMOLLM2_ALIAS, "smollm2-135m-instruct", "default"}

@@ -34,7 +34,7 @@ from .atomic import write_folder_atomically
 from .config import DyLoRAMoEConfig, with_predating_values
 from .errors import CheckpointError
 from .layer import ADAPTER_BUFFER_NAMES
-from .layout import CONFIG_FILE, WEIGHTS_FILE
+from .layout import CONFIG_FILE, MODEL_CARD_FILE, WEIGHTS_FILE
 
 FORMAT_VERSION = 1
 _VOLATILE_CONFIG_KEYS = {
@@ -143,7 +143,8 @@ class StoredAttachment:
 
 
 def save_model(model: Any, directory: str | Path) -> Path:
-    """Write the adapter checkpoint of ``model`` (and its attachments) to ``directory``, atomically."""
+    """Write the adapter checkpoint of ``model`` (and its attachments) to ``directory``, atomically; a model card
+    (``README.md``) already in ``directory`` is kept."""
     meta = {
         "format_version": FORMAT_VERSION,
         "moe_config": model.moe_config.to_dict(),
@@ -156,8 +157,13 @@ def save_model(model: Any, directory: str | Path) -> Path:
     tensors = adapter_state_dict(model)
     attachments = {name: value for name, value in model.attachments.items() if value is not None}
 
+    card = Path(directory) / MODEL_CARD_FILE
+    card_text = card.read_bytes() if card.is_file() else None  # a model card (README.md) is not ours to drop
+
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if card_text is not None:
+            (tmp / MODEL_CARD_FILE).write_bytes(card_text)
         listed: dict[str, list[str]] = {}
         for name, attachment in attachments.items():
             before = {p.name for p in tmp.iterdir()}

@@ -42,6 +42,7 @@ __all__ = [
     "CODE_ALPACA_HUB_ID",
     "CHECKOUT_DATA_DIR",
     "DATA_DIR_ENV",
+    "dataset_licence",
     "MBPP_HUB_ID",
     "MBPP_SPLITS",
     "DatasetSpec",
@@ -523,5 +524,17 @@ register_loader("mbpp", _load_mbpp)
 register_loader("packaged", _load_packaged)
 register_dataset(DatasetSpec(name="code_alpaca", loader="instruction", path="code_alpaca/code_alpaca_2k.json"))
 register_dataset(DatasetSpec(name="mbpp", loader="mbpp", path="mbpp/mbpp.jsonl"))
+
+#: the licences of the registered data sets (../shared/data/README.md; packaged ones: packaged.py)
+_LICENCES = {"code_alpaca": "CC BY-NC 4.0 (Code Alpaca, sahil280114/codealpaca)",
+             "mbpp": "CC BY 4.0 (MBPP, Austin et al. 2021)"}
+
+
+def dataset_licence(name: str) -> str | None:
+    """The licence of a registered data set (its data, and the package that ships it), or None when the
+    project does not know it (a user's own file)."""
+    if name in PACKAGED_SOURCES:
+        return PACKAGED_SOURCES[name].licence
+    return _LICENCES.get(name)
 for _source in PACKAGED_SOURCES.values():
     register_dataset(DatasetSpec(name=_source.name, loader="packaged", validation_size=_source.validation_size))

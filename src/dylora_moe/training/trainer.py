@@ -49,11 +49,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from ..atomic import write_text_atomically
 from ..common import runs
 from ..common.memory import peak_memory_bytes, reset_peak_memory
 from ..continual.growth import domains_as_skills, grow_experts_for_domains
 from ..data import DataCollator, FormatStats, InterleavedSampler, TokenizedExample
 from ..errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
+from ..layout import MODEL_CARD_FILE
 from ..loading import load_base_model
 from ..model import DyLoRAMoEForCausalLM
 from . import checkpoint as ckpt
@@ -61,6 +63,7 @@ from .config import TrainConfig
 from .data import StreamBatches, load_split, tokenize_split
 from .evaluation import EvalResult, evaluate
 from .interrupt import StopRequest
+from .model_card import model_card
 from .summary import build_metrics, plot_routing, summary_table, write_metrics
 
 # Keys a resumed run must share with its checkpoint (everything that decides the computation). The batch
@@ -474,6 +477,7 @@ class JointTrainer:
                 self._register_skills(state, model)
             model.save_pretrained(final_dir)
             write_metrics(metrics_path, metrics)
+            write_text_atomically(final_dir / MODEL_CARD_FILE, model_card(self.config, metrics, model))
             plot_routing(metrics.get("expert_share", {}), plot_path,
                          title=f"Expert share per domain (held-out, step {step})")
             acc.print("--- Summary ---")
