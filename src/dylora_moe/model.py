@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -38,6 +39,7 @@ from .config import DyLoRAMoEConfig, experts_per_block
 from .context import RoutingContext
 from .experts import update_similarity
 from .export import export_expert, merge_expert
+from .hub import push_folder, resolve_checkpoint
 from .layer import ADAPTER_PARAMETER_NAMES, MoELoRALayer
 from .loading import load_base_model
 from .outputs import DyLoRAMoECausalLMOutput
@@ -624,13 +626,21 @@ class DyLoRAMoEForCausalLM(nn.Module):
         """Write the experts, the router, the config, the base model's fingerprint and the attachments."""
         return save_model(self, directory)
 
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                    commit_message: str = "Upload DyLoRA-MoE adapter") -> str:
+        """Save the adapter and upload it to the Hub model repository ``repo_id`` (see ``hub.py``); returns the
+        commit's URL. ``from_pretrained(repo_id)`` loads it back."""
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_pretrained(Path(tmp) / "adapter")
+            return push_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)
+
     @classmethod
     def from_pretrained(cls, directory: str | Path, base_model: PreTrainedModel | None = None, *,
                         dtype: Any = None, device: Any = None) -> DyLoRAMoEForCausalLM:
-        """Rebuild a model from a checkpoint folder, on ``base_model`` (default: the fingerprinted base model,
-        loaded with ``load_base_model``); refuses another base model or a newer format. The model comes back in
-        eval mode (dropout off), as transformers' ``from_pretrained`` does: call ``.train()`` to train on."""
-        directory = Path(directory)
+        """Rebuild a model from a checkpoint folder (or a Hub id), on ``base_model`` (default: the fingerprinted
+        base model, loaded with ``load_base_model``); refuses another base model or a newer format. The model comes
+        back in eval mode (dropout off), as transformers' ``from_pretrained`` does: call ``.train()`` to train on."""
+        directory = resolve_checkpoint(directory)  # a Hub id is downloaded (or taken from the cache)
         meta, config, tensors = read_adapter(directory)
         fingerprint = meta["base_model"]
         if base_model is None:

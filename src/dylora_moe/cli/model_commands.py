@@ -1,4 +1,4 @@
-"""``train``, ``report``, ``generate`` and ``inspect``: the commands that make or look at a model.
+"""``train``, ``report``, ``generate``, ``push`` and ``inspect``: the commands that make, look at or share a model.
 
 Each takes typed configs (``TrainConfig``, ``DyLoRAMoEConfig``, and the small option sets below); the functions
 import what they run when they run, so that building the parser stays free of torch.
@@ -71,6 +71,17 @@ class GenerateOptions:
             raise ConfigError(f"--expert={self.expert}: must be >= 0")
 
 
+@dataclass
+class PushOptions:
+    """What ``push`` uploads, and where."""
+
+    checkpoint: str = field(metadata=_help("Adapter folder, checkpoint-<step> folder, or run directory."))
+    repo_id: str = field(metadata=_help("Hugging Face Hub model repository, owner/name (created if missing)."))
+    private: bool = field(default=False, metadata=_help("Create the repository private."))
+    revision: str | None = field(default=None, metadata=_help("Branch to push to (default: main)."))
+    commit_message: str = field(default="Upload DyLoRA-MoE adapter", metadata=_help("The commit message."))
+
+
 def register(sub: Any) -> None:
     train = sub.add_parser(
         "train", help="train all experts and the router jointly (YAML config + KEY=VALUE overrides)",
@@ -92,6 +103,11 @@ def register(sub: Any) -> None:
     add_config_options(generate, InspectOptions, positional=("checkpoint",))
     add_config_options(generate, GenerateOptions)
     generate.set_defaults(func=_generate)
+
+    push = sub.add_parser("push", help="upload an adapter folder (with its model card) to the Hugging Face Hub; "
+                          "from_pretrained and every command load it back by its id")
+    add_config_options(push, PushOptions, positional=("checkpoint", "repo_id"))
+    push.set_defaults(func=_push)
 
     inspect = sub.add_parser("inspect", help="show experts, ranks, maturity, parameters and the run's routing stats")
     add_config_options(inspect, InspectOptions, positional=("checkpoint",))
@@ -170,6 +186,18 @@ def _generate(ns: argparse.Namespace) -> int:
                  "forced": r.forced, "router_probs": r.router_probs} for r in replies]
         write_text_atomically(Path(options.output), "".join(json.dumps(row) + "\n" for row in rows))
         print(f"wrote {len(rows)} replies to {options.output}")
+    return 0
+
+
+def _push(ns: argparse.Namespace) -> int:
+    from ..common.runs import resolve_adapter_dir  # torch-free, like the upload
+    from ..hub import push_folder
+
+    options = config_from_options(PushOptions, ns, overrides=False)
+    adapter = resolve_adapter_dir(options.checkpoint)
+    url = push_folder(adapter, options.repo_id, private=options.private or None, revision=options.revision,
+                      commit_message=options.commit_message)
+    print(f"pushed {adapter} to {options.repo_id}: {url}")
     return 0
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from transformers import AutoTokenizer
 
 from ..errors import EvaluationError
+from ..hub import resolve_checkpoint
 from ..loading import load_base_model, resolve_model_path
 from ..model import DyLoRAMoEForCausalLM
 from ..serialization import CONFIG_FILE, read_checkpoint_meta
@@ -38,7 +39,7 @@ def load_for_eval(name_or_path: str | Path, base_only: bool = False, dtype: Any 
 def _load_for_eval(name_or_path: str | Path, base_only: bool, dtype: Any) -> tuple[Any, Any]:
     if base_only:
         return load_base_model(str(name_or_path), dtype=dtype)
-    path = Path(name_or_path)
+    path = resolve_checkpoint(name_or_path)  # a Hub id: its downloaded (or cached) folder
     if not (path / CONFIG_FILE).is_file():
         raise EvaluationError(
             f"{name_or_path}: not a DyLoRA-MoE checkpoint folder ({CONFIG_FILE} not found); "

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 from ..errors import CheckpointError
+from ..hub import resolve_checkpoint
 from ..layout import ADAPTER_DIR, CHECKPOINT_PREFIX, FINAL_DIR, STATE_FILE, TRAIN_CONFIG_FILE
 from ..layout import CONFIG_FILE as ADAPTER_CONFIG_FILE
 
@@ -49,9 +50,9 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def resolve_adapter_dir(path: str | Path) -> Path:
-    """The adapter folder of ``path``: an adapter folder itself, a ``checkpoint-<step>``, or a run directory
-    (its ``final/`` adapter, else its latest checkpoint)."""
-    path = Path(path)
+    """The adapter folder of ``path``: an adapter folder itself, a ``checkpoint-<step>``, a run directory (its
+    ``final/`` adapter, else its latest checkpoint), or a Hub id (``owner/name``, downloaded)."""
+    path = resolve_checkpoint(path)  # a Hub id: its downloaded (or cached) folder
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     candidates = [path, path / ADAPTER_DIR, path / FINAL_DIR]
