@@ -37,6 +37,7 @@ from ..config import DyLoRAMoEConfig, with_predating_values
 from ..config import help_metadata as _help
 from ..data.mixing import MODES
 from ..errors import ConfigError
+from .tracking import check_reporters
 
 CONFIG_FORMAT_VERSION = 1
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -140,6 +141,13 @@ class TrainingArgs:
         "Write checkpoint-<step> every N optimizer steps (and always at the end); 0 = only at the end."))
     save_total_limit: int = field(default=2, metadata=_help("Keep the last K checkpoints; 0 = keep all."))
     log_every: int = field(default=10, metadata=_help("Log training loss and throughput every N optimizer steps."))
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata=_help(
+        "Experiment trackers (Accelerate's): any of 'tensorboard' (<output_dir>/tensorboard), 'wandb', 'mlflow' "
+        "(<output_dir>/mlruns unless $MLFLOW_TRACKING_URI); [] for none. docs/training.md, 'Experiment tracking'."))
+    run_name: str | None = field(default=None, metadata=_help(
+        "Run name in W&B and MLflow (default: the output folder's name)."))
+    tracker_project: str = field(default="dylora-moe", metadata=_help(
+        "W&B project / MLflow experiment the run is logged under."))
 
 
 @dataclass
@@ -257,6 +265,7 @@ class TrainConfig:
                     "router_calibration_examples", "max_bad_steps"):
             if getattr(t, key) < 0:
                 raise fail(f"train.{key}", "must be an integer >= 0")
+        check_reporters(t.report_to, "train config: key 'train.report_to'")
         if t.max_steps == 0 and not t.num_epochs > 0:
             raise fail("train.num_epochs", "must be > 0 (or set train.max_steps)")
         if t.lr_scheduler not in SCHEDULERS:

@@ -65,6 +65,7 @@ from .evaluation import EvalResult, evaluate
 from .interrupt import StopRequest
 from .model_card import model_card
 from .summary import build_metrics, plot_routing, summary_table, write_metrics
+from .tracking import Trackers
 
 # Keys a resumed run must share with its checkpoint (everything that decides the computation). The batch
 # shape may change with the number of processes as long as the global batch (processes x per-device batch x
@@ -547,7 +548,7 @@ class JointTrainer:
                               "pass --resume to continue it, choose another --output-dir, or set "
                               "overwrite_output_dir=true to start afresh")
         if existing:
-            self._stale_outputs = [*existing, out / runs.FINAL_DIR, out / "tensorboard"]
+            self._stale_outputs = [*existing, out / runs.FINAL_DIR, out / "tensorboard", out / "wandb", out / "mlruns"]
         return None
 
     def _checkpoint_to_resume(self, existing: list[Path]) -> Path:
@@ -641,10 +642,13 @@ class JointTrainer:
         model.train(was_training)
         self.accelerator.print(f"router calibrated on {count} training examples ({seen} routed units)")
 
-    def _writer(self, purge_step: int | None) -> Any:
-        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where a writer is made
-
-        return SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=purge_step)
+    def _writer(self, purge_step: int | None) -> Trackers | None:
+        """The experiment trackers of ``train.report_to`` (main process), or None."""
+        t = self.config.train
+        if not t.report_to:
+            return None
+        return Trackers(t.report_to, self.output_dir, self.config.to_dict(), purge_step=purge_step,
+                        run_name=t.run_name or self.output_dir.resolve().name, project=t.tracker_project)
 
 
 def library_versions() -> dict[str, str | None]:
