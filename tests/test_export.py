@@ -96,3 +96,10 @@ def test_an_expert_exported_from_the_embedded_default_names_a_base_peft_can_load
     peft_model = AutoPeftModelForCausalLM.from_pretrained(str(out_dir)).eval()
     want = model(input_ids=ids, attention_mask=mask, forced_expert=1).logits
     assert torch.allclose(peft_model(input_ids=ids, attention_mask=mask).logits, want, atol=1e-5)
+
+
+def test_merging_into_a_quantized_base_is_refused():
+    model = model_for("llama")
+    model.base_model.config.quantization_config = {"load_in_4bit": True}  # what bitsandbytes loading leaves
+    with pytest.raises(ValueError, match="this base is quantized"):
+        model.merge_expert(0)

@@ -88,6 +88,10 @@ def merge_expert(model: Any, index: int) -> PreTrainedModel:
     """A new plain transformers model equal to the base with expert ``index`` merged in."""
     _check_index(model, index)
     base = model.base_model
+    if getattr(base, "is_quantized", False) or getattr(base.config, "quantization_config", None) is not None:
+        raise ValueError("merge_expert needs the base model's dense weights, and this base is quantized "
+                         "(train.base_quantization): export the expert with export_expert and merge it into the "
+                         "unquantized base with PEFT")
     merged = AutoModelForCausalLM.from_config(base.config, dtype=base.dtype)
     adapter_names = (*ADAPTER_PARAMETER_NAMES, *ADAPTER_BUFFER_NAMES)
     adapter_prefixes = tuple(f"{t.name}.{p}" for t in model.targets for p in adapter_names)

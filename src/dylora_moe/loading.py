@@ -160,24 +160,55 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+#: ways to hold the frozen base quantized (bitsandbytes, on a CUDA GPU): QLoRA's 4-bit NormalFloat, 4-bit float,
+#: 8-bit integers
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+
+
+def quantization_config(quantization: str, compute_dtype: torch.dtype) -> Any:
+    """The ``BitsAndBytesConfig`` of ``quantization`` (``nf4``/``fp4`` with double quantization and
+    ``compute_dtype`` matmuls, or ``int8``); a :class:`BaseModelError` says what this machine lacks (a CUDA GPU,
+    the bitsandbytes package)."""
+    if quantization not in QUANTIZATIONS[1:]:
+        raise BaseModelError(f"quantization={quantization!r}: must be one of {QUANTIZATIONS}")
+    if not torch.cuda.is_available():
+        raise BaseModelError(f"a {quantization} base model needs a CUDA GPU (bitsandbytes quantizes and computes "
+                             "there) and this machine has none: train with base_quantization=none, or on a GPU")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise BaseModelError(f"a {quantization} base model needs the bitsandbytes package: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization,
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+
+
 def load_base_model(
     name_or_path: str,
     *,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
+    quantization: str = "none",
 ) -> tuple[PreTrainedModel, object]:
     """Load ``(model, tokenizer)`` for a hub id, a local folder or the ``smollm2-135m`` alias.
 
     ``dtype`` defaults to float32; pass ``torch.bfloat16`` (or 'bfloat16') on hardware that has it.
+    ``quantization`` (``nf4``, ``fp4``, ``int8``; :data:`QUANTIZATIONS`) loads the frozen base quantized by
+    bitsandbytes on the current CUDA device, QLoRA's way (``dtype`` is then the compute dtype of its matmuls).
     """
     path = resolve_model_path(name_or_path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    quantized: dict[str, Any] = {}
+    if quantization != "none":
+        quantized = {"quantization_config": quantization_config(quantization, dtype or torch.bfloat16),
+                     "device_map": {"": torch.cuda.current_device()}}
     is_local = Path(path).exists()
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code
+            path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, **quantized
         )
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -191,6 +222,6 @@ def load_base_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.name_or_path = name_or_path if name_or_path.lower() in ALIASES else path
-    if device is not None:
+    if device is not None and not quantized:  # a quantized model is placed where it was loaded
         torch.nn.Module.to(model, device)
     return model, tokenizer

@@ -128,3 +128,29 @@ def test_every_key_has_help():
     assert {"moe.num_experts", "train.lr", "data.max_seq_length", "data.datasets.N.weight", "resume"} <= keys
     assert all(row[3] for row in rows)
     assert "| `train.lr` | `float` | `2e-05` |" in config_reference_markdown()
+
+
+def test_a_quantized_base_is_refused_clearly_where_bitsandbytes_cannot_run(tmp_path, capsys, monkeypatch):
+    """The CPU suite's check of QLoRA (configs/qlora.yaml): a machine without a CUDA GPU refuses at start, before
+    anything is written; the config itself is valid, and a quantized base cannot take SVD-initialised experts."""
+    import torch
+
+    from dylora_moe.cli import main
+    from dylora_moe.errors import BaseModelError
+    from dylora_moe.loading import quantization_config
+
+    preset = str(Path(__file__).resolve().parents[2] / "configs" / "qlora.yaml")
+    config = TrainConfig.from_yaml(preset)
+    assert config.train.base_quantization == "nf4" and config.moe.target_modules == "all-linear"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine, or a GPU machine made to look so
+    with pytest.raises(BaseModelError, match="nf4 base model needs a CUDA GPU"):
+        quantization_config("nf4", torch.bfloat16)
+    out = tmp_path / "run"
+    assert main(["train", "--config", preset, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "dylora-moe: error:" in err and "needs a CUDA GPU" in err and "Traceback" not in err
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="train.base_quantization.*must be one of"):
+        TrainConfig.from_yaml(preset, ["train.base_quantization=3bit"])
+    with pytest.raises(ConfigError, match="no dense weights to take SVD segments from"):
+        TrainConfig.from_yaml(preset, ["moe.expert_init=svd"])

@@ -42,6 +42,7 @@ from .tracking import check_reporters
 CONFIG_FORMAT_VERSION = 1
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BASE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")  # as loading.QUANTIZATIONS (this module stays torch-free)
 SCHEDULERS = ("cosine", "linear", "constant")
 DEFAULT_MODEL = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
 
@@ -114,6 +115,10 @@ class TrainingArgs:
     base_dtype: str = field(default="auto", metadata=_help(
         "dtype of the frozen base weights: 'auto' (bfloat16 when precision is bf16, else float32), 'float32', "
         "'bfloat16', 'float16'. Experts and router always stay float32."))
+    base_quantization: str = field(default="none", metadata=_help(
+        "Hold the frozen base quantized by bitsandbytes on a CUDA GPU, QLoRA's way: 'nf4' (4-bit NormalFloat, double "
+        "quantization), 'fp4', 'int8', or 'none'. Experts and router stay float32; matmuls run in the precision's "
+        "dtype. Needs a GPU and the bitsandbytes package (refused clearly otherwise); configs/qlora.yaml."))
     gradient_checkpointing: bool = field(default=False, metadata=_help(
         "Recompute the base model's activations in backward (less memory; the forward runs twice)."))
     allow_expert_growth: bool = field(default=False, metadata=_help(
@@ -278,6 +283,11 @@ class TrainConfig:
             raise fail("train.max_grad_norm", "must be >= 0 (0 disables clipping)")
         if t.precision not in PRECISIONS:
             raise fail("train.precision", f"must be one of {PRECISIONS}")
+        if t.base_quantization not in QUANTIZATIONS:
+            raise fail("train.base_quantization", f"must be one of {QUANTIZATIONS}")
+        if t.base_quantization != "none" and self.moe.expert_init == "svd":
+            raise fail("train.base_quantization", "a quantized base has no dense weights to take SVD segments from: "
+                       "use moe.expert_init=zero_b")
         if t.base_dtype not in BASE_DTYPES:
             raise fail("train.base_dtype", f"must be one of {BASE_DTYPES}")
 

@@ -56,7 +56,7 @@ from ..continual.growth import domains_as_skills, grow_experts_for_domains
 from ..data import DataCollator, FormatStats, InterleavedSampler, TokenizedExample
 from ..errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
 from ..layout import MODEL_CARD_FILE
-from ..loading import load_base_model
+from ..loading import load_base_model, quantization_config
 from ..model import DyLoRAMoEForCausalLM
 from . import checkpoint as ckpt
 from .config import TrainConfig
@@ -203,6 +203,8 @@ class JointTrainer:
         cfg = self.config
         self.accelerator = acc = self._make_accelerator()
         check_engine(str(acc.distributed_type))
+        if cfg.train.base_quantization != "none" and self._model_arg is None:  # refused at once where it cannot run
+            quantization_config(cfg.train.base_quantization, torch.bfloat16)
         set_seed(cfg.seed)
         resume_from = self._prepare_output_dir()
         try:
@@ -603,7 +605,7 @@ class JointTrainer:
             dtype = cfg.train.base_dtype
             if dtype == "auto":
                 dtype = "bfloat16" if self.precision == "bf16" else "float32"
-            model, loaded_tokenizer = load_base_model(cfg.model, dtype=dtype)
+            model, loaded_tokenizer = load_base_model(cfg.model, dtype=dtype, quantization=cfg.train.base_quantization)
             tokenizer = tokenizer or loaded_tokenizer
         if not isinstance(model, DyLoRAMoEForCausalLM):
             name = getattr(model, "name_or_path", "") or cfg.model
