@@ -43,6 +43,7 @@ __all__ = [
     "TokenizedExample",
     "build_prompt",
     "build_prompt_ids",
+    "encode_conversation",
     "encode_example",
     "resolve_pad_token_id",
     "tokenize_examples",
@@ -163,9 +164,48 @@ def build_prompt(example: Example, tokenizer: Any, use_chat_template: bool | Non
     Special tokens (BOS, chat markers) are included as text: tokenize it with
     ``add_special_tokens=False`` or use :func:`build_prompt_ids`.
     """
+    conversation = example.meta.get("messages")
+    if conversation:  # chat data: the conversation up to its last assistant turn, then the assistant header
+        last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
+        return _render(_chat_tokenizer(tokenizer, use_chat_template), conversation[:last], True)
     if use_chat_format(tokenizer, use_chat_template):
         return _render(tokenizer, [{"role": "user", "content": user_message(example)}], True)
     return _plain_prompt(example, tokenizer.bos_token if _wants_bos(tokenizer) else "")
+
+
+def _chat_tokenizer(tokenizer: Any, use_chat_template: bool | None) -> Any:
+    """``tokenizer`` when it can render conversations (chat data need its chat template), else a ValueError."""
+    if use_chat_template is False or not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat (messages) data need the tokenizer's chat template, and this tokenizer has none "
+                         "(or use_chat_template=False): use instruction data, or a tokenizer with a chat template")
+    return tokenizer
+
+
+def encode_conversation(messages: Sequence[dict[str, str]], tokenizer: Any) -> tuple[list[int], list[int], int]:
+    """``(input_ids, labels, num_prompt_tokens)`` of a chat conversation rendered with the tokenizer's chat
+    template: every assistant turn (its content and the template's end-of-turn tokens) is supervised, everything
+    else (system and user turns, the assistant headers) is masked with ``-100``. Each turn is the difference
+    between the rendered conversation up to it and up to the turn before, so the template must render a
+    conversation's prefixes as prefixes of it (a ValueError says where it does not)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    done, first_reply = "", None
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        head = _render(tokenizer, list(messages[:i]), True)
+        full = _render(tokenizer, list(messages[: i + 1]), False)
+        if not (head.startswith(done) and full.startswith(head)):
+            raise ValueError(f"the chat template does not render turn {i} of this conversation after the turns "
+                             "before it (a template that rewrites earlier turns cannot be split into turns)")
+        context, reply = _ids(tokenizer, [head[len(done):], full[len(head):]])
+        ids += context
+        labels += [IGNORE_INDEX] * len(context)
+        first_reply = len(ids) if first_reply is None else first_reply
+        ids += reply
+        labels += reply
+        done = full
+    return ids, labels, first_reply or 0
 
 
 def _plain_prompt(example: Example, prefix: str) -> str:
@@ -270,35 +310,42 @@ def tokenize_examples(
     stats = FormatStats(max_seq_length, {name: DomainStats() for name in domain_list})
     digest = hashlib.sha256()
     out: list[TokenizedExample] = []
-    for ex, (prompt_ids, response_ids) in zip(
-        examples, _encode_many(examples, tokenizer, use_chat_template), strict=True
-    ):
+    for ex, (ids, labels, n_prompt) in zip(examples, _sequences(examples, tokenizer, use_chat_template), strict=True):
         s = stats.domains[ex.domain]
         s.examples += 1
-        n_prompt = len(prompt_ids)
-        room = max_seq_length - n_prompt
-        if room < min(min_response_tokens, len(response_ids)):
+        kept = labels[:max_seq_length]
+        supervised = sum(label != IGNORE_INDEX for label in kept)
+        if supervised < min(min_response_tokens, sum(label != IGNORE_INDEX for label in labels)) or supervised == 0:
             s.dropped += 1
             continue
-        truncated = room < len(response_ids)
-        response_ids = response_ids[:room]
+        truncated = len(ids) > max_seq_length
+        ids = ids[:max_seq_length]
         s.kept += 1
         s.truncated += int(truncated)
-        s.tokens += n_prompt + len(response_ids)
-        s.supervised_tokens += len(response_ids)
-        digest.update(f"{ex.domain}|{n_prompt}|{','.join(map(str, prompt_ids + response_ids))};".encode())
-        out.append(
-            TokenizedExample(
-                input_ids=prompt_ids + response_ids,
-                labels=[IGNORE_INDEX] * n_prompt + response_ids,
-                domain=ex.domain,
-                domain_id=domain_ids[ex.domain],
-                num_prompt_tokens=n_prompt,
-                truncated=truncated,
-            )
-        )
+        s.tokens += len(ids)
+        s.supervised_tokens += supervised
+        digest.update(f"{ex.domain}|{n_prompt}|{','.join(map(str, ids))};".encode())
+        out.append(TokenizedExample(input_ids=ids, labels=kept, domain=ex.domain, domain_id=domain_ids[ex.domain],
+                                    num_prompt_tokens=n_prompt, truncated=truncated))
     stats.sha256 = digest.hexdigest()
     return out, stats
+
+
+def _sequences(examples: Sequence[Example], tokenizer: Any,
+               use_chat_template: bool | None) -> list[tuple[list[int], list[int], int]]:
+    """``(input_ids, labels, num_prompt_tokens)`` per example, untruncated: prompt then response (labels on the
+    response), or a chat conversation (labels on its assistant turns)."""
+    plain = [ex for ex in examples if not ex.meta.get("messages")]
+    encoded = iter(_encode_many(plain, tokenizer, use_chat_template))
+    out = []
+    for ex in examples:
+        if ex.meta.get("messages"):
+            out.append(encode_conversation(ex.meta["messages"], _chat_tokenizer(tokenizer, use_chat_template)))
+        else:
+            prompt_ids, response_ids = next(encoded)
+            out.append((prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids,
+                        len(prompt_ids)))
+    return out
 
 
 def _checked_domains(examples: Sequence[Example], max_seq_length: int, domains: Sequence[str] | None,

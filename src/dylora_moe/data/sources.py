@@ -107,15 +107,19 @@ class DatasetSpec:
 
     Attributes:
         name: registry name (``"code_alpaca"``, ``"mbpp"`` or a user name).
-        loader: loader kind: ``"instruction"`` (instruction/input/output records) or ``"mbpp"``.
+        loader: loader kind: ``"instruction"`` (instruction/input/output records), ``"messages"`` (chat
+            conversations: a list of ``{"role", "content"}`` per record; the loss is on assistant turns only) or
+            ``"mbpp"``.
         domain: domain label given to the examples; defaults to ``name``.
         path: local JSON array / JSON Lines file; relative paths are looked up in the data dir.
         hub_id: Hugging Face Hub dataset id; when set it is used instead of ``path`` (needs network).
         hub_config: Hub configuration name (MBPP: ``"full"`` by default).
+        hub_split: the Hub split read (instruction and messages data; ``train`` and ``validation`` are then
+            held out of it as from a file).
         split: ``train`` / ``validation`` / ``all`` (instruction) or an MBPP split name.
         limit: keep at most this many examples (the first ones, in file order) after splitting.
-        columns: instruction loader only: map canonical name -> source column, e.g.
-            ``{"instruction": "question", "output": "answer"}``; ``input`` is optional.
+        columns: map canonical name -> source column: instruction loader ``{"instruction": "question",
+            "output": "answer"}`` (``input`` is optional); messages loader ``{"messages": "conversations"}``.
         validation_size: held-out size for instruction data: a fraction in (0, 1) or a count >= 1.
         seed: seed of the held-out selection.
         skip_empty: drop records whose instruction or output is blank (instruction loader).
@@ -127,6 +131,7 @@ class DatasetSpec:
     path: str | Path | None = None
     hub_id: str | None = None
     hub_config: str | None = None
+    hub_split: str = "train"
     split: str = "train"
     limit: int | None = None
     columns: Mapping[str, str] | None = None
@@ -372,7 +377,14 @@ def _load_raw(
 
         rows: list[RawRecord] = []
         for hub_split in hub_splits:
-            ds = datasets.load_dataset(spec.hub_id, spec.hub_config, split=hub_split)
+            try:
+                ds = datasets.load_dataset(spec.hub_id, spec.hub_config, split=hub_split)
+            except Exception as exc:  # offline, unknown id/config/split: one clear error, not a traceback
+                first = str(exc).splitlines()[0] if str(exc) else "no detail"
+                raise DataError(f"dataset {spec.name!r}: cannot load {spec.hub_id!r} (config {spec.hub_config!r}, "
+                                f"split {hub_split!r}) from the Hugging Face Hub ({type(exc).__name__}: {first}); "
+                                "check the id, config and split, and the network (or HF_DATASETS_OFFLINE=1 with "
+                                "a cached copy)") from None
             rows.extend(RawRecord(dict(row), None, len(rows)) for row in ds)
         return f"{spec.hub_id} (hub)", rows
     if spec.path is None:
@@ -427,7 +439,7 @@ def _load_instruction(spec: DatasetSpec, data_dir: str | Path | None) -> list[Ex
     if spec.split not in INSTRUCTION_SPLITS:
         raise ValueError(f"dataset {spec.name!r}: unknown split {spec.split!r}; use one of {INSTRUCTION_SPLITS}")
     columns = _check_columns(spec)
-    where, raws = _load_raw(spec, data_dir, hub_splits=["train"])
+    where, raws = _load_raw(spec, data_dir, hub_splits=[spec.hub_split])
     parsed = []
     for raw in raws:
         values = {
@@ -452,6 +464,60 @@ def _load_instruction(spec: DatasetSpec, data_dir: str | Path | None) -> list[Ex
         examples.append(Example(spec.domain_label, values["instruction"], values["input"], values["output"], meta))
     what = f"({len(raws)} records, {len(held_out)} held out, {skipped} blank skipped)"
     return _finish(spec, examples, where, what)
+
+
+# ----------------------------------------------------------------------------- chat conversations
+MESSAGE_ROLES = ("system", "user", "assistant")
+
+
+def _get_messages(raw: RawRecord, column: str, where: str | Path) -> list[dict[str, str]]:
+    """A record's conversation: a list of ``{"role", "content"}`` with known roles and at least one assistant
+    turn after a user turn; errors name the file, line and field."""
+    value = raw.data.get(column)
+    if not isinstance(value, list) or not value:
+        raise _error(f"expected a non-empty list of messages, got {_type_name(value)}", where, raw, field=column)
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise _error(f"message {i} is not an object with a string 'content'", where, raw, field=column)
+        if message.get("role") not in MESSAGE_ROLES:
+            raise _error(f"message {i} has role {message.get('role')!r}; expected one of {MESSAGE_ROLES}", where, raw,
+                         field=column)
+        messages.append({"role": message["role"], "content": message["content"]})
+    roles = [m["role"] for m in messages]
+    if "assistant" not in roles or "user" not in roles[: roles.index("assistant")]:
+        raise _error("the conversation needs an assistant turn after a user turn (the supervised part)", where, raw,
+                     field=column)
+    return messages
+
+
+def _load_messages(spec: DatasetSpec, data_dir: str | Path | None) -> list[Example]:
+    """Chat conversations (``messages`` column, or ``columns={"messages": ...}``): one example each, with the
+    conversation in ``meta["messages"]``; ``instruction`` is its first user turn and ``output`` its last assistant
+    turn (for display, embedding and novelty)."""
+    if spec.split not in INSTRUCTION_SPLITS:
+        raise ValueError(f"dataset {spec.name!r}: unknown split {spec.split!r}; use one of {INSTRUCTION_SPLITS}")
+    unknown = sorted(set(spec.columns or {}) - {"messages"})
+    if unknown:
+        raise ValueError(f"dataset {spec.name!r}: unknown keys in 'columns': {unknown}; the messages format maps "
+                         "only 'messages'")
+    column = (spec.columns or {}).get("messages", "messages")
+    where, raws = _load_raw(spec, data_dir, hub_splits=[spec.hub_split])
+    conversations = [_get_messages(raw, column, where) for raw in raws]
+    keys = ["\0".join(m["content"] for m in c if m["role"] != "assistant") for c in conversations]
+    held_out = holdout_validation_indices(keys, spec.validation_size, spec.seed)
+    examples = []
+    for raw, messages in zip(raws, conversations, strict=True):
+        in_validation = raw.index in held_out
+        if (spec.split == "train" and in_validation) or (spec.split == "validation" and not in_validation):
+            continue
+        first_user = next(m["content"] for m in messages if m["role"] == "user")
+        last_reply = [m["content"] for m in messages if m["role"] == "assistant"][-1]
+        meta: dict[str, Any] = {"source": spec.name, "index": raw.index, "messages": messages}
+        if raw.line is not None:
+            meta["line"] = raw.line
+        examples.append(Example(spec.domain_label, first_user, "", last_reply, meta))
+    return _finish(spec, examples, where, f"({len(raws)} conversations, {len(held_out)} held out)")
 
 
 # ----------------------------------------------------------------------------- MBPP
@@ -522,6 +588,7 @@ def _load_packaged(spec: DatasetSpec, data_dir: str | Path | None) -> list[Examp
 register_loader("instruction", _load_instruction)
 register_loader("mbpp", _load_mbpp)
 register_loader("packaged", _load_packaged)
+register_loader("messages", _load_messages)
 register_dataset(DatasetSpec(name="code_alpaca", loader="instruction", path="code_alpaca/code_alpaca_2k.json"))
 register_dataset(DatasetSpec(name="mbpp", loader="mbpp", path="mbpp/mbpp.jsonl"))
 

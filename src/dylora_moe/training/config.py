@@ -42,7 +42,8 @@ from .tracking import check_reporters
 CONFIG_FORMAT_VERSION = 1
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BASE_DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZATIONS = ("none", "nf4", "fp4", "int8")  # as loading.QUANTIZATIONS (this module stays torch-free)
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+DATASET_FORMATS = ("instruction", "messages")  # as loading.QUANTIZATIONS (this module stays torch-free)
 SCHEDULERS = ("cosine", "linear", "constant")
 DEFAULT_MODEL = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
 
@@ -61,7 +62,16 @@ class DatasetConfig:
         "Mixing weight in 'interleave' mode (any scale; equal weights = the seed's 50/50)."))
     limit: int | None = field(default=None, metadata=_help("Use at most this many training examples (first ones)."))
     hub_id: str | None = field(default=None, metadata=_help(
-        "Load from this Hugging Face Hub dataset id instead of the file (needs network)."))
+        "Load from this Hugging Face Hub dataset id instead of the file (needs network, or a cached copy)."))
+    hub_config: str | None = field(default=None, metadata=_help("The Hub dataset's configuration (subset) name."))
+    hub_split: str = field(default="train", metadata=_help(
+        "The Hub split read; the training and held-out examples are then split off it as from a file."))
+    format: str = field(default="instruction", metadata=_help(
+        "'instruction' (instruction / input / output records) or 'messages' (chat conversations: a list of "
+        "{role, content} per record, rendered with the tokenizer's chat template, loss on assistant turns only)."))
+    columns: dict[str, str] | None = field(default=None, metadata=_help(
+        "Source column of each field, e.g. {instruction: question, output: answer} (instruction format) or "
+        "{messages: conversations} (messages format)."))
 
     @property
     def domain_label(self) -> str:
@@ -77,7 +87,8 @@ class DataConfig:
     """The ``data:`` section: what to train and evaluate on."""
 
     datasets: list[DatasetConfig] = field(default_factory=_default_datasets, metadata=_help(
-        "Training datasets, one domain each: list of {name, path, domain, weight, limit, hub_id}."))
+        "Training datasets, one domain each: list of {name, path, domain, weight, limit, hub_id, hub_config, "
+        "hub_split, format, columns}."))
     data_dir: str | None = field(default=None, metadata=_help(
         "Data directory for relative paths (default: $DYLORA_MOE_DATA_DIR, else shared/data beside the "
         "checkout, from any working directory)."))
@@ -318,5 +329,12 @@ def _validate_datasets(datasets: list[DatasetConfig], fail: Callable[[str, str],
             raise fail(f"{key}.weight", "must be >= 0")
         if ds.limit is not None and ds.limit <= 0:
             raise fail(f"{key}.limit", "must be a positive integer or null")
+        if ds.format not in DATASET_FORMATS:
+            raise fail(f"{key}.format", f"must be one of {DATASET_FORMATS}")
+        allowed = {"instruction": {"instruction", "input", "output"}, "messages": {"messages"}}[ds.format]
+        unknown = sorted(set(ds.columns or {}) - allowed)
+        if unknown:
+            raise fail(f"{key}.columns",
+                       f"unknown field(s) {unknown} for the {ds.format} format; map {sorted(allowed)}")
     if not any(ds.weight > 0 for ds in datasets):
         raise fail("data.datasets", "at least one dataset needs a weight > 0")

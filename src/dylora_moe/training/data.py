@@ -33,18 +33,19 @@ __all__ = ["StreamBatches", "dataset_spec", "load_split", "tokenize_split"]
 
 def dataset_spec(ds: DatasetConfig, index: int, split: str, limit: int | None) -> DatasetSpec:
     """The data-layer spec of one configured dataset and split."""
-    if ds.name in list_datasets():
+    if ds.name in list_datasets() and ds.format == "instruction":
         spec = get_spec(ds.name)
     elif ds.path is None and ds.hub_id is None:
         raise ConfigError(f"train config: key 'data.datasets.{index}.name' = {ds.name!r} is not a registered "
-                          f"dataset ({list_datasets()}); give 'path' to train on a local instruction file")
+                          f"dataset ({list_datasets()}); give 'path' (a local file) or 'hub_id' to train on your data")
     else:
-        spec = DatasetSpec(name=ds.name, loader="instruction")
+        spec = DatasetSpec(name=ds.name, loader=ds.format)
     changes: dict[str, Any] = {"domain": ds.domain_label, "split": split, "limit": limit}
-    if ds.path is not None:
-        changes["path"] = ds.path
-    if ds.hub_id is not None:
-        changes["hub_id"] = ds.hub_id
+    for key in ("path", "hub_id", "hub_config", "columns"):
+        if getattr(ds, key) is not None:
+            changes[key] = getattr(ds, key)
+    if ds.hub_split != "train":
+        changes["hub_split"] = ds.hub_split
     return spec.replace(**changes)
 
 

@@ -201,10 +201,10 @@ class JointTrainer:
         scheduler, a resumed run's state, the data loader and the router calibration."""
         wall_start = time.perf_counter()
         cfg = self.config
-        self.accelerator = acc = self._make_accelerator()
-        check_engine(str(acc.distributed_type))
         if cfg.train.base_quantization != "none" and self._model_arg is None:  # refused at once where it cannot run
             quantization_config(cfg.train.base_quantization, torch.bfloat16)
+        self.accelerator = acc = self._make_accelerator()
+        check_engine(str(acc.distributed_type))
         set_seed(cfg.seed)
         resume_from = self._prepare_output_dir()
         try:
