@@ -203,7 +203,8 @@ def load_base_model(
         dtype = getattr(torch, dtype)
     quantized: dict[str, Any] = {}
     if quantization != "none":
-        quantized = {"quantization_config": quantization_config(quantization, dtype or torch.bfloat16),
+        compute = dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
+        quantized = {"quantization_config": quantization_config(quantization, compute),
                      "device_map": {"": torch.cuda.current_device()}}
     is_local = Path(path).exists()
     try:

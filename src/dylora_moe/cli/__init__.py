@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dylora-moe", description="Dynamic LoRA Mixture-of-Experts")
     sub = parser.add_subparsers(dest="command", required=True)
     model_commands.register(sub)  # train, report, generate, push, inspect
-    evaluation_commands.register(sub)  # eval, compare, analyze
+    evaluation_commands.register(sub)  # eval, compare, analyze, prune, merge-experts
     study_commands.register(sub)  # study, learn-skill, continual
     data_commands.register(sub)  # data list, data fetch
     return parser

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,44 @@ class AnalyzeOptions:
                 raise ConfigError(f"{source}: --{name.replace('_', '-')}={value} must be a positive integer")
 
 
+@dataclass
+class PoolEditOptions:
+    """What ``prune`` and ``merge-experts`` read, change and write."""
+
+    checkpoint: str = field(metadata=_help("DyLoRA-MoE checkpoint folder (or run directory, or Hub id)."))
+    data: list[str] = field(metadata=_help(
+        "Datasets whose held-out examples measure load and loss (names or JSON/JSONL files, one domain each)."))
+    output: str = field(metadata=_help("Where the edited checkpoint goes (with pool_edit.json)."))
+    min_load: float | None = field(default=None, metadata=_help(
+        "prune: remove the experts whose share of the routing decisions is below this."))
+    experts: list[int] = field(default_factory=list, metadata=_help("prune: remove these experts instead."))
+    remap: list[str] = field(default_factory=list, metadata=_help(
+        "prune: give the skills of a removed expert another one, OLD:NEW (e.g. 3:0)."))
+    min_similarity: float | None = field(default=None, metadata=_help(
+        "merge-experts: merge every group of experts whose updates are at least this alike (cosine)."))
+    groups: list[str] = field(default_factory=list, metadata=_help(
+        "merge-experts: merge these groups instead, each as indices joined by '+', e.g. 0+2 1+3 (each group into "
+        "its first expert)."))
+    method: str = field(default="average", metadata=_help("merge-experts: 'average' or 'ties' (TIES-Merging)."))
+    density: float = field(default=0.5, metadata=_help("merge-experts, ties: share of each update's entries kept."))
+    limit: int | None = field(default=None, metadata=_help("At most N held-out examples per domain."))
+    batch_size: int = field(default=8, metadata=_help("Examples per forward pass."))
+    max_seq_length: int = field(default=512, metadata=_help("Tokens per example at most."))
+    data_dir: str | None = field(default=None, metadata=_help("Data directory (for dataset names)."))
+    progress: bool = field(default=True, metadata=_help("Progress bars."))
+
+    def validate(self, source: str = "pool edit", origins: dict[str, str] | None = None) -> None:
+        for item in self.remap:
+            if not re.fullmatch(r"\d+:\d+", item):
+                raise ConfigError(f"{source}: --remap {item!r} must be OLD:NEW expert indices, e.g. 3:0")
+        for item in self.groups:
+            if not re.fullmatch(r"\d+(\+\d+)+", item):
+                raise ConfigError(f"{source}: --groups {item!r} must be two or more expert indices joined by '+', "
+                                  "e.g. 0+2")
+        if self.method not in ("average", "ties"):
+            raise ConfigError(f"{source}: --method={self.method!r} must be 'average' or 'ties'")
+
+
 def register(sub: Any) -> None:
     evaluate = sub.add_parser(
         "eval", help="sandboxed pass@k on HumanEval or MBPP",
@@ -90,6 +129,15 @@ def register(sub: Any) -> None:
         "router entropy and per-expert load; writes analysis.json and PNGs.")
     add_config_options(analyze, AnalyzeOptions, positional=("checkpoint",))
     analyze.set_defaults(func=_analyze)
+
+    prune = sub.add_parser("prune", help="remove under-used experts (routing load on held-out data), measured "
+                           "before and after; refuses what would break the checkpoint")
+    add_config_options(prune, PoolEditOptions, positional=("checkpoint",))
+    prune.set_defaults(func=_pool_edit, action="prune")
+    merge = sub.add_parser("merge-experts", help="merge similar experts (average or TIES), measured before and "
+                           "after; refuses what would break the checkpoint")
+    add_config_options(merge, PoolEditOptions, positional=("checkpoint",))
+    merge.set_defaults(func=_pool_edit, action="merge")
 
 
 def _set_threads(threads: int | None) -> None:
@@ -204,4 +252,25 @@ def _analyze(ns: argparse.Namespace) -> int:
         print(f"  {name}: loss {domain['loss']:.4f} over {domain['examples']} examples, "
               f"share {[round(s, 3) for s in domain['expert_share']]}")
     print(f"wrote {options.output}/analysis.json and heatmaps")
+    return 0
+
+
+def _pool_edit(ns: argparse.Namespace) -> int:
+    options = config_from_options(PoolEditOptions, ns, overrides=False)
+
+    from ..common.runs import resolve_adapter_dir
+    from ..evaluation.pool_edit import merge_checkpoint, prune_checkpoint  # imports torch
+
+    common = {"limit": options.limit, "batch_size": options.batch_size, "max_seq_length": options.max_seq_length,
+              "data_dir": options.data_dir, "progress": options.progress}
+    checkpoint = resolve_adapter_dir(options.checkpoint)
+    if ns.action == "prune":
+        remap = dict(tuple(int(x) for x in item.split(":")) for item in options.remap)
+        report = prune_checkpoint(checkpoint, options.data, options.output, min_load=options.min_load,
+                                  experts=options.experts, remap=remap, **common)
+    else:
+        groups = [[int(x) for x in item.split("+")] for item in options.groups]
+        report = merge_checkpoint(checkpoint, options.data, options.output, min_similarity=options.min_similarity,
+                                  groups=groups, method=options.method, density=options.density, **common)
+    print("\n".join(report.lines()))
     return 0

@@ -37,7 +37,7 @@ from ..config import DyLoRAMoEConfig, with_predating_values
 from ..config import help_metadata as _help
 from ..data.mixing import MODES
 from ..errors import ConfigError
-from .tracking import check_reporters
+from .reporters import check_reporters
 
 CONFIG_FORMAT_VERSION = 1
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

@@ -21,30 +21,14 @@ tracker whose package is missing is refused before training starts (:func:`check
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from .reporters import REPORTERS, check_reporters
 
 __all__ = ["REPORTERS", "Trackers", "check_reporters", "flat_config"]
-
-#: the trackers ``train.report_to`` may name, with the package each needs
-REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
-
-
-def check_reporters(report_to: Sequence[str], where: str = "train.report_to") -> None:
-    """Refuse unknown trackers and trackers whose package is not installed (naming the ``pip install``)."""
-    for name in report_to:
-        if name not in REPORTERS:
-            raise ConfigError(f"{where}: unknown tracker {name!r}; choose from {sorted(REPORTERS)} (or [] for none)")
-        if importlib.util.find_spec(REPORTERS[name]) is None:
-            extra = "mlflow-skinny" if name == "mlflow" else REPORTERS[name]
-            raise ConfigError(f"{where}: {name!r} needs the {REPORTERS[name]} package, which is not installed: "
-                              f"pip install {extra} (or pip install 'dylora-moe[tracking]')")
-
 
 def flat_config(data: Any, prefix: str = "") -> dict[str, Any]:
     """``{"train.lr": 0.01, "moe.num_experts": 4, ...}``: nested dicts flattened, lists as text (trackers take
