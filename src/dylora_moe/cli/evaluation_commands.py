@@ -104,6 +104,10 @@ class PoolEditOptions:
                                   "e.g. 0+2")
         if self.method not in ("average", "ties"):
             raise ConfigError(f"{source}: --method={self.method!r} must be 'average' or 'ties'")
+        for name in ("limit", "batch_size", "max_seq_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{source}: --{name.replace('_', '-')}={value} must be a positive integer")
 
 
 def register(sub: Any) -> None:
