@@ -162,3 +162,15 @@ def test_update_similarity_is_the_cosine_of_the_flattened_updates():
             want = torch.nn.functional.cosine_similarity(flat[i], flat[j], dim=0)
             assert torch.allclose(got[i, j], want, atol=1e-5)
     assert torch.all(got[3] == 0) and torch.all(got[:, 3] == 0)
+
+
+def test_the_similarity_of_fresh_experts_has_a_finite_gradient():
+    """At initialisation every B is zero: the similarity loss must give finite (here zero) gradients, not NaN
+    (a study unit with moe.ortho_coef stopped after 5 non-finite steps before this was fixed)."""
+    gen = torch.Generator().manual_seed(0)
+    a_list = [torch.randn(4, 10, generator=gen, requires_grad=True) for _ in range(3)]
+    b_list = [torch.zeros(7, 4, requires_grad=True) for _ in range(3)]
+    off = ~torch.eye(3, dtype=torch.bool)
+    update_similarity(a_list, b_list)[off].pow(2).mean().backward()
+    grads = [p.grad for p in [*a_list, *b_list]]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -83,12 +83,13 @@ def _dense_shared(x: torch.Tensor, weights: torch.Tensor, a: torch.Tensor, b: to
 def update_similarity(a_list: list[torch.Tensor], b_list: list[torch.Tensor]) -> torch.Tensor:
     """Cosine similarity ``[E, E]`` between the experts' weight updates ``B_e A_e`` (as flattened ``[d_out, d_in]``
     matrices), computed from rank-sized products only: ``<B_i A_i, B_j A_j> = sum((B_i^T B_j) * (A_i A_j^T))``.
-    An expert whose update is zero (a fresh B) has similarity 0 with every other."""
+    An expert whose update is zero (a fresh B) has similarity 0 with every other, and a finite gradient."""
     a, b = stack_experts(a_list, b_list)  # [E, R, d_in], [E, d_out, R]
     bb = torch.einsum("eor,fos->efrs", b, b)
     aa = torch.einsum("erd,fsd->efrs", a, a)
     gram = (bb * aa).sum((-2, -1))  # [E, E]
-    norm = gram.diagonal().clamp_min(0).sqrt()
+    # clamped before the square root: at a fresh B the norm is 0, where sqrt's gradient is infinite (NaN training)
+    norm = gram.diagonal().clamp_min(1e-24).sqrt()
     return gram / (norm[:, None] * norm[None, :]).clamp_min(1e-12)
 
 
