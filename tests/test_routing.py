@@ -108,3 +108,38 @@ def test_router_z_loss_is_the_masked_mean_squared_logsumexp():
     assert torch.allclose(got, want)
     got.backward()
     assert logits.grad[1, 1].abs().sum() == 0 and logits.grad[0, 0].abs().sum() > 0  # padding gets nothing
+
+
+def test_dynamic_top_k_keeps_the_experts_needed_to_reach_top_p():
+    from dylora_moe.routing import active_experts
+
+    logits = torch.tensor([[8.0, 0.0, 0.0, 0.0],      # peaked: the first expert alone is above 0.9
+                           [0.0, 0.0, 0.0, 0.0],      # flat: 0.25 each, three reach 0.75 < 0.9, the cap is 3
+                           [2.0, 2.0, -9.0, -9.0]])   # two at ~0.5 each: both are needed
+    mask = torch.ones(3, dtype=torch.bool)
+    d = decide(logits.requires_grad_(), mask, mode="sparse", top_k=3, temperature=1.0, top_p=0.9)
+    indices, gates = d.selected()
+    assert indices.shape == (3, 3)  # static shape: the unused slots weigh 0
+    assert (gates > 0).sum(-1).tolist() == [1, 3, 2]
+    torch.testing.assert_close(gates.sum(-1), torch.ones(3))  # straight-through: renormalised over the kept
+    assert active_experts(d).item() == pytest.approx(2.0)
+    gates.sum().backward()  # the router still learns through the kept gates
+    assert logits.grad is not None
+    fixed = decide(logits.detach(), mask, mode="sparse", top_k=3, temperature=1.0)
+    assert (fixed.selected()[1] > 0).sum().item() == 9 and active_experts(fixed).item() == 3.0
+
+
+@pytest.mark.parametrize("routing", ["sequence", "token"])
+def test_a_model_with_dynamic_top_k_trains(routing, batch):
+    from dylora_moe import DyLoRAMoEConfig, DyLoRAMoEForCausalLM
+    from tests.tiny import make_base, randomize_experts
+
+    ids, mask, labels = batch
+    model = DyLoRAMoEForCausalLM(make_base("llama"), DyLoRAMoEConfig(num_experts=4, top_k=3, top_p=0.5,
+                                                                      routing=routing), mature=True)
+    randomize_experts(model)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and any(p.grad is not None for p in model.router_parameters())
+    with pytest.raises(Exception, match="top_p"):
+        DyLoRAMoEConfig(top_p=1.5)

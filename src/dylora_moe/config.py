@@ -82,7 +82,13 @@ class DyLoRAMoEConfig:
             "'all-linear' (attention and MLP projections), or None for 'attention'."
         },
     )
-    top_k: int = field(default=1, metadata={"help": "Experts chosen per routed unit in sparse mode."})
+    top_k: int = field(default=1, metadata={"help": "Experts chosen per routed unit in sparse mode (with top_p: "
+                                                   "the most that may be chosen)."})
+    top_p: float | None = field(
+        default=None,
+        metadata={"help": "Dynamic top-k: each routed unit takes its most probable experts until their probability "
+                  "adds up to top_p (at least 1, at most top_k; the others get weight 0). None = always top_k."},
+    )
     gate: str = field(
         default="straight_through",
         metadata={
@@ -201,6 +207,8 @@ class DyLoRAMoEConfig:
             raise bad("top_k", "must be an integer >= 1")
         if self.top_k > self.num_experts:
             raise bad("top_k", f"is larger than num_experts={self.num_experts}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise bad("top_p", "must be in (0, 1] (or None for a fixed top_k)")
         if self.gate not in GATES:
             raise bad("gate", f"must be one of {GATES}")
         if not self.temperature > 0:

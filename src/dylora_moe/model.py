@@ -334,6 +334,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
             temperature=cfg.temperature,
             forced_expert=self.context.forced_expert,
             gate=cfg.gate,
+            top_p=cfg.top_p,
         )
         if cfg.z_loss_coef > 0:
             decision.z_loss = router_z_loss(logits, mask)

@@ -90,6 +90,7 @@ def decide(
     temperature: float,
     forced_expert: int | torch.Tensor | None = None,
     gate: str = "straight_through",
+    top_p: float | None = None,
 ) -> RoutingDecision:
     """Turn router logits ``[..., E]`` into a decision.
 
@@ -99,7 +100,9 @@ def decide(
     chosen expert is weighted: 'probability' (its probability) or 'straight_through'
     (``p / sum(p_chosen).detach()``: forward, the chosen probabilities renormalised to sum to exactly 1,
     so 1 when k=1 and never k times a single LoRA's update when k>1; backward, the gradient of ``p``
-    divided by that sum, so the router still learns from the LM loss).
+    divided by that sum, so the router still learns from the LM loss). ``top_p`` (dynamic top-k): of the
+    ``top_k`` most probable experts, only those needed for their probability to reach ``top_p`` keep a weight
+    (always the first; the others' gates are 0, their slots kept so shapes stay static).
     """
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if forced_expert is not None:
@@ -113,6 +116,9 @@ def decide(
     if mode == "dense":
         return RoutingDecision(probs, None, None, "dense", mask)
     gates, indices = torch.topk(probs, k=min(top_k, probs.shape[-1]), dim=-1)
+    if top_p is not None:  # dynamic k: the most probable experts until top_p is reached, the rest weighted 0
+        before = gates.detach().cumsum(-1) - gates.detach()  # probability of the better experts
+        gates = gates * (before < top_p).to(gates.dtype)
     if gate == "straight_through":
         gates = gates / gates.detach().sum(-1, keepdim=True)
     elif gate != "probability":
@@ -163,6 +169,14 @@ def expert_share(decision: RoutingDecision) -> torch.Tensor:
         indices = decision.selected()[0]
         onehot = torch.nn.functional.one_hot(indices, decision.num_experts).float().sum(-2)
         return _masked_mean(onehot / indices.shape[-1], decision.mask)
+
+
+def active_experts(decision: RoutingDecision) -> torch.Tensor:
+    """Mean number of experts with a non-zero weight per routed unit (dynamic top-k's k; E when dense)."""
+    weights = decision.dense_weights()
+    count = (weights > 0).sum(-1).float()
+    mask = decision.mask.to(count.dtype)
+    return (count * mask).sum() / mask.sum().clamp_min(1)
 
 
 def router_entropy(decision: RoutingDecision) -> torch.Tensor:
