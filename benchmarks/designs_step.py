@@ -5,9 +5,9 @@ The variants are those of ``configs/study-domains.yaml`` (token routing, top-1, 
 (one shared A r=29, 4 B heads), ``top2``, ``soft`` (every expert mixed), ``goat`` (SVD-segment experts,
 GOAT's scale, top-2), ``goat_seq`` (the same with sequence routing), ``ortho_z`` (similarity loss and router
 z-loss), ``mola`` (2 to 6 experts per block); and on attention + MLP ``moe4_mlp`` against ``lora_r64_mlp``.
-Forward + backward + AdamW, the median of interleaved rounds (machine noise hits every variant alike), batch 4 x 256 tokens with a quarter prompt,
-and the peak memory of a step above the shared base. Prints each variant's ratio to its LoRA r=64; the
-issue's bar is a step time within 1.15x::
+Forward + backward + AdamW, the median of interleaved rounds (machine noise hits every variant alike), batch
+4 x 256 tokens with a quarter prompt, and the peak memory of a step above the shared base. Prints each
+variant's ratio to its LoRA r=64; the issue's bar is a step time within 1.15x::
 
     python benchmarks/designs_step.py --model smollm2-135m --repeats 5 --json designs.json
 """
