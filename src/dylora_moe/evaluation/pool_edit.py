@@ -21,6 +21,7 @@ trains on (``JointTrainer(config, model=...)``, ``learn-skill``) and exports.
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -113,9 +114,7 @@ class _Session:
             p.numel() for p in self.model.router_parameters())
 
     def _measure(self) -> dict[str, Any]:
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp:  # analyze's files are not kept: the report carries the numbers
             return analyze(self.model, self.data, output_dir=tmp, tokenizer=self.tokenizer, **self.options)
 
     def check_skills(self, gone: Sequence[int], target: Mapping[int, int],

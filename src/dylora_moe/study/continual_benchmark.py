@@ -104,12 +104,16 @@ def _matrices(rows: list[dict[str, dict[str, float]]], names: list[str], metric:
 
 
 def _sequential_unit(run: ContinualRunConfig, skills: _Skills, method: str, order: list[int],
-                     before: dict[str, dict[str, float]], progress: bool) -> dict[str, Any]:
-    """Run one sequential method in one order; the loss (and exact-match) matrix in that order, and metrics."""
+                     before: dict[str, dict[str, float]], progress: bool,
+                     variant: ContinualConfig | None = None) -> dict[str, Any]:
+    """Run one sequential method in one order; the loss (and exact-match) matrix in that order, and metrics.
+    ``variant``: DyLoRA-MoE with these settings (another router protection), without the detector's stream."""
     names = [skills.names[i] for i in order]
     train = [skills.train[i] for i in order]
     started = time.monotonic()
-    if method == "dylora":
+    if variant is not None:
+        result = _run_dylora(run, variant, skills, order, progress, detector_stream=False)
+    elif method == "dylora":
         result = _run_dylora(run, run.continual, skills, order, progress)
     elif method in ("sequential_lora", "replay_lora"):
         result = run_sequential_lora(run, train, names, skills.evaluate, replay=method == "replay_lora",
@@ -269,8 +273,8 @@ def run_continual(run: ContinualRunConfig, progress: bool = True) -> dict[str, A
             if protection != run.continual.protection and "dylora" in methods:
                 variant = ContinualConfig(**{**asdict(run.continual), "protection": protection})
                 key = f"dylora_{protection}-order{k}"
-                units[key] = _unit(out, key, _fingerprint(run, order), lambda v=variant, o=order: _protection_unit(
-                    run, v, skills, o, before, progress))
+                units[key] = _unit(out, key, _fingerprint(run, order), lambda v=variant, o=order: _sequential_unit(
+                    run, skills, f"dylora_{v.protection}", o, before, progress, variant=v))
     bounds_units: dict[str, Any] = {}
     makers = {"multitask_lora": lambda: run_multitask_lora(run, skills.train, skills.evaluate, progress=progress),
               "oracle": lambda: run_oracle(run, skills.train, skills.names, skills.evaluate_one, progress=progress)}
@@ -286,17 +290,6 @@ def run_continual(run: ContinualRunConfig, progress: bool = True) -> dict[str, A
     write_text_atomically(out / "continual.json", json.dumps(report, indent=2) + "\n")
     _plot(report, out / "continual.png")
     return report
-
-
-def _protection_unit(run: ContinualRunConfig, config: ContinualConfig, skills: _Skills, order: list[int],
-                     before: dict[str, dict[str, float]], progress: bool) -> dict[str, Any]:
-    """DyLoRA-MoE with another router protection (no detector stream), in ``order``."""
-    names = [skills.names[i] for i in order]
-    result = _run_dylora(run, config, skills, order, progress, detector_stream=False)
-    loss = _matrices(result.pop("rows"), names, "loss")
-    return {"method": f"dylora_{config.protection}", "order": order, "skills": names, "loss": loss,
-            "metrics": continual_metrics(loss, [before[n]["loss"] for n in names]), **forgetting_metrics(loss),
-            **result}
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:

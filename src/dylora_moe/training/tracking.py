@@ -21,6 +21,7 @@ tracker whose package is missing is refused before training starts (:func:`check
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -84,6 +85,4 @@ class Trackers:
 
 def _stable_id(output_dir: Path) -> str:
     """A W&B run id of the output folder, so a resumed run goes on in the same W&B run."""
-    import hashlib
-
     return hashlib.sha256(str(output_dir.resolve()).encode()).hexdigest()[:16]
