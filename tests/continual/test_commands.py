@@ -12,7 +12,7 @@ from tests.continual import A_WORDS, B_WORDS, skill_examples, write_skill_file
 from tests.tiny import make_base, make_tokenizer
 
 FAST = ["seed_steps=2", "consolidate_steps=2", "batch_size=4", "max_seq_length=64", "embed_examples=16",
-        "replay_per_skill=4", "seed_lr=0.01"]  # the default detector: standardized similarity, threshold 0.85
+        "replay_per_skill=4", "seed_lr=0.01"]  # the default detector: standardized similarity, threshold 0.8
 
 
 @pytest.fixture

@@ -118,22 +118,22 @@ def test_the_standardized_detector_flags_the_other_skill_not_a_held_out_split(mo
     library = SkillLibrary()
     vec, spread = embedding_and_spread(model, tok, skill_examples(A_WORDS, 48, 0))
     library.add("known", vec, 0, spread=spread)
-    detector = NoveltyDetector()  # the defaults: standardized, threshold 0.85
+    detector = NoveltyDetector()  # the defaults: standardized, threshold 0.8
     vec, spread = embedding_and_spread(model, tok, skill_examples(A_WORDS, 16, 99))
     same = detector.decide(vec, library, spread=spread, count=16)
     vec, spread = embedding_and_spread(model, tok, skill_examples(B_WORDS, 16, 5))
     new = detector.decide(vec, library, spread=spread, count=16)
     assert not same.novel and new.novel, (same.reason, new.reason)
-    assert same.threshold == 0.85 and same.similarity == "standardized"
+    assert same.threshold == 0.8 and same.similarity == "standardized"
 
 
 def test_default_threshold_follows_the_similarity_and_an_explicit_one_wins():
     from dylora_moe.continual import ContinualConfig
 
-    assert (NoveltyDetector().similarity, NoveltyDetector().threshold) == ("standardized", 0.85)
+    assert (NoveltyDetector().similarity, NoveltyDetector().threshold) == ("standardized", 0.8)
     assert NoveltyDetector(similarity="raw").threshold == 0.75
     assert NoveltyDetector(0.6, similarity="raw").threshold == 0.6
-    assert ContinualConfig().resolved_threshold() == 0.85
+    assert ContinualConfig().resolved_threshold() == 0.8
     assert ContinualConfig(similarity="raw").resolved_threshold() == 0.75
     assert ContinualConfig(threshold=0.9).resolved_threshold() == 0.9
     ContinualConfig(threshold=None).validate()

@@ -3,14 +3,14 @@
 ``NoveltyDetector.decide(embedding, library)`` compares the new embedding ``[hidden]`` with each skill's; the
 data are novel when the maximum (``reduction="max"``, default) or the median (``"median"``) similarity is below
 ``threshold``. Two similarities: ``"standardized"`` (the default), the distance between the means in units of
-the examples' spread, corrected for the sample sizes, whose default threshold 0.85 was calibrated once and
+the examples' spread, corrected for the sample sizes, whose default threshold 0.8 was calibrated once and
 does not depend on the model's hidden-state scale; and ``"raw"``, the seed's cosine of the means (its default
 threshold 0.75, the seed's value, flags nothing on SmolLM2: docs/continual.md). Optionally the
 router's entropy on the new data is a second criterion: a router that is unsure where to send the data
 (mean entropy above ``entropy_threshold`` nats) also makes them novel. ``calibrate_threshold`` suggests a
 threshold from held-out splits of known skills::
 
-    detector = NoveltyDetector()                          # standardized, threshold 0.85
+    detector = NoveltyDetector()                          # standardized, threshold 0.8
     embedding, spread = embedding_and_spread(model, tok, new)
     decision = detector.decide(embedding, library, spread=spread, count=len(new))
     decision.novel, decision.best_skill, decision.max_similarity
