@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..common.sampling import SamplingSettings
 from ..config import DyLoRAMoEConfig
 from ..config import help_metadata as _help
 from ..errors import ConfigError
@@ -59,16 +60,18 @@ class GenerateOptions:
     def validate(self, source: str = "generate", origins: dict[str, str] | None = None) -> None:
         if (self.prompt is None) == (self.prompts_file is None):
             raise ConfigError("give exactly one of --prompt and --prompts-file")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"--max-new-tokens={self.max_new_tokens}: must be >= 1")
+        try:
+            self.sampling().validate(name=lambda f: "--" + f.replace("_", "-"))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size={self.batch_size}: must be >= 1")
-        if self.temperature < 0:
-            raise ConfigError(f"--temperature={self.temperature}: must be >= 0 (0 = greedy)")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"--top-p={self.top_p}: must be in (0, 1]")
         if self.expert is not None and self.expert < 0:
             raise ConfigError(f"--expert={self.expert}: must be >= 0")
+
+
+    def sampling(self) -> SamplingSettings:
+        return SamplingSettings(self.max_new_tokens, self.temperature, self.top_p, self.seed)
 
 
 @dataclass
@@ -160,7 +163,7 @@ def _generate(ns: argparse.Namespace) -> int:
     options = config_from_options(GenerateOptions, ns, overrides=False)
 
     from ..atomic import write_text_atomically
-    from ..common.generation import SamplingSettings, generate_replies, read_prompts
+    from ..common.generation import generate_replies, read_prompts
     from ..data import Example
 
     prompts = (read_prompts(options.prompts_file) if options.prompts_file is not None  # bad files fail first
@@ -169,8 +172,7 @@ def _generate(ns: argparse.Namespace) -> int:
     if options.expert is not None and options.expert >= model.num_experts:
         raise ConfigError(f"--expert={options.expert}: {adapter} has {model.num_experts} experts "
                           f"(0..{model.num_experts - 1})")
-    settings = SamplingSettings(options.max_new_tokens, options.temperature, options.top_p, options.seed)
-    replies = generate_replies(model, tokenizer, prompts, settings, expert=options.expert,
+    replies = generate_replies(model, tokenizer, prompts, options.sampling(), expert=options.expert,
                                batch_size=options.batch_size, progress=len(prompts) > options.batch_size)
     for i, reply in enumerate(replies):
         if len(replies) > 1:

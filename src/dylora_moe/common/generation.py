@@ -21,31 +21,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import DataError, Example, build_prompt_ids, read_records, resolve_pad_token_id
+from .sampling import SamplingSettings
 
 __all__ = ["Reply", "SamplingSettings", "generate_replies", "read_prompts"]
-
-
-@dataclass
-class SamplingSettings:
-    """How replies are decoded: ``temperature`` 0 is greedy; otherwise sampling with ``top_p``."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        if self.temperature == 0:
-            return {"do_sample": False}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
 
 
 @dataclass

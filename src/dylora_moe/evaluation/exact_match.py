@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from ..common.generation import SamplingSettings, generate_replies
+from ..common.generation import generate_replies
+from ..common.sampling import SamplingSettings
 from ..data import Example
 
 __all__ = ["ExactMatchResult", "exact_match", "first_number"]
