@@ -44,11 +44,24 @@ def _fsync_dir(path: Path) -> None:
 
 def write_folder_atomically(directory: str | Path, write: Callable[[Path], None]) -> Path:
     """Run ``write(tmp)`` into a temporary sibling folder, fsync it, then rename it to ``directory``."""
+    return publish_folder(temporary_sibling(directory), directory, write)
+
+
+def temporary_sibling(directory: str | Path) -> Path:
+    """A new empty hidden folder beside ``directory`` to build it in (several processes may write into it
+    before :func:`publish_folder`)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    return Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+
+
+def publish_folder(tmp: Path, directory: str | Path, write: Callable[[Path], None] | None = None) -> Path:
+    """Run ``write(tmp)`` (if given), fsync ``tmp``, then rename it to ``directory`` (an older ``directory`` is
+    replaced only once the new one is complete); ``tmp`` is removed if anything fails."""
+    directory = Path(directory)
     try:
-        write(tmp)
+        if write is not None:
+            write(tmp)
         _fsync_tree(tmp)
         old = _move_aside(directory) if directory.exists() else None
         os.replace(tmp, directory)

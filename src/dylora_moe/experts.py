@@ -202,6 +202,15 @@ def _grouped_per_token(
     return out
 
 
+def experts_in_graph(decision: RoutingDecision, num_experts: int) -> set[int]:
+    """The experts whose A and B enter the autograd graph of a training forward of :func:`mixture_delta`
+    (gradients on): every expert with dense or token routing (their matrices are stacked), only the chosen ones
+    with sparse or forced sequence routing. The others end the backward with ``grad = None``."""
+    if decision.mode == "dense" or decision.probs.dim() == 3:
+        return set(range(num_experts))
+    return {e for row in decision.chosen() for e in row}
+
+
 def mixture_delta(
     x: torch.Tensor,
     decision: RoutingDecision,

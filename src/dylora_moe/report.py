@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+from torch.distributed.tensor import DTensor
+
 
 @dataclass
 class ParameterReport:
@@ -97,8 +100,8 @@ def parameter_report(model: Any) -> ParameterReport:
         per_expert_bytes.append(sum(p.numel() * p.element_size() for p in params))
     # every expert layer wraps exactly one base layer; their weights must be distinct storages,
     # and no base tensor may appear twice (no per-expert copy of the base)
-    storages = [layer.base_layer.weight.data_ptr() for layer in model.expert_layers]
-    base_ptrs = [p.data_ptr() for n, p in model.base_model.named_parameters() if id(p) not in expert_ids]
+    storages = [_storage(layer.base_layer.weight) for layer in model.expert_layers]
+    base_ptrs = [_storage(p) for n, p in model.base_model.named_parameters() if id(p) not in expert_ids]
     shared = len(set(storages)) == len(storages) and len(set(base_ptrs)) == len(base_ptrs)
     return ParameterReport(
         total_params=total,
@@ -119,3 +122,8 @@ def parameter_report(model: Any) -> ParameterReport:
         routing_mode=model.routing_mode,
         shared_expert_params=lora - sum(per_expert),
     )
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    """Where a tensor's data live: a sharded parameter's (FSDP's DTensor) own shard."""
+    return (tensor.to_local() if isinstance(tensor, DTensor) else tensor).data_ptr()

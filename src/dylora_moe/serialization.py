@@ -75,10 +75,15 @@ def base_fingerprint(base_model: PreTrainedModel, name_or_path: str) -> dict[str
     }
 
 
-def check_fingerprint(saved: dict[str, Any], base_model: PreTrainedModel, where: str) -> None:
+def check_fingerprint(saved: dict[str, Any], base_model: PreTrainedModel | None, where: str,
+                      current: dict[str, Any] | None = None) -> None:
     """Refuse a base model whose architecture or embedding weights differ from the one the checkpoint was
-    trained on. (Checkpoints written before ``architecture`` was recorded are checked by model type.)"""
-    current = base_fingerprint(base_model, "")
+    trained on. (Checkpoints written before ``architecture`` was recorded are checked by model type.)
+    ``current``: the base model's fingerprint, when taken earlier (a sharded base cannot be read whole)."""
+    if current is None:
+        if base_model is None:
+            raise ValueError("check_fingerprint needs base_model or current")
+        current = base_fingerprint(base_model, "")
     if "architecture" in saved:
         ours, theirs = saved["architecture"], current["architecture"]
         differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
@@ -142,9 +147,12 @@ class StoredAttachment:
         return Path(directory)
 
 
-def save_model(model: Any, directory: str | Path) -> Path:
+def save_model(model: Any, directory: str | Path, *, tensors: dict[str, torch.Tensor] | None = None,
+               fingerprint: dict[str, Any] | None = None) -> Path:
     """Write the adapter checkpoint of ``model`` (and its attachments) to ``directory``, atomically; a model card
-    (``README.md``) already in ``directory`` is kept."""
+    (``README.md``) already in ``directory`` is kept. ``tensors`` and ``fingerprint`` replace what would be read
+    from the model's own tensors (a sharded model: its gathered adapter and the fingerprint taken before
+    sharding)."""
     meta = {
         "format_version": FORMAT_VERSION,
         "moe_config": model.moe_config.to_dict(),
@@ -152,9 +160,9 @@ def save_model(model: Any, directory: str | Path) -> Path:
         "expert_alphas": list(model.expert_alphas),
         "maturity": list(model.maturity),
         "targets": [t.name for t in model.targets],
-        "base_model": base_fingerprint(model.base_model, model.base_name_or_path),
+        "base_model": fingerprint or base_fingerprint(model.base_model, model.base_name_or_path),
     }
-    tensors = adapter_state_dict(model)
+    tensors = adapter_state_dict(model) if tensors is None else tensors
     attachments = {name: value for name, value in model.attachments.items() if value is not None}
 
     card = Path(directory) / MODEL_CARD_FILE

@@ -129,6 +129,7 @@ def _train(ns: argparse.Namespace) -> int:
     result = trainer.train()
     trainer.accelerator.print(f"done: {result.global_step} optimizer steps in {result.train_time_s:.1f}s; "
                               f"final adapter in {result.final_dir}")  # once, on the main process
+    trainer.shutdown()
     return 0
 
 

@@ -8,6 +8,9 @@ its final name) holds::
       adapter/              experts + router (DyLoRAMoEForCausalLM.save_pretrained; loadable with
                             DyLoRAMoEForCausalLM.from_pretrained)
       optimizer.pt          optimizer state dict      (torch.save; loads with weights_only=True)
+      sharded/              instead of optimizer.pt under train.distributed=fsdp: adapter and optimizer
+                            shards of every process (torch.distributed.checkpoint; resumes on any number
+                            of processes); adapter/ then holds the gathered adapter
       scheduler.pt          LR scheduler state dict
       rng_state.pt          python / numpy / torch (/ cuda) RNG states, one entry per process
       trainer_state.json    format_version, global_step, epoch, sampler position, eval history, ...
@@ -37,7 +40,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from ..atomic import remove_folder_atomically, write_folder_atomically
+from ..atomic import publish_folder, remove_folder_atomically, write_folder_atomically
 from ..common.runs import (
     ADAPTER_DIR,
     STATE_FILE,
@@ -54,6 +57,7 @@ from ..serialization import (
     check_fingerprint,
     read_checkpoint_meta,
     read_versioned_json,
+    save_model,
 )
 
 STATE_FORMAT_VERSION = 1
@@ -61,6 +65,8 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng_state.pt"
 MANIFEST_FILE = "manifest.json"
+#: adapter and optimizer shards of sharded training (torch.distributed.checkpoint), instead of optimizer.pt
+SHARDED_DIR = "sharded"
 MANIFEST_FORMAT_VERSION = 1
 #: what every checkpoint holds, checked by presence in one written before manifests
 LEGACY_FILES = (STATE_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE, f"{ADAPTER_DIR}/{ADAPTER_CONFIG_FILE}",
@@ -118,19 +124,55 @@ def save_checkpoint(
     config,
 ) -> Path:
     """Write one checkpoint folder atomically (call on the main process only)."""
-    payload = {"format_version": STATE_FORMAT_VERSION, **state}
-    optimizer_state, scheduler_state = optimizer.state_dict(), scheduler.state_dict()
+    optimizer_state = optimizer.state_dict()
+    write_rest = _state_files(scheduler, rng_states, state, config)
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp / ADAPTER_DIR)
         torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+        write_rest(tmp)
+
+    return write_folder_atomically(directory, write)
+
+
+def finish_sharded_checkpoint(
+    tmp: Path,
+    directory: str | Path,
+    *,
+    model,
+    adapter: dict[str, torch.Tensor],
+    fingerprint: dict[str, Any],
+    scheduler,
+    rng_states: list[dict[str, Any]],
+    state: dict[str, Any],
+    config,
+) -> Path:
+    """Complete a checkpoint of sharded training (main process, once every process has written its shards of
+    the adapter and optimizer into ``tmp / SHARDED_DIR``): the gathered adapter (``adapter/``, loadable by
+    ``from_pretrained``), scheduler, RNG and trainer state, config and manifest; then ``tmp`` becomes
+    ``directory`` atomically, as :func:`save_checkpoint`."""
+    write_rest = _state_files(scheduler, rng_states, state, config)
+
+    def write(tmp: Path) -> None:
+        save_model(model, tmp / ADAPTER_DIR, tensors=adapter, fingerprint=fingerprint)
+        write_rest(tmp)
+
+    return publish_folder(tmp, directory, write)
+
+
+def _state_files(scheduler, rng_states: list[dict[str, Any]], state: dict[str, Any], config):
+    """A writer of the files every checkpoint holds besides adapter and optimizer (the manifest last)."""
+    payload = {"format_version": STATE_FORMAT_VERSION, **state}
+    scheduler_state = scheduler.state_dict()
+
+    def write(tmp: Path) -> None:
         torch.save(scheduler_state, tmp / SCHEDULER_FILE)
         torch.save(rng_states, tmp / RNG_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
         config.to_json_file(tmp / TRAIN_CONFIG_FILE)
         write_manifest(tmp)
 
-    return write_folder_atomically(directory, write)
+    return write
 
 
 def _sha256(path: Path) -> str:

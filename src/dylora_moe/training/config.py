@@ -45,6 +45,8 @@ BASE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 DATASET_FORMATS = ("instruction", "messages")  # as loading.QUANTIZATIONS (this module stays torch-free)
 SCHEDULERS = ("cosine", "linear", "constant")
+#: multi-process engines of train.distributed (training/sharding.py has FSDP)
+ENGINES = ("ddp", "fsdp")
 DEFAULT_MODEL = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
 
 
@@ -110,6 +112,13 @@ class TrainingArgs:
     lr: float = field(default=2e-5, metadata=_help("Peak learning rate of AdamW."))
     per_device_batch_size: int = field(default=4, metadata=_help("Sequences per micro-batch and device."))
     gradient_accumulation_steps: int = field(default=8, metadata=_help("Micro-batches per optimizer step."))
+    global_batch_size: int = field(default=0, metadata=_help(
+        "If > 0: sequences per optimizer step over all processes; gradient_accumulation_steps is then derived "
+        "(global_batch_size / (processes x per_device_batch_size), which must divide), so the same config trains "
+        "the same way on any number of processes."))
+    distributed: str = field(default="ddp", metadata=_help(
+        "With several processes: 'ddp' (each process holds the whole model) or 'fsdp' (PyTorch FSDP2 shards the "
+        "frozen base and the experts per decoder layer; docs/distributed.md)."))
     num_epochs: float = field(default=10.0, metadata=_help(
         "Training length in epochs (an epoch = one pass worth of samples); ignored when max_steps > 0."))
     max_steps: int = field(default=0, metadata=_help("If > 0: exactly this many optimizer steps."))
@@ -277,6 +286,14 @@ class TrainConfig:
         for key in ("per_device_batch_size", "gradient_accumulation_steps", "log_every", "growth_examples"):
             if getattr(t, key) < 1:
                 raise fail(f"train.{key}", "must be an integer >= 1")
+        if t.distributed not in ENGINES:
+            raise fail("train.distributed", f"must be one of {ENGINES}")
+        if t.global_batch_size < 0:
+            raise fail("train.global_batch_size", "must be an integer >= 0 (0 = per device x accumulation x "
+                       "processes)")
+        if t.global_batch_size and t.global_batch_size % t.per_device_batch_size:
+            raise fail("train.global_batch_size", f"{t.global_batch_size} is not a multiple of "
+                       f"train.per_device_batch_size {t.per_device_batch_size}")
         for key in ("max_steps", "warmup_steps", "eval_every", "save_every", "save_total_limit",
                     "router_calibration_examples", "max_bad_steps"):
             if getattr(t, key) < 0:

@@ -85,9 +85,12 @@ def evaluate(
     epoch: float = 0.0,
     accelerator=None,
     route_by_domain: bool = False,
+    lockstep: bool = False,
 ) -> EvalResult:
     """Evaluate ``model`` on each domain's held-out examples; restores the model's train/eval mode.
-    ``route_by_domain``: each example goes to the expert of its domain (oracle routing)."""
+    ``route_by_domain``: each example goes to the expert of its domain (oracle routing). ``lockstep``: every
+    process runs the same number of forwards (a sharded model gathers its layers with all of them), a process
+    short of a batch repeating one whose result it drops."""
     was_training = model.training
     model.eval()
     world = accelerator.num_processes if accelerator is not None else 1
@@ -98,10 +101,14 @@ def evaluate(
         for name, items in eval_sets.items():
             # [loss_sum, tokens, examples, aux_sum, entropy_sum, share_sum_0 .. share_sum_{E-1}]
             sums = torch.zeros(5 + num_experts, dtype=torch.float64, device=device)
-            for index, chunk in enumerate(_batches(items, batch_size)):
-                if index % world != rank:
+            chunks = _batches(items, batch_size)
+            rounds = -(-len(chunks) // world) if lockstep else len(chunks)
+            for index in range(rank, rounds * world if lockstep else len(chunks), world):
+                if index >= len(chunks):  # lockstep: this process has no batch left in this round
+                    model(**{k: v.to(device) for k, v in collate(chunks[0]).items() if k != "domain_ids"},
+                          supervised_logits_only=True)
                     continue
-                batch = collate(chunk)
+                batch = collate(chunks[index])
                 domain_ids = batch.pop("domain_ids", None)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 forced = domain_ids.to(device) if route_by_domain and domain_ids is not None else None

@@ -42,14 +42,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, gather_object, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    GradientAccumulationPlugin,
+    broadcast_object_list,
+    gather_object,
+    set_seed,
+)
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from ..atomic import write_text_atomically
+from ..atomic import temporary_sibling, write_text_atomically
 from ..common import runs
 from ..common.memory import peak_memory_bytes, reset_peak_memory
 from ..continual.growth import domains_as_skills, grow_experts_for_domains
@@ -58,7 +65,9 @@ from ..errors import CheckpointError, ConfigError, TrainingError, TrainingInterr
 from ..layout import MODEL_CARD_FILE
 from ..loading import load_base_model, quantization_config
 from ..model import DyLoRAMoEForCausalLM
+from ..serialization import base_fingerprint, check_fingerprint, read_checkpoint_meta, save_model
 from . import checkpoint as ckpt
+from . import sharding
 from .config import TrainConfig
 from .data import StreamBatches, load_split, tokenize_split
 from .evaluation import EvalResult, evaluate
@@ -165,6 +174,8 @@ class JointTrainer:
         self.precision = "fp32"
         self._stale_outputs: list[Path] = []
         self._created_output_dir: Path | None = None
+        self._fingerprint: dict[str, Any] | None = None  # of the base model, taken before it is sharded
+        self._usage: sharding.ExpertUsage | None = None  # under FSDP: experts used in the step, on any process
 
     # ------------------------------------------------------------------ the recipe
     def train(self) -> TrainResult:
@@ -205,6 +216,7 @@ class JointTrainer:
             quantization_config(cfg.train.base_quantization, torch.bfloat16)
         self.accelerator = acc = self._make_accelerator()
         check_engine(str(acc.distributed_type))
+        self._resolve_batch()
         set_seed(cfg.seed)
         resume_from = self._prepare_output_dir()
         try:
@@ -247,7 +259,12 @@ class JointTrainer:
             seed=cfg.seed, mode=cfg.data.mixing, domains=domains)
         samples_per_step = t.per_device_batch_size * t.gradient_accumulation_steps * acc.num_processes
         total_steps = t.max_steps or max(1, math.ceil(t.num_epochs * stream.num_samples / samples_per_step))
-        model.to(acc.device)
+        if t.distributed == "fsdp":  # fully_shard moves each shard to the device: the whole base never goes there
+            self._fingerprint = base_fingerprint(model.base_model, model.base_name_or_path)
+            sharding.shard_model(model, sharding.device_mesh(acc.device), acc.device)
+            self._usage = sharding.ExpertUsage(model)
+        else:
+            model.to(acc.device)
         optimizer = self._optimizer(model)
         return TrainState(
             model=model, tokenizer=tokenizer, train_set=train_set,
@@ -275,7 +292,7 @@ class JointTrainer:
         if saved["world_size"] != world:
             acc.print(f"resuming a {saved['world_size']}-process checkpoint with {world} process(es): same "
                       "global batch and data order; dropout random streams restart per process")
-        ckpt.load_adapter_weights(state.model, checkpoint / runs.ADAPTER_DIR)
+        self._load_weights(state, checkpoint)
         try:
             state.stream.load_state_dict(saved["sampler"])
         except ValueError as exc:  # e.g. another number of examples: the data files changed
@@ -298,9 +315,14 @@ class JointTrainer:
                                 (state.total_steps - state.start_step) * accum * world)
         loader = DataLoader(state.train_set, batch_sampler=batches, collate_fn=state.collate,
                             generator=torch.Generator().manual_seed(cfg.seed))
-        state.prepared, state.optimizer, state.loader = acc.prepare(state.model, state.optimizer, loader)
+        if sharding.is_sharded(state.model):  # already FSDP2 modules: Accelerate places nothing and wraps nothing
+            state.optimizer, state.loader = acc.prepare(state.optimizer, loader)
+            state.prepared = state.model
+        else:
+            state.prepared, state.optimizer, state.loader = acc.prepare(state.model, state.optimizer, loader)
         if state.resumed_from is not None:
-            state.optimizer.load_state_dict(ckpt.load_torch_file(state.resumed_from, ckpt.OPTIMIZER_FILE))
+            if not (state.resumed_from / ckpt.SHARDED_DIR).is_dir():  # else loaded with the adapter (resume)
+                state.optimizer.load_state_dict(ckpt.load_torch_file(state.resumed_from, ckpt.OPTIMIZER_FILE))
             state.scheduler.load_state_dict(ckpt.load_torch_file(state.resumed_from, ckpt.SCHEDULER_FILE))
         if acc.is_main_process:
             state.writer = self._writer(state.start_step if state.resumed_from is not None else None)
@@ -330,14 +352,18 @@ class JointTrainer:
         forced = domain_ids if t.route_by_domain else None
         bad = False
         with acc.accumulate(state.prepared):
+            if self._usage is not None:  # FSDP reduce-scatters once per optimizer step, at its last micro-batch
+                state.model.set_requires_gradient_sync(acc.sync_gradients)
             out = state.prepared(**batch, supervised_logits_only=True, forced_expert=forced)
             acc.backward(out.loss)
             if acc.sync_gradients:
                 # The gradients are reduced across processes here, so every process sees the same norm and
                 # takes the same decision; a non-finite loss makes non-finite gradients.
+                if self._usage is not None:
+                    self._usage.drop_unused_gradients(acc.device)
                 params = state.model.trainable_parameters()
-                state.grad_norm = (acc.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0
-                                   else _grad_norm(params))
+                state.grad_norm = sharding.full_value(
+                    acc.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0 else _grad_norm(params))
                 bad = not math.isfinite(float(state.grad_norm))
                 if bad:
                     state.optimizer.zero_grad(set_to_none=True)  # the step below then changes nothing
@@ -414,7 +440,8 @@ class JointTrainer:
         acc, step = self.accelerator, state.step
         result = evaluate(state.model, state.eval_sets, state.collate, self.config.data.eval_batch_size,
                           state.model.num_experts, step=step, epoch=state.epoch_at(step), accelerator=acc,
-                          route_by_domain=self.config.train.route_by_domain)
+                          route_by_domain=self.config.train.route_by_domain,
+                          lockstep=sharding.is_sharded(state.model))
         state.history.append(result)
         if acc.is_main_process:
             state.bar.write(result.line())  # keeps the progress bar intact
@@ -429,32 +456,56 @@ class JointTrainer:
         return result
 
     def save(self, state: TrainState) -> Path:
-        """Write ``checkpoint-<step>`` (atomically, from the main process) and rotate the old ones."""
+        """Write ``checkpoint-<step>`` (atomically; from the main process, or from every process's shards under
+        FSDP) and rotate the old ones."""
         acc, step = self.accelerator, state.step
         position = state.start_position + (step - state.start_step) * state.samples_per_step
         sampler_state = {**state.stream.state_dict(), "epoch": position // state.stream.num_samples,
                          "position": position % state.stream.num_samples}
         states = gather_object([ckpt.capture_rng_state()])
         target = runs.checkpoint_dir(self.output_dir, step)
-        if acc.is_main_process:
-            payload = {"global_step": step, "total_steps": state.total_steps, "epoch": state.epoch_at(step),
-                       "sampler": sampler_state, "world_size": acc.num_processes,
-                       "samples_per_step": state.samples_per_step,
-                       "eval_history": [h.to_dict() for h in state.history], "train_log": state.train_log,
-                       "train_time_s": state.train_time_s}
-            try:
+        payload = {"global_step": step, "total_steps": state.total_steps, "epoch": state.epoch_at(step),
+                   "sampler": sampler_state, "world_size": acc.num_processes,
+                   "samples_per_step": state.samples_per_step, "engine": self.config.train.distributed,
+                   "eval_history": [h.to_dict() for h in state.history], "train_log": state.train_log,
+                   "train_time_s": state.train_time_s}
+        try:
+            if sharding.is_sharded(state.model):
+                self._save_sharded(state, target, states, payload)
+            elif acc.is_main_process:
                 ckpt.save_checkpoint(target, model=acc.unwrap_model(state.prepared), optimizer=state.optimizer,
                                      scheduler=state.scheduler, rng_states=states, state=payload, config=self.config)
-            except (OSError, SafetensorError) as exc:  # disk full, size limit: nothing half-written is left
-                good = runs.latest_checkpoint(self.output_dir)
-                why = getattr(exc, "strerror", None) or str(exc)
-                raise TrainingError(
-                    f"could not write {target}: {why} (disk full or a file size limit?); nothing of it was kept, "
-                    f"and the previous checkpoint {good if good is not None else '(none yet)'} is intact: free "
-                    "space, then resume") from exc
+        except (OSError, SafetensorError) as exc:  # disk full, size limit: nothing half-written is left
+            good = runs.latest_checkpoint(self.output_dir)
+            why = getattr(exc, "strerror", None) or str(exc)
+            raise TrainingError(
+                f"could not write {target}: {why} (disk full or a file size limit?); nothing of it was kept, "
+                f"and the previous checkpoint {good if good is not None else '(none yet)'} is intact: free "
+                "space, then resume") from exc
+        if acc.is_main_process:
             ckpt.prune_checkpoints(self.output_dir, self.config.train.save_total_limit)
         acc.wait_for_everyone()
         return target
+
+    def _save_sharded(self, state: TrainState, target: Path, rng_states: list[Any], payload: dict[str, Any]) -> None:
+        """Every process writes its adapter and optimizer shards into one temporary folder (which the main
+        process made); the main process adds the gathered adapter and the rest, then renames it into place."""
+        acc = self.accelerator
+        tmp = broadcast_object_list([temporary_sibling(target) if acc.is_main_process else None])[0]
+        sharding.save_sharded(tmp / ckpt.SHARDED_DIR, state.model, state.optimizer)
+        adapter = sharding.gather_adapter(state.model)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            ckpt.finish_sharded_checkpoint(tmp, target, model=state.model, adapter=adapter,
+                                           fingerprint=self._fingerprint or {}, scheduler=state.scheduler,
+                                           rng_states=rng_states, state=payload, config=self.config)
+
+    def shutdown(self) -> None:
+        """Leave the process group of a multi-process run (all processes wait for each other first, so that none
+        exits while another still exchanges with it); nothing to do in one process. Call it last."""
+        if self.accelerator is not None and dist.is_available() and dist.is_initialized():
+            self.accelerator.wait_for_everyone()
+            dist.destroy_process_group()
 
     def close(self, state: TrainState) -> None:
         if state.bar is not None:
@@ -475,10 +526,13 @@ class JointTrainer:
             "data": {"train": state.train_stats.as_dict(), "validation": state.eval_stats.as_dict()},
             "special_tokens": {role: getattr(state.tokenizer, f"{role}_token", None) for role in ("bos", "eos", "pad")},
             "versions": library_versions()})
-        if acc.is_main_process:
-            if self.config.train.register_skills and model.skill_library is None:
+        sharded = sharding.is_sharded(model)
+        if self.config.train.register_skills and model.skill_library is None and (sharded or acc.is_main_process):
+            with sharding.full_root(model):  # sharded: every process runs the same embedding forwards
                 self._register_skills(state, model)
-            model.save_pretrained(final_dir)
+        adapter = sharding.gather_adapter(model) if sharded else None
+        if acc.is_main_process:
+            save_model(model, final_dir, tensors=adapter, fingerprint=self._fingerprint)
             write_metrics(metrics_path, metrics)
             write_text_atomically(final_dir / MODEL_CARD_FILE, model_card(self.config, metrics, model))
             plot_routing(metrics.get("expert_share", {}), plot_path,
@@ -502,6 +556,35 @@ class JointTrainer:
                                     max_seq_length=self.config.data.max_seq_length, seed=self.config.seed)
         model.train(was_training)
         self.accelerator.print(f"skills registered for continual learning: {', '.join(library.names)}")
+
+    def _resolve_batch(self) -> None:
+        """The launch checks of ``train.distributed`` and ``train.global_batch_size``; a global batch size fixes
+        the gradient accumulation steps of this number of processes (Accelerate and the config both take it)."""
+        acc, t = self.accelerator, self.config.train
+        accumulation = sharding.resolve_accumulation(
+            t.distributed, acc.num_processes, t.per_device_batch_size, t.gradient_accumulation_steps,
+            t.global_batch_size, dist.is_available() and dist.is_initialized())
+        if accumulation != t.gradient_accumulation_steps:
+            self.config = self.config.replace(**{"train.gradient_accumulation_steps": accumulation})
+            acc.gradient_accumulation_steps = accumulation
+            acc.print(f"train.global_batch_size {t.global_batch_size} over {acc.num_processes} process(es) x "
+                      f"{t.per_device_batch_size} sequences: gradient accumulation {accumulation}")
+
+    def _load_weights(self, state: TrainState, checkpoint: Path) -> None:
+        """The adapter (and, from a sharded checkpoint, the optimizer state) of ``checkpoint`` into the model."""
+        if (checkpoint / ckpt.SHARDED_DIR).is_dir():  # written under FSDP: loads on any engine and world size
+            meta = read_checkpoint_meta(checkpoint / runs.ADAPTER_DIR)
+            check_fingerprint(meta["base_model"], None if self._fingerprint else state.model.base_model,
+                              str(checkpoint), current=self._fingerprint)
+            if list(meta["expert_ranks"]) != list(state.model.expert_ranks):
+                raise CheckpointError(f"{checkpoint}: expert ranks {meta['expert_ranks']} do not match the model's "
+                                      f"{state.model.expert_ranks} (was the moe config changed?)")
+            sharding.load_sharded(checkpoint / ckpt.SHARDED_DIR, state.model, state.optimizer)
+        elif sharding.is_sharded(state.model):
+            raise CheckpointError(f"{checkpoint}: written without train.distributed=fsdp (one optimizer file, not "
+                                  f"shards): resume it with train.distributed=ddp")
+        else:
+            ckpt.load_adapter_weights(state.model, checkpoint / runs.ADAPTER_DIR)
 
     def _make_accelerator(self) -> Accelerator:
         precision = self.config.train.precision
@@ -639,7 +722,7 @@ class JointTrainer:
         model = state.model
         was_training = model.training
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), sharding.full_root(model):
             seen = model.calibrate_router(batches)
         model.train(was_training)
         self.accelerator.print(f"router calibrated on {count} training examples ({seen} routed units)")
@@ -665,19 +748,15 @@ def library_versions() -> dict[str, str | None]:
 
 
 def check_engine(distributed_type: str) -> None:
-    """Refuse the engines whose checkpoints this trainer cannot yet write correctly, before any work is done.
-
-    Under FSDP each process holds only a shard of the adapter and optimizer tensors, and checkpoints are
-    written from the main process's tensors: they would be incomplete. DDP (the base model is frozen and
-    the adapters are small, so replicating them is cheap) and ZeRO-2 (full parameters on every process)
-    are the supported engines; docs/distributed.md has the status.
-    """
+    """Refuse Accelerate's own FSDP engine before any work is done: sharding is the trainer's
+    ``train.distributed: fsdp`` (PyTorch FSDP2 on CPUs and GPUs, sharded checkpoints that resume exactly), which
+    any launcher starts; Accelerate's FSDP wrapper would shard the model a second way and its checkpoints would
+    hold the main process's shard only. docs/distributed.md has the engines."""
     if distributed_type.rsplit(".", 1)[-1] == "FSDP":
         raise TrainingError(
-            "training under FSDP is not supported yet: its checkpoints would hold only the main process's shard "
-            "of the adapter and optimizer tensors. Use DDP (accelerate launch --config_file "
-            "configs/accelerate/ddp.yaml; the frozen base model is replicated, the adapters are small) or "
-            "DeepSpeed ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml); see docs/distributed.md")
+            "Accelerate's FSDP engine (distributed_type: FSDP in the accelerate config) is not how this trainer "
+            "shards: launch with configs/accelerate/ddp.yaml or torchrun and set train.distributed=fsdp (PyTorch "
+            "FSDP2, sharded checkpoints); see docs/distributed.md")
 
 
 def _mib(size: int | None) -> float | None:
@@ -685,8 +764,8 @@ def _mib(size: int | None) -> float | None:
 
 
 def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    grads = [p.grad.detach().norm() for p in params if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros(())
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
 def _get(data: dict[str, Any], key: str) -> Any:
