@@ -7,9 +7,9 @@ batch (``train.global_batch_size``), and reports, per rank:
 
 * the bytes of the frozen base, of the trainable adapter and of the optimizer state that the rank holds (its
   shards: what sharding divides, counted exactly);
-* the process's resident memory after setup and its peak during the steps (CPU: ``VmRSS`` / ``VmHWM``; CUDA:
-  the allocator's current and peak bytes), which also hold the libraries, activations and what the allocator
-  keeps;
+* the process's resident memory after setup (free heap pages handed back first) and its peak during the steps
+  (CPU: ``VmRSS`` / ``VmHWM``; CUDA: the allocator's current and peak bytes), which also hold the libraries,
+  the activations and the gathered blocks;
 * the median step time (processes beyond the cores are oversubscribed: not a speed figure).
 
 CPU (gloo), as recorded in docs/distributed.md::
@@ -25,6 +25,7 @@ One GPU machine with several GPUs (nccl, bf16), one short command when such a ma
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import socket
@@ -61,6 +62,16 @@ def _memory(device) -> tuple[float | None, float | None]:
     return (None if now is None else now / MIB), (None if peak is None else peak / MIB)
 
 
+def _return_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc ``malloc_trim``): each process read the whole base
+    before sharding it, and the allocator keeps freed pages mapped, so without this the resident set after setup
+    still counts the freed full copy (the pages are reused for activations either way)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def worker(config_path: str, overrides: list[str], steps: int, out: str) -> None:
     """One process of the measurement (run by torchrun)."""
     import torch
@@ -74,6 +85,7 @@ def worker(config_path: str, overrides: list[str], steps: int, out: str) -> None
     acc = trainer.accelerator
     model = state.model
     frozen = [p for p in model.parameters() if not p.requires_grad]
+    _return_freed_memory()
     after_setup, _ = _memory(acc.device)
     reset_peak_memory(acc.device)
     times, start = [], time.perf_counter()

@@ -178,3 +178,15 @@ def test_a_global_batch_size_sets_the_accumulation(tmp_path, tiny_data):
     assert trainer.config.train.gradient_accumulation_steps == 2
     saved = TrainConfig.from_json_file(tmp_path / "run" / "train_config.json")
     assert saved.train.gradient_accumulation_steps == 2 and saved.train.global_batch_size == 4
+
+
+def test_token_routing_with_shared_a_sharded_equals_one_process(tmp_path, tiny_data):
+    """The default routing (per token, every expert in every step's graph) and HydraLoRA's shared A (one A per
+    module, sharded like the rest) under FSDP: the same losses and adapter as one process."""
+    changes = {"moe.routing": "token", "moe.shared_a": True, "train.max_steps": 3, "train.save_every": 0}
+    two = config_for(tmp_path / "two", tiny_data, accum=1, **{"train.distributed": "fsdp", **changes})
+    launch(two, tmp_path, SCRIPT, "0")
+    JointTrainer(config_for(tmp_path / "one", tiny_data, accum=2, **changes), *tiny_model_and_tokenizer()).train()
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "two")), torch.tensor(losses(tmp_path / "one")),
+                               rtol=1e-5, atol=1e-5)
+    assert_same_adapter(adapter(tmp_path / "two"), adapter(tmp_path / "one"))
