@@ -117,13 +117,15 @@ def test_two_sharded_processes_equal_one_process(fsdp_run, tmp_path, tiny_data):
     assert [skill["name"] for skill in library["skills"]] == ["code_alpaca", "mbpp"]
 
 
-def test_gathered_adapter_gives_the_sharded_models_logits_in_one_process(fsdp_run):
+def test_gathered_adapter_gives_the_sharded_models_logits_in_one_process(fsdp_run, tmp_path):
     two = fsdp_run[0]
     model = DyLoRAMoEForCausalLM.from_pretrained(two / "final", make_base("llama"))
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])).logits
     for rank in (0, 1):
         torch.testing.assert_close(logits, torch.load(two / f"rank{rank}.pt")["logits"], rtol=1e-5, atol=1e-5)
+    exported = model.export_expert(0, tmp_path / "expert0")  # and it exports as a PEFT adapter, as before
+    assert (exported / "adapter_config.json").is_file()
 
 
 def test_sharded_checkpoints_are_complete_and_resume_under_one_process(fsdp_run, tmp_path, tiny_data):
