@@ -26,7 +26,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import USER_ERRORS, TrainingInterrupted
-from . import data_commands, evaluation_commands, model_commands, study_commands
+from . import bundle_commands, data_commands, evaluation_commands, model_commands, serve_commands, study_commands
 
 __all__ = ["build_parser", "main", "parse_arguments"]
 
@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation_commands.register(sub)  # eval, compare, analyze, prune, merge-experts
     study_commands.register(sub)  # study, learn-skill, continual
     data_commands.register(sub)  # data list, data fetch
+    serve_commands.register(sub)  # serve
+    bundle_commands.register(sub)  # export-bundle
     return parser
 
 

@@ -124,19 +124,22 @@ def _option_overrides(cls: type, ns: argparse.Namespace) -> list[tuple[str, str]
             else:
                 out.append((label, f"{f.name}=[{', '.join(_scalar(v) for v in items)}]"))
         else:
-            out.append((label, f"{f.name}={_scalar(raw)}"))
+            out.append((label, f"{f.name}={_scalar(raw, booleans=bool in _alternatives(hints[f.name]))}"))
     return out
 
 
-def _scalar(raw: str) -> str:
+def _scalar(raw: str, booleans: bool = False) -> str:
     """A command-line word as a YAML scalar: a number or null stays what YAML reads it as, anything else is text
-    (so ``--prompt yes`` is the string 'yes', not true)."""
+    (so ``--prompt yes`` is the string 'yes', not true), except true / false for an option that takes a boolean
+    (``--use-chat-template false`` of a ``bool | None`` field)."""
     try:
         parsed = yaml.safe_load(raw)
     except yaml.YAMLError:
         parsed = raw
     if parsed is None or (isinstance(parsed, (int, float)) and not isinstance(parsed, bool)):
         return raw
+    if booleans and isinstance(parsed, bool):
+        return "true" if parsed else "false"
     return json.dumps(raw)
 
 

@@ -1,0 +1,1 @@
+"""Serving: a sequence-routed checkpoint as a bundle for multi-LoRA engines (``bundle.py``, ``bundle_route.py``)."""
