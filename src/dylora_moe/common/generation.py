@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..data import DataError, Example, build_prompt_ids, read_records, resolve_pad_token_id
 from .sampling import SamplingSettings
 
-__all__ = ["Reply", "SamplingSettings", "generate_replies", "read_prompts"]
+__all__ = ["Reply", "SamplingSettings", "generate_replies", "left_padded", "read_prompts"]
 
 
 @dataclass
@@ -89,7 +89,7 @@ def generate_replies(model: Any, tokenizer: Any, examples: Sequence[Example], se
     try:
         for start in tqdm(range(0, len(examples), batch_size), desc=desc, disable=not progress):
             batch = list(examples[start:start + batch_size])
-            ids, mask = _left_padded([build_prompt_ids(ex, tokenizer) for ex in batch], pad_id, model.device)
+            ids, mask = left_padded([build_prompt_ids(ex, tokenizer) for ex in batch], pad_id, model.device)
             choice, probs = (_routing(model, ids, mask) if routing and routed_model and expert is None
                              else (None, None))
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=settings.max_new_tokens,
@@ -103,7 +103,7 @@ def generate_replies(model: Any, tokenizer: Any, examples: Sequence[Example], se
     return replies
 
 
-def _left_padded(prompts: list[list[int]], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def left_padded(prompts: list[list[int]], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask)`` ``[B, T]``, prompts padded on the left (generation appends on the right)."""
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)

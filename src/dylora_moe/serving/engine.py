@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from ..common.generation import left_padded
 from ..common.sampling import SamplingSettings
 from ..data import resolve_pad_token_id
 
@@ -219,12 +220,8 @@ class Engine:
     def _run(self, batch: list[Ticket]) -> None:
         requests = [t.request for t in batch]
         first = requests[0]
-        width = max(len(r.prompt_ids) for r in requests)
-        device = self.model.device
-        ids = torch.tensor([[self.pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests],
-                           device=device)
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests],
-                            device=device)
+        ids, mask = left_padded([r.prompt_ids for r in requests], self.pad_id, self.model.device)
+        width = ids.shape[1]
         rows = [_Row(t, self.tokenizer, self.eos_ids) for t in batch]
         routing: dict[str, Any] = {}
         extra: dict[str, Any] = {}
