@@ -24,6 +24,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import SCALINGS
 from .context import RoutingContext
+from .dropout import ExpertDropout
 from .experts import mixture_delta
 
 ADAPTER_PARAMETER_NAMES = ("lora_A", "lora_B")
@@ -75,7 +76,7 @@ class MoELoRALayer(nn.Module):
         self.lora_B = nn.ParameterList()
         self.ranks: list[int] = []
         self.alphas: list[float] = []
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout = ExpertDropout(dropout) if dropout > 0 else nn.Identity()
         self.register_buffer("lora_residual_A", None)
         self.register_buffer("lora_residual_B", None)
         # plain attribute (not a submodule): shared with the model and its hooks
