@@ -31,10 +31,12 @@ def naive(x, weights, a_list, b_list, scale):
 @pytest.mark.parametrize("ranks", [[4, 4, 4, 4], [2, 4, 8, 3]])
 @pytest.mark.parametrize("per", ["sequence", "token"])
 @pytest.mark.parametrize("mode,k", [("dense", 1), ("sparse", 1), ("sparse", 2)])
-@pytest.mark.parametrize("token_kernel", ["dense", "sorted", "inference_few", "inference_many"])
+@pytest.mark.parametrize("token_kernel", ["segmented", "dense", "sorted", "inference_few", "inference_many"])
 def test_mixture_matches_naive(ranks, per, mode, k, token_kernel, monkeypatch):
-    # in training DENSE_TOKEN_MAX_RANK picks the kernel for sparse token routing; without autograd
-    # GROUPED_TOKEN_MIN_TOKENS picks one of two per-expert kernels: check all four
+    # in training SEGMENTED_TOKEN_DEVICES, then DENSE_TOKEN_MAX_RANK pick the kernel for sparse token routing;
+    # without autograd GROUPED_TOKEN_MIN_TOKENS picks one of two per-expert kernels: check all five
+    if token_kernel != "segmented":
+        monkeypatch.setattr(experts_module, "SEGMENTED_TOKEN_DEVICES", ())
     monkeypatch.setattr(experts_module, "DENSE_TOKEN_MAX_RANK", 10**6 if token_kernel == "dense" else 0)
     monkeypatch.setattr(experts_module, "GROUPED_TOKEN_MIN_TOKENS", 0 if token_kernel == "inference_many" else 10**6)
     gen = torch.Generator().manual_seed(1)
@@ -65,7 +67,10 @@ def test_probability_gate_weights_are_softmax_probabilities():
 
 @pytest.mark.parametrize("grad", [True, False])
 @pytest.mark.parametrize("many", [True, False])
-def test_token_path_handles_empty_experts(monkeypatch, grad, many):
+@pytest.mark.parametrize("segmented", [True, False])
+def test_token_path_handles_empty_experts(monkeypatch, grad, many, segmented):
+    if not segmented:
+        monkeypatch.setattr(experts_module, "SEGMENTED_TOKEN_DEVICES", ())
     monkeypatch.setattr(experts_module, "DENSE_TOKEN_MAX_RANK", 0)
     monkeypatch.setattr(experts_module, "GROUPED_TOKEN_MIN_TOKENS", 0 if many else 10**6)
     x = torch.randn(2, 3, D_IN)

@@ -14,7 +14,9 @@ computation, never with one base-model pass or a Python loop per expert:
   of A and B per sequence (a few hundred small copies per layer per token at a generation batch of
   256), and a row's result depends only on its own experts, so adding experts to the pool leaves the
   outputs of the existing ones bit for bit unchanged.
-* sparse, token routing, training: with a small pool (total rank E*R <= ``DENSE_TOKEN_MAX_RANK``)
+* sparse, token routing, training: on the CPU the tokens are sorted by expert once per decision and each
+  expert runs over its own segment with a hand-written backward (``segmented.py``): the work of k experts per
+  token whatever the pool size. Elsewhere, with a small pool (total rank E*R <= ``DENSE_TOKEN_MAX_RANK``)
   the dense kernel runs with the sparse gates (zero for unchosen experts, which then get exactly zero
   gradient): measured faster than sorting tokens for small pools. With a larger pool, tokens are
   sorted by expert into a padded ``[E, C, d_in]`` buffer (``C`` the largest group), two ``bmm``
@@ -38,10 +40,15 @@ from __future__ import annotations
 import torch
 
 from .routing import RoutingDecision
+from .segmented import build_segments, segmented_lora
 
 #: token routing uses the dense kernel with sparse gates up to this total rank E*R (see
 #: benchmarks/train_step.py: the sort-and-pad path wins only for larger pools on CPU)
 DENSE_TOKEN_MAX_RANK = 256
+
+#: devices where sparse token routing trains with the segmented kernel (segmented.py): measured faster than the
+#: stacked kernel on the CPU for any pool (benchmarks/token_kernels.py --training); elsewhere it is not measured
+SEGMENTED_TOKEN_DEVICES: tuple[str, ...] = ("cpu",)
 
 #: without autograd, token routing sorts tokens by expert from this many tokens on, and below it runs
 #: every expert over all tokens (benchmarks/token_kernels.py: sorting wins for prefill, not for decode)
@@ -247,6 +254,10 @@ def mixture_delta(
     if inference and batch * seq < GROUPED_TOKEN_MIN_TOKENS:
         weights = (decision.dense_weights() * scale).reshape(batch * seq, -1)
         return _per_expert_all_tokens(x.reshape(batch * seq, -1), weights, a_list, b_list).reshape(batch, seq, -1)
+    if not inference and x.device.type in SEGMENTED_TOKEN_DEVICES:
+        seg = decision.memo("segments", lambda: build_segments(indices.reshape(-1, indices.shape[-1]), len(a_list)))
+        gamma = (gates * scale[indices]).reshape(-1)[seg.order]
+        return segmented_lora(x.reshape(batch * seq, -1), gamma, seg, a_list, b_list).reshape(batch, seq, -1)
     if not inference:
         a, b = stack_experts(a_list, b_list)
         if a.shape[0] * a.shape[1] <= DENSE_TOKEN_MAX_RANK:

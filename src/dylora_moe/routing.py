@@ -13,7 +13,9 @@ layer (token routing, tensors ``[B, T, E]``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -37,6 +39,14 @@ class RoutingDecision:
     z_loss: torch.Tensor | None = field(default=None, repr=False, compare=False)
     _chosen: list | None = field(default=None, repr=False, compare=False)
     _groups: dict | None = field(default=None, repr=False, compare=False)
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def memo(self, key: str, build: Callable[[], Any]) -> Any:
+        """``build()``, computed once per decision and kept under ``key`` (index plans every adapted projection
+        of a decoder block shares)."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
     def selected(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(indices, gates)``, each ``[..., k]``, of a sparse or forced decision (a dense one has none)."""
