@@ -47,8 +47,8 @@ def test_shared_a_computes_what_independent_experts_with_equal_a_compute(batch, 
         for s_layer, p_layer in zip(shared.expert_layers, plain.expert_layers):
             for a in p_layer.lora_A:
                 a.copy_(s_layer.lora_A[0])
-    out_s = shared(input_ids=ids, attention_mask=mask, labels=labels)
-    out_p = plain(input_ids=ids, attention_mask=mask, labels=labels)
+    out_s = shared(input_ids=ids, attention_mask=mask, labels=labels, supervised_logits_only=False)
+    out_p = plain(input_ids=ids, attention_mask=mask, labels=labels, supervised_logits_only=False)
     assert torch.allclose(out_s.logits, out_p.logits, atol=1e-5)
     out_s.loss.backward()
     out_p.loss.backward()

@@ -407,6 +407,50 @@ def test_supervised_logits_only_gives_the_same_loss_and_gradients(arch, routing,
     assert plain.logits.shape == (3, 12, VOCAB) and plain.loss is None
 
 
+def test_a_training_step_with_labels_uses_the_supervised_head_by_default(batch):
+    """``supervised_logits_only=None``: on in a training step (labels, train mode, gradients on), where only the
+    loss is used; off in evaluation, under no_grad, without labels and with logits_to_keep."""
+    ids, mask, labels = batch
+    model = build()
+    randomize_experts(model)
+    model.train()
+    rows = []
+    handle = model.base_model.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: rows.append(args[0].shape[0]))
+    try:
+        auto = model(input_ids=ids, attention_mask=mask, labels=labels)
+        full = model(input_ids=ids, attention_mask=mask, labels=labels, supervised_logits_only=False)
+        with torch.no_grad():
+            assert model(input_ids=ids, attention_mask=mask, labels=labels).logits.shape == (3, 12, VOCAB)
+        assert model(input_ids=ids, attention_mask=mask, labels=labels, logits_to_keep=0).logits.shape == (3, 12, VOCAB)
+        model.eval()
+        assert model(input_ids=ids, attention_mask=mask, labels=labels).logits.shape == (3, 12, VOCAB)
+    finally:
+        handle.remove()
+    supervised = int((labels[:, 1:] != -100).sum())
+    assert rows[:2] == [supervised, 3] and rows[2:] == [3, 3, 3]
+    assert auto.logits is None and full.logits.shape == (3, 12, VOCAB)
+    assert torch.allclose(auto.lm_loss, full.lm_loss, atol=1e-6)
+
+
+@pytest.mark.parametrize("items", [7, "tensor"])
+def test_the_supervised_head_divides_by_num_items_in_batch_as_transformers_does(batch, items):
+    """Gradient accumulation passes ``num_items_in_batch`` (transformers' Trainer does): the loss is the summed
+    cross-entropy over it, equal to the base model's own loss with the full logits."""
+    ids, mask, labels = batch
+    model = build()
+    randomize_experts(model)
+    count = torch.tensor(7) if items == "tensor" else items
+    only = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=count,
+                 supervised_logits_only=True)
+    full = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=count,
+                 supervised_logits_only=False)
+    mean = model(input_ids=ids, attention_mask=mask, labels=labels, supervised_logits_only=False)
+    supervised = int((labels[:, 1:] != -100).sum())
+    assert torch.allclose(only.lm_loss, full.lm_loss, atol=1e-5)
+    assert torch.allclose(full.lm_loss, mean.lm_loss * supervised / 7, atol=1e-5)
+
+
 def test_supervised_logits_only_feeds_the_head_only_supervised_rows(batch):
     """The head sees [N, H] with N the number of positions whose next token is supervised."""
     ids, mask, labels = batch

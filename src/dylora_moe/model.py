@@ -469,7 +469,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
         *,
         routing_mask: torch.Tensor | None = None,
         forced_expert: int | torch.Tensor | None = None,
-        supervised_logits_only: bool = False,
+        supervised_logits_only: bool | None = None,
         **kwargs: Any,
     ) -> DyLoRAMoECausalLMOutput:
         """Run the LM; ``input_ids [B, T]``, ``attention_mask [B, T]``, ``labels [B, T]`` (-100 ignored).
@@ -480,8 +480,14 @@ class DyLoRAMoEForCausalLM(nn.Module):
 
         ``supervised_logits_only`` (with ``labels``): the LM head runs only at the ``N`` positions whose next
         token is supervised, so the ``[B, T, vocab]`` logits (and their gradient) are never built; the loss is
-        the same mean cross-entropy, and ``logits`` is ``None``. Training and evaluation use it.
+        the same cross-entropy (the mean, or the sum over ``num_items_in_batch`` when that is passed, as
+        transformers computes it), and ``logits`` is ``None``. ``None`` (the default) turns it on in a training
+        step (labels given, training mode, gradients on, no ``logits_to_keep``), where only the loss is used;
+        pass ``False`` for the full logits. Training and evaluation pass ``True``.
         """
+        if supervised_logits_only is None:
+            supervised_logits_only = (labels is not None and self.training and torch.is_grad_enabled()
+                                      and "logits_to_keep" not in kwargs)
         ctx = self.context
         previous_forced = ctx.forced_expert
         if forced_expert is not None:
@@ -510,6 +516,8 @@ class DyLoRAMoEForCausalLM(nn.Module):
         """
         following = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # [B, T]: the label to predict
         keep = following != -100
+        kwargs = dict(kwargs)
+        items = kwargs.pop("num_items_in_batch", None)
         selected = []
 
         def select(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
@@ -525,13 +533,18 @@ class DyLoRAMoEForCausalLM(nn.Module):
         finally:
             handle.remove()
         logits = out.logits
-        if selected:
-            return out, torch.nn.functional.cross_entropy(logits.float(), following[keep])
-        if logits.shape[:2] != labels.shape:
-            raise ValueError(f"supervised_logits_only: the LM head of {type(self.base_model).__name__} returned "
-                             f"logits of shape {tuple(logits.shape)} for labels of shape {tuple(labels.shape)}")
-        # the head never saw the [B, T, H] hidden states: the usual shifted loss over the logits it returned
-        return out, torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), following.flatten())
+        if not selected:
+            if logits.shape[:2] != labels.shape:
+                raise ValueError(f"supervised_logits_only: the LM head of {type(self.base_model).__name__} returned "
+                                 f"logits of shape {tuple(logits.shape)} for labels of shape {tuple(labels.shape)}")
+            # the head never saw the [B, T, H] hidden states: the usual shifted loss over the logits it returned
+            logits, targets = logits.flatten(0, 1), following.flatten()
+        else:
+            targets = following[keep]
+        if items is None:
+            return out, torch.nn.functional.cross_entropy(logits.float(), targets)
+        total = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+        return out, total / (items.to(total.device) if isinstance(items, torch.Tensor) else items)
 
     def _output(self, out: Any, lm_loss: torch.Tensor | None, decisions: list[RoutingDecision],
                 keep_logits: bool = True) -> DyLoRAMoECausalLMOutput:
