@@ -40,7 +40,7 @@ def test_forward_and_every_gradient_equal_autograd_of_a_loop(k, ranks):
     gamma = torch.rand(n * k, generator=gen, dtype=torch.float64, requires_grad=True)
     a_list, b_list = weights(ranks)
     seg = build_segments(indices, 4)
-    got = segmented_lora(x, gamma[seg.order], seg, a_list, b_list)
+    got = segmented_lora(x, seg.sort(gamma), seg, a_list, b_list)
     want = reference(x, indices, gamma, a_list, b_list)
     assert torch.allclose(got, want, atol=1e-12)
     upstream = torch.randn(n, D_OUT, generator=gen, dtype=torch.float64)
@@ -62,7 +62,7 @@ def test_gradcheck():
     def f(x, gamma, *w):
         return segmented_lora(x, gamma, seg, list(w[:3]), list(w[3:]))
 
-    assert torch.autograd.gradcheck(f, (x, gamma[seg.order].detach().requires_grad_(), *a_list, *b_list))
+    assert torch.autograd.gradcheck(f, (x, seg.sort(gamma).detach().requires_grad_(), *a_list, *b_list))
 
 
 def test_an_expert_no_token_chose_gets_an_exact_zero_gradient_and_the_others_a_real_one():
@@ -110,3 +110,23 @@ def test_in_training_token_routing_equals_the_stacked_kernel_and_builds_its_plan
     for u, v in zip(torch.autograd.grad(got.square().sum(), params, retain_graph=True),
                     torch.autograd.grad(want.square().sum(), params)):
         assert torch.allclose(u, v, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_one_expert_for_every_token_gathers_nothing_and_computes_the_same(grad):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, D_IN, generator=gen, dtype=torch.float64, requires_grad=grad)
+    indices = torch.full((6, 1), 1)
+    gamma = torch.rand(6, generator=gen, dtype=torch.float64, requires_grad=grad)
+    a_list, b_list = weights([2, 3, 2])
+    seg = build_segments(indices, 3)
+    assert seg.identity and seg.counts == (0, 6, 0)
+    with torch.set_grad_enabled(grad):
+        got = segmented_lora(x, seg.sort(gamma), seg, a_list, b_list)
+        want = reference(x, indices, gamma, a_list, b_list)
+    assert torch.allclose(got, want, atol=1e-12)
+    if grad:
+        params = [x, gamma, *a_list, *b_list]
+        for u, v in zip(torch.autograd.grad(got.sum(), params), torch.autograd.grad(want.sum(), params,
+                                                                                     allow_unused=True)):
+            assert torch.allclose(u, torch.zeros_like(u) if v is None else v, atol=1e-12)

@@ -251,13 +251,13 @@ def mixture_delta(
         return _grouped_per_sequence(x, decision.groups(), gates, a_list, b_list)
     batch, seq, _ = x.shape
     inference = not (torch.is_grad_enabled() and a_list[0].requires_grad)
+    if x.device.type in SEGMENTED_TOKEN_DEVICES:
+        seg = decision.memo("segments", lambda: build_segments(indices.reshape(-1, indices.shape[-1]), len(a_list)))
+        gamma = seg.sort((gates * scale[indices]).reshape(-1))
+        return segmented_lora(x.reshape(batch * seq, -1), gamma, seg, a_list, b_list).reshape(batch, seq, -1)
     if inference and batch * seq < GROUPED_TOKEN_MIN_TOKENS:
         weights = (decision.dense_weights() * scale).reshape(batch * seq, -1)
         return _per_expert_all_tokens(x.reshape(batch * seq, -1), weights, a_list, b_list).reshape(batch, seq, -1)
-    if not inference and x.device.type in SEGMENTED_TOKEN_DEVICES:
-        seg = decision.memo("segments", lambda: build_segments(indices.reshape(-1, indices.shape[-1]), len(a_list)))
-        gamma = (gates * scale[indices]).reshape(-1)[seg.order]
-        return segmented_lora(x.reshape(batch * seq, -1), gamma, seg, a_list, b_list).reshape(batch, seq, -1)
     if not inference:
         a, b = stack_experts(a_list, b_list)
         if a.shape[0] * a.shape[1] <= DENSE_TOKEN_MAX_RANK:

@@ -31,12 +31,26 @@ class TokenSegments:
     order:   ``[M]`` the position of each sorted pair in the flattened ``[N, k]`` indices.
     inverse: ``[N]`` with k = 1, the sorted position of each token (else None).
     counts:  pairs per expert, read from the device once per decision.
+    All three tensors are None when k = 1 and one expert has every token (forced routing, a decoding batch of
+    one): the sorted order is then the token order, and nothing is gathered.
     """
 
-    token: torch.Tensor
-    order: torch.Tensor
+    token: torch.Tensor | None
+    order: torch.Tensor | None
     inverse: torch.Tensor | None
     counts: tuple[int, ...]
+
+    @property
+    def identity(self) -> bool:
+        return self.token is None
+
+    def sort(self, values: torch.Tensor) -> torch.Tensor:
+        """``values [N * k]`` (flattened ``[N, k]`` order) in the sorted pair order."""
+        return values if self.order is None else values[self.order]
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Token rows ``[N, d]`` -> pair rows ``[M, d]`` in sorted order."""
+        return rows if self.token is None else rows.index_select(0, self.token)
 
     def bounds(self) -> list[tuple[int, int]]:
         """``(start, stop)`` of each expert's segment."""
@@ -51,21 +65,41 @@ def build_segments(indices: torch.Tensor, num_experts: int) -> TokenSegments:
     """The segments of ``indices [N, k]`` (each token's chosen experts) over a pool of ``num_experts``."""
     n, k = indices.shape
     flat = indices.reshape(-1)
+    counts = tuple(torch.bincount(flat, minlength=num_experts).tolist())
+    if k == 1 and max(counts, default=0) == n:
+        return TokenSegments(None, None, None, counts)
     order = torch.argsort(flat, stable=True)
     token = order // k if k > 1 else order
     inverse = None
     if k == 1:
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(n, device=order.device)
-    counts = tuple(torch.bincount(flat, minlength=num_experts).tolist())
     return TokenSegments(token, order, inverse, counts)
 
 
 def _unsort(rows: torch.Tensor, seg: TokenSegments, n: int) -> torch.Tensor:
     """Sorted pair rows ``[M, d]`` back to tokens ``[N, d]`` (a gather for k = 1, a sum over slots else)."""
+    if seg.token is None:
+        return rows
     if seg.inverse is not None:
         return rows.index_select(0, seg.inverse)
     return rows.new_zeros(n, rows.shape[1]).index_add_(0, seg.token, rows)
+
+
+def _forward(x: torch.Tensor, gamma: torch.Tensor, seg: TokenSegments, a_list: tuple[torch.Tensor, ...] | list[
+        torch.Tensor], b_list: tuple[torch.Tensor, ...] | list[torch.Tensor]
+             ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """``(ys [M, d_out], xs [M, d_in], hs)``: the sorted pairs' outputs, inputs and rank-sized activations."""
+    xs = seg.gather(x)  # [M, d_in]
+    ys = x.new_empty(xs.shape[0], b_list[0].shape[0])
+    hs = []
+    g = gamma.to(x.dtype).unsqueeze(-1)
+    for e, (start, stop) in enumerate(seg.bounds()):
+        h = xs[start:stop] @ a_list[e].t()  # [c, r_e]
+        hs.append(h)
+        if stop > start:
+            torch.mm(h * g[start:stop], b_list[e].t(), out=ys[start:stop])
+    return ys, xs, hs
 
 
 class SegmentedLoRA(torch.autograd.Function):
@@ -74,16 +108,7 @@ class SegmentedLoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, gamma: torch.Tensor, seg: TokenSegments, num_experts: int,
                 *weights: torch.Tensor) -> torch.Tensor:
-        a_list, b_list = weights[:num_experts], weights[num_experts:]
-        xs = x.index_select(0, seg.token)  # [M, d_in]
-        ys = x.new_empty(xs.shape[0], b_list[0].shape[0])
-        hs = []
-        g = gamma.to(x.dtype).unsqueeze(-1)
-        for e, (start, stop) in enumerate(seg.bounds()):
-            h = xs[start:stop] @ a_list[e].t()  # [c, r_e]
-            hs.append(h)
-            if stop > start:
-                torch.mm(h * g[start:stop], b_list[e].t(), out=ys[start:stop])
+        ys, xs, hs = _forward(x, gamma, seg, weights[:num_experts], weights[num_experts:])
         ctx.seg, ctx.num_experts, ctx.n = seg, num_experts, x.shape[0]
         ctx.save_for_backward(xs, gamma, *hs, *weights)
         return _unsort(ys, seg, x.shape[0])
@@ -94,7 +119,7 @@ class SegmentedLoRA(torch.autograd.Function):
         xs, gamma, *rest = ctx.saved_tensors
         hs, a_list, b_list = rest[:num], rest[num:2 * num], rest[2 * num:]
         need_x, need_gamma = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gs = grad.index_select(0, seg.token)  # [M, d_out]
+        gs = seg.gather(grad)  # [M, d_out]
         g = gamma.to(xs.dtype).unsqueeze(-1)
         grad_xs = torch.empty_like(xs) if need_x else None
         grad_gamma = torch.empty_like(gamma) if need_gamma else None
@@ -119,6 +144,17 @@ class SegmentedLoRA(torch.autograd.Function):
 
 def segmented_lora(x: torch.Tensor, gamma: torch.Tensor, seg: TokenSegments, a_list: list[torch.Tensor],
                    b_list: list[torch.Tensor]) -> torch.Tensor:
-    """``x [N, d_in]``, ``gamma [M]`` (in ``seg``'s sorted order), per-expert ``A_e``, ``B_e`` -> ``[N, d_out]``."""
-    out = SegmentedLoRA.apply(x, gamma, seg, len(a_list), *a_list, *b_list)
-    return out  # type: ignore[no-any-return]
+    """``x [N, d_in]``, ``gamma [M]`` (in ``seg``'s sorted order), per-expert ``A_e``, ``B_e`` -> ``[N, d_out]``.
+
+    Without autograd (evaluation, decoding) the same forward runs without saving anything, and when every token
+    went to one expert with k = 1 (always so at a decoding batch of 1) that expert runs over ``x`` as it is. A
+    token's result depends only on its own expert's matrices, so adding experts to the pool leaves it unchanged.
+    """
+    if torch.is_grad_enabled() and (x.requires_grad or gamma.requires_grad or a_list[0].requires_grad):
+        out = SegmentedLoRA.apply(x, gamma, seg, len(a_list), *a_list, *b_list)
+        return out  # type: ignore[no-any-return]
+    if seg.identity:  # one expert, k = 1: the sorted order is the token order
+        e = max(range(len(seg.counts)), key=seg.counts.__getitem__)
+        return ((x @ a_list[e].t()) * gamma.to(x.dtype).unsqueeze(-1)) @ b_list[e].t()
+    ys, _, _ = _forward(x, gamma, seg, a_list, b_list)
+    return _unsort(ys, seg, x.shape[0])
