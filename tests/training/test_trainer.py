@@ -250,3 +250,27 @@ def test_metrics_record_the_peak_memory_of_training(tmp_path, data_dir):
     result = JointTrainer(config, *tiny_model_and_tokenizer()).train()
     peak = result.metrics["peak_memory_mib"]
     assert peak is not None and 10 < peak < 100_000  # a Linux CPU: the process's peak resident set, in MiB
+
+
+def test_the_optimizer_is_the_fused_adamw_and_steps_as_the_plain_one(tmp_path, data_dir):
+    trainer = JointTrainer(tiny_config(tmp_path / "run", data_dir), *tiny_model_and_tokenizer())
+    model, _ = trainer._build_model()
+    params = model.trainable_parameters()
+    optimizer = trainer._optimizer(model)
+    assert optimizer.defaults["fused"] is True
+    torch.manual_seed(0)
+    grads = [torch.randn_like(p) for p in params]
+    plain = [p.detach().clone().requires_grad_() for p in params]
+    before = [p.detach().clone() for p in params]
+    reference = torch.optim.AdamW([{"params": [q for q, p in zip(plain, params) if p.dim() >= 2],
+                                    "weight_decay": trainer.config.train.weight_decay},
+                                   {"params": [q for q, p in zip(plain, params) if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=trainer.config.train.lr)
+    for _ in range(3):
+        for p, q, g in zip(params, plain, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        optimizer.step()
+        reference.step()
+    for p, q in zip(params, plain):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-7)
+    assert all(not torch.equal(p.detach(), b) for p, b in zip(params, before))  # every parameter moved
