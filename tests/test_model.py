@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from dylora_moe import DyLoRAMoEConfig, DyLoRAMoEForCausalLM
 from tests.tiny import ARCHS, VOCAB, make_base, randomize_experts
@@ -416,7 +417,7 @@ def test_a_training_step_with_labels_uses_the_supervised_head_by_default(batch):
     model.train()
     rows = []
     handle = model.base_model.get_output_embeddings().register_forward_hook(
-        lambda module, args, output: rows.append(args[0].shape[0]))
+        lambda module, args, output: rows.append(tuple(args[0].shape[:-1])))
     try:
         auto = model(input_ids=ids, attention_mask=mask, labels=labels)
         full = model(input_ids=ids, attention_mask=mask, labels=labels, supervised_logits_only=False)
@@ -427,8 +428,9 @@ def test_a_training_step_with_labels_uses_the_supervised_head_by_default(batch):
         assert model(input_ids=ids, attention_mask=mask, labels=labels).logits.shape == (3, 12, VOCAB)
     finally:
         handle.remove()
-    supervised = int((labels[:, 1:] != -100).sum())
-    assert rows[:2] == [supervised, 3] and rows[2:] == [3, 3, 3]
+    # the one-token probe of the head (once per model), then the fused loss hands the head no rows; the rest see
+    # every position
+    assert rows == [(1, 1), (0,), (3, 12), (3, 12), (3, 12), (3, 12)]
     assert auto.logits is None and full.logits.shape == (3, 12, VOCAB)
     assert torch.allclose(auto.lm_loss, full.lm_loss, atol=1e-6)
 
@@ -451,19 +453,56 @@ def test_the_supervised_head_divides_by_num_items_in_batch_as_transformers_does(
     assert torch.allclose(full.lm_loss, mean.lm_loss * supervised / 7, atol=1e-5)
 
 
-def test_supervised_logits_only_feeds_the_head_only_supervised_rows(batch):
-    """The head sees [N, H] with N the number of positions whose next token is supervised."""
+def test_supervised_logits_only_fuses_the_loss_with_a_frozen_linear_head(batch):
+    """The model returns its head's output as its logits: the loss is computed from the head's weight on the N
+    supervised rows (no [N, V] logits; the head itself is handed no rows), the same loss and gradients as the head
+    on those rows; a head that needs gradients gets the rows and computes the [N, V] logits."""
     ids, mask, labels = batch
     model = build()
-    seen = []
-    handle = model.base_model.get_output_embeddings().register_forward_hook(
-        lambda module, args, output: seen.append((tuple(args[0].shape), tuple(output.shape))))
+    randomize_experts(model)
+    head = model.base_model.get_output_embeddings()
+    seen, routed = [], []
+    handle = head.register_forward_hook(lambda module, args, output: seen.append(tuple(output.shape)))
+    router_hooks = [r.register_forward_hook(lambda module, args, output: routed.append(1)) for r in model.routers]
+    supervised = int((labels[:, 1:] != -100).sum())
+    results = []
     try:
-        model(input_ids=ids, attention_mask=mask, labels=labels, supervised_logits_only=True)
+        for trainable_head in (False, True):
+            head.weight.requires_grad_(trainable_head)
+            model.zero_grad()
+            out = model(input_ids=ids, attention_mask=mask, labels=labels, supervised_logits_only=True)
+            out.loss.backward()
+            results.append((out.lm_loss, [p.grad.clone() for p in model.trainable_parameters()]))
     finally:
         handle.remove()
-    supervised = int((labels[:, 1:] != -100).sum())
-    assert seen == [((supervised, 64), (supervised, VOCAB))] and supervised < ids.numel()
+        for h in router_hooks:
+            h.remove()
+        head.weight.requires_grad_(False)
+    assert seen == [(1, 1, VOCAB), (0, VOCAB), (supervised, VOCAB)] and supervised < ids.numel()
+    assert len(routed) == 2 * len(model.routers)  # the probe ran the bare base: no router
+    (fused, fused_grads), (plain, plain_grads) = results
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+    for a, b in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert model._head_is_logits is True
+
+
+def test_supervised_logits_only_with_soft_capped_logits_keeps_the_model_s_own_logits(batch):
+    """Gemma 2 soft-caps its logits after the head: the probe finds that the returned logits are not the head's
+    output, so the head computes the [N, V] logits and the model caps them; the loss equals the full logits'."""
+    ids, mask, labels = batch
+    torch.manual_seed(0)
+    base = Gemma2ForCausalLM(Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                          max_position_embeddings=128, final_logit_softcapping=0.5,
+                                          bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
+    model = DyLoRAMoEForCausalLM(base, DyLoRAMoEConfig(dropout=0.0), mature=True)
+    randomize_experts(model)
+    only = model(input_ids=ids, attention_mask=mask, labels=labels, supervised_logits_only=True)
+    full = model(input_ids=ids, attention_mask=mask, labels=labels, supervised_logits_only=False)
+    assert model._head_is_logits is False and only.logits is None
+    assert full.logits.abs().max() <= 0.5  # capped
+    torch.testing.assert_close(only.lm_loss, full.lm_loss, rtol=1e-6, atol=1e-6)
 
 
 def test_supervised_logits_only_when_the_head_never_sees_the_sequence(batch, monkeypatch):

@@ -43,6 +43,9 @@ class RoutingContext:
     pinned: RoutingDecision | None = None
     #: True inside ``model.disable_adapters()``: expert layers return the frozen base layer's output.
     adapters_disabled: bool = False
+    #: True while the wrapper runs its base model bare (the LM head probe): no routing, no decision, expert layers
+    #: return the frozen layer's output, and the routing state above is left as it was.
+    bare: bool = False
 
     def begin_pass(self) -> None:
         self.sequence = None

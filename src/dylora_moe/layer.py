@@ -170,7 +170,7 @@ class MoELoRALayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if self.context.adapters_disabled:
+        if self.context.adapters_disabled or self.context.bare:
             return result
         decision = self.context.decision_for(self.layer_index)
         if decision is None:  # forced to an expert this block does not hold: the block adds nothing

@@ -37,6 +37,7 @@ from transformers import GenerationMixin, PreTrainedModel
 
 from .config import DyLoRAMoEConfig, experts_per_block
 from .context import RoutingContext
+from .cross_entropy import cross_entropy, linear_cross_entropy
 from .experts import update_similarity
 from .export import export_expert, merge_expert
 from .hub import push_folder, resolve_checkpoint
@@ -143,6 +144,8 @@ class DyLoRAMoEForCausalLM(nn.Module):
         for p in base_model.parameters():
             p.requires_grad_(False)
         self.__dict__["context"] = RoutingContext()
+        #: whether the base model returns its LM head's output as its logits (found on first use)
+        self._head_is_logits: bool | None = None
         self.targets = find_targets(base_model, config.target_modules)
         #: data features keep with the model and its checkpoints, by name (serialization.py: attachments)
         self.attachments: dict[str, Any] = {}
@@ -342,6 +345,8 @@ class DyLoRAMoEForCausalLM(nn.Module):
 
     def _before_base_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         ctx = self.context
+        if ctx.bare:
+            return None
         ctx.begin_pass()
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
@@ -444,6 +449,8 @@ class DyLoRAMoEForCausalLM(nn.Module):
     def _block_hook(self, layer_index: int, slot: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             ctx = self.context
+            if ctx.bare:
+                return None
             hidden = args[0] if args else kwargs["hidden_states"]
             mask = ctx.token_mask
             if mask is None or mask.shape != hidden.shape[:2]:
@@ -511,21 +518,31 @@ class DyLoRAMoEForCausalLM(nn.Module):
         """The base forward with the LM head applied to the supervised positions only; ``(out, lm_loss)``.
 
         A pre-hook on the head replaces its input ``[B, T, H]`` by the ``[N, H]`` rows whose next label is
-        not -100 (row-major, as ``targets``), so the head's output is ``[N, vocab]``; the loss is their mean
-        cross-entropy in float32, as transformers computes it over the full logits.
+        not -100 (row-major, as ``targets``); the loss is their mean cross-entropy in float32, as transformers
+        computes it over the full logits. Where the head is a frozen ``nn.Linear`` whose output the model returns
+        as it is (:meth:`_head_returns_logits`), the hook computes that loss fused with the head
+        (``cross_entropy.linear_cross_entropy``: no ``[N, vocab]`` tensor at all) and hands the head no rows;
+        otherwise the head computes the ``[N, vocab]`` logits and ``cross_entropy.cross_entropy`` takes them. Both
+        give the same loss and gradients up to float rounding.
         """
         following = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # [B, T]: the label to predict
         keep = following != -100
         kwargs = dict(kwargs)
         items = kwargs.pop("num_items_in_batch", None)
-        selected = []
+        reduction = "mean" if items is None else "sum"
+        fuse = self._head_returns_logits(head)
+        selected: list[torch.Tensor | None] = []  # the fused loss, or None where the head computes logits
 
         def select(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
             hidden = args[0]
             if hidden.shape[:2] != keep.shape:  # not the full sequence (logits_to_keep): leave it as it is
                 return None
-            selected.append(True)
-            return (hidden[keep], *args[1:])
+            rows = hidden[keep]
+            if fuse and isinstance(module, nn.Linear) and _frozen_linear(module, rows):
+                selected.append(linear_cross_entropy(rows, module.weight, module.bias, following[keep], reduction))
+                return (rows[:0], *args[1:])
+            selected.append(None)
+            return (rows, *args[1:])
 
         handle = head.register_forward_pre_hook(select)
         try:
@@ -533,18 +550,46 @@ class DyLoRAMoEForCausalLM(nn.Module):
         finally:
             handle.remove()
         logits = out.logits
-        if not selected:
+        if selected and selected[0] is not None:
+            total = selected[0]
+        elif not selected:
             if logits.shape[:2] != labels.shape:
                 raise ValueError(f"supervised_logits_only: the LM head of {type(self.base_model).__name__} returned "
                                  f"logits of shape {tuple(logits.shape)} for labels of shape {tuple(labels.shape)}")
             # the head never saw the [B, T, H] hidden states: the usual shifted loss over the logits it returned
-            logits, targets = logits.flatten(0, 1), following.flatten()
+            total = cross_entropy(logits.flatten(0, 1), following.flatten(), reduction)
         else:
-            targets = following[keep]
+            total = cross_entropy(logits, following[keep], reduction)
         if items is None:
-            return out, torch.nn.functional.cross_entropy(logits.float(), targets)
-        total = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+            return out, total
         return out, total / (items.to(total.device) if isinstance(items, torch.Tensor) else items)
+
+    def _head_returns_logits(self, head: nn.Module) -> bool:
+        """Whether the base model returns its LM head's output as ``logits`` unchanged (no soft-capping or
+        scaling after the head), so that the loss may be computed fused with the head.
+
+        Found once per model by a forward of one token through the bare base model in eval mode, without
+        gradients (no routing, no expert, no dropout; the routing state, the modules' modes and the random number
+        generators left as they were, so a run's numbers do not depend on when it was asked).
+        """
+        if self._head_is_logits is None:
+            seen: list[Any] = []
+            handle = head.register_forward_hook(lambda module, args, output: seen.append(output))
+            device = next(head.parameters()).device
+            modes = {module: module.training for module in self.base_model.modules()}
+            self.context.bare = True
+            self.base_model.eval()
+            try:
+                with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+                    out = self.base_model(input_ids=ids, use_cache=False)
+            finally:
+                handle.remove()
+                self.context.bare = False
+                for module, training in modes.items():
+                    module.training = training
+            self._head_is_logits = len(seen) == 1 and out.logits is seen[0]
+        return self._head_is_logits
 
     def _output(self, out: Any, lm_loss: torch.Tensor | None, decisions: list[RoutingDecision],
                 keep_logits: bool = True) -> DyLoRAMoECausalLMOutput:
@@ -681,3 +726,12 @@ class DyLoRAMoEForCausalLM(nn.Module):
     def parameter_report(self) -> ParameterReport:
         """What trains and what is shared (see ``report.py``)."""
         return parameter_report(self)
+
+
+def _frozen_linear(module: nn.Module, rows: torch.Tensor) -> bool:
+    """Whether ``module`` is a plain frozen ``nn.Linear`` over ``rows [N, H]`` whose weight is an ordinary
+    tensor here (not a shard or a quantized or subclassed one), so that its output can be computed from it."""
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    return (type(module) is nn.Linear and type(weight) is nn.Parameter and weight.dim() == 2
+            and weight.shape[1] == rows.shape[-1] and weight.dtype == rows.dtype and not weight.requires_grad
+            and (bias is None or (type(bias) is nn.Parameter and not bias.requires_grad)))

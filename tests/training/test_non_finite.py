@@ -21,7 +21,8 @@ def data_dir(tmp_path, monkeypatch):
 
 
 def poisoned(bad_micro_batches: set[int]):
-    """The tiny model and tokenizer, with NaN logits on the given training micro-batches (0-based)."""
+    """The tiny model and tokenizer, with NaN final hidden states (so NaN logits and loss) on the given training
+    micro-batches (0-based)."""
     model, tokenizer = tiny_model_and_tokenizer()
     seen = {"n": 0}
 
@@ -32,7 +33,7 @@ def poisoned(bad_micro_batches: set[int]):
         seen["n"] += 1
         return output * math.nan if index in bad_micro_batches else None
 
-    model.lm_head.register_forward_hook(hook)
+    model.get_decoder().norm.register_forward_hook(hook)
     return model, tokenizer
 
 
