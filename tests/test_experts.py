@@ -31,17 +31,20 @@ def naive(x, weights, a_list, b_list, scale):
 @pytest.mark.parametrize("ranks", [[4, 4, 4, 4], [2, 4, 8, 3]])
 @pytest.mark.parametrize("per", ["sequence", "token"])
 @pytest.mark.parametrize("mode,k", [("dense", 1), ("sparse", 1), ("sparse", 2)])
-@pytest.mark.parametrize("token_kernel", ["segmented", "dense", "sorted", "inference_few", "inference_many"])
+@pytest.mark.parametrize("token_kernel", ["segmented", "dense", "sorted", "inference_few", "inference_many",
+                                          "inference_one_token"])
 def test_mixture_matches_naive(ranks, per, mode, k, token_kernel, monkeypatch):
     # in training SEGMENTED_TOKEN_DEVICES, then DENSE_TOKEN_MAX_RANK pick the kernel for sparse token routing;
-    # without autograd GROUPED_TOKEN_MIN_TOKENS picks one of two per-expert kernels: check all five
+    # without autograd a single token with k=1 goes straight to its expert, and GROUPED_TOKEN_MIN_TOKENS picks one
+    # of two per-expert kernels for more: check all six
     if token_kernel != "segmented":
         monkeypatch.setattr(experts_module, "SEGMENTED_TOKEN_DEVICES", ())
     monkeypatch.setattr(experts_module, "DENSE_TOKEN_MAX_RANK", 10**6 if token_kernel == "dense" else 0)
     monkeypatch.setattr(experts_module, "GROUPED_TOKEN_MIN_TOKENS", 0 if token_kernel == "inference_many" else 10**6)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 5, D_IN, generator=gen)
-    logits = torch.randn(3, E, generator=gen) if per == "sequence" else torch.randn(3, 5, E, generator=gen)
+    rows, tokens = (1, 1) if token_kernel == "inference_one_token" else (3, 5)
+    x = torch.randn(rows, tokens, D_IN, generator=gen)
+    logits = torch.randn(rows, E, generator=gen) if per == "sequence" else torch.randn(rows, tokens, E, generator=gen)
     decision = decide(logits, torch.ones(logits.shape[:-1], dtype=torch.bool), mode=mode, top_k=k,
                       temperature=1.5)
     a_list, b_list = experts(ranks)
@@ -131,22 +134,23 @@ def test_inference_output_of_a_row_does_not_depend_on_the_other_experts_in_the_p
 
 @pytest.mark.exact
 @pytest.mark.parametrize("k", [1, 2])
-@pytest.mark.parametrize("kernel", ["segmented", "segmented_training", "grouped", "unrolled"])
+@pytest.mark.parametrize("kernel", ["one_token", "segmented_training", "grouped", "unrolled"])
 def test_inference_output_of_a_token_does_not_depend_on_the_other_experts_in_the_pool(k, kernel, monkeypatch):
     """Token routing too: after experts (here of a larger rank) join the pool, the tokens routed to the old ones
-    get bit for bit the same delta, with either inference kernel and with the segmented kernel in training too
-    (the CPU's). The stacked training kernel (all experts in one matmul pair, off the CPU) does not promise that
-    (1e-6 differences seen)."""
+    get bit for bit the same delta, with every inference kernel (a lone token, few tokens, many) and with the
+    segmented kernel in training too (the CPU's). The stacked training kernel (all experts in one matmul pair, off
+    the CPU) does not promise that (1e-6 differences seen)."""
     if not kernel.startswith("segmented"):
         monkeypatch.setattr(experts_module, "SEGMENTED_TOKEN_DEVICES", ())
     monkeypatch.setattr(experts_module, "GROUPED_TOKEN_MIN_TOKENS", 0 if kernel == "grouped" else 10**6)
     gen = torch.Generator().manual_seed(6)
-    x = torch.randn(3, 5, D_IN, generator=gen)
+    rows, tokens = (1, 1) if kernel == "one_token" else (3, 5)
+    x = torch.randn(rows, tokens, D_IN, generator=gen)
     a_list, b_list = experts([4, 4, 8, 8])
-    logits = torch.randn(3, 5, 2, generator=gen)
-    small = decide(logits, torch.ones(3, 5, dtype=torch.bool), mode="sparse", top_k=k, temperature=1.0)
-    wide_logits = torch.cat([logits, torch.full((3, 5, 2), -9.0)], dim=-1)
-    wide = decide(wide_logits, torch.ones(3, 5, dtype=torch.bool), mode="sparse", top_k=k, temperature=1.0)
+    logits = torch.randn(rows, tokens, 2, generator=gen)
+    small = decide(logits, torch.ones(rows, tokens, dtype=torch.bool), mode="sparse", top_k=k, temperature=1.0)
+    wide_logits = torch.cat([logits, torch.full((rows, tokens, 2), -9.0)], dim=-1)
+    wide = decide(wide_logits, torch.ones(rows, tokens, dtype=torch.bool), mode="sparse", top_k=k, temperature=1.0)
     wide.gates = small.gates.clone()
     assert torch.equal(wide.indices, small.indices)
     if kernel == "segmented_training":

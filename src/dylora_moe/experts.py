@@ -47,7 +47,9 @@ from .segmented import build_segments, segmented_lora
 DENSE_TOKEN_MAX_RANK = 256
 
 #: devices where sparse token routing trains with the segmented kernel (segmented.py): measured faster than the
-#: stacked kernel on the CPU for any pool (benchmarks/token_kernels.py --training); elsewhere it is not measured
+#: stacked kernel on the CPU for any pool (benchmarks/token_kernels.py --training); elsewhere it is not measured.
+#: Without autograd the per-expert kernels below serve instead: segmented's token-sized sorted copies of the input
+#: and output cost more than they save at prefill (benchmarks/token_kernels.py)
 SEGMENTED_TOKEN_DEVICES: tuple[str, ...] = ("cpu",)
 
 #: without autograd, token routing sorts tokens by expert from this many tokens on, and below it runs
@@ -177,9 +179,10 @@ def _per_expert_all_tokens(
     """Inference path of token routing for few tokens: x ``[N, d_in]``, weights ``[N, E]`` (zero for unchosen
     experts, already times scale) -> ``[N, d_out]``. Experts are summed in index order; one that no token
     chose adds exact zeros."""
-    out = ((x @ a_list[0].t()) * weights[:, :1].to(x.dtype)) @ b_list[0].t()
-    for expert in range(1, len(a_list)):
-        out = out + ((x @ a_list[expert].t()) * weights[:, expert:expert + 1].to(x.dtype)) @ b_list[expert].t()
+    weights = weights.to(x.dtype)
+    out = ((x @ a_list[0].t()) * weights[:, :1]) @ b_list[0].t()
+    for expert in range(1, len(a_list)):  # addmm: the sum and the product in one call (decoding is call-bound)
+        out = torch.addmm(out, (x @ a_list[expert].t()) * weights[:, expert:expert + 1], b_list[expert].t())
     return out
 
 
@@ -251,12 +254,16 @@ def mixture_delta(
         return _grouped_per_sequence(x, decision.groups(), gates, a_list, b_list)
     batch, seq, _ = x.shape
     inference = not (torch.is_grad_enabled() and a_list[0].requires_grad)
-    if x.device.type in SEGMENTED_TOKEN_DEVICES:
+    if not inference and x.device.type in SEGMENTED_TOKEN_DEVICES:
         seg = decision.memo("segments", lambda: build_segments(indices.reshape(-1, indices.shape[-1]), len(a_list)))
         gamma = seg.sort((gates * scale[indices]).reshape(-1))
         return segmented_lora(x.reshape(batch * seq, -1), gamma, seg, a_list, b_list).reshape(batch, seq, -1)
+    if inference and batch * seq == 1 and indices.shape[-1] == 1:  # one token (a decoding step at batch 1)
+        expert = int(indices.reshape(()))
+        gate = (gates * scale[indices]).reshape(1, 1, 1).to(x.dtype)
+        return ((x @ a_list[expert].t()) * gate) @ b_list[expert].t()
     if inference and batch * seq < GROUPED_TOKEN_MIN_TOKENS:
-        weights = (decision.dense_weights() * scale).reshape(batch * seq, -1)
+        weights = (decision.memo("dense_weights", decision.dense_weights) * scale).reshape(batch * seq, -1)
         return _per_expert_all_tokens(x.reshape(batch * seq, -1), weights, a_list, b_list).reshape(batch, seq, -1)
     if not inference:
         a, b = stack_experts(a_list, b_list)

@@ -92,7 +92,13 @@ class MoELoRALayer(nn.Module):
 
     def a_list(self) -> list[torch.Tensor]:
         """Every expert's A, in expert order (one tensor E times with ``shared_a``)."""
-        return [self.lora_A[0]] * len(self.lora_B) if self.shared_a else list(self.lora_A)
+        a_params = list(self.lora_A._parameters.values())  # in index order; ParameterList's own indexing costs
+        # two string conversions per element, on every adapted projection of every decoding step
+        return [a_params[0]] * len(self.lora_B) if self.shared_a else a_params
+
+    def b_list(self) -> list[torch.Tensor]:
+        """Every expert's B, in expert order."""
+        return list(self.lora_B._parameters.values())
 
     def add_expert(self, rank: int, alpha: float, generator: torch.Generator | None = None) -> None:
         """Append an expert: A Kaiming-uniform, B zero (so outputs do not change). With ``shared_a`` only a B
@@ -175,9 +181,10 @@ class MoELoRALayer(nn.Module):
         decision = self.context.decision_for(self.layer_index)
         if decision is None:  # forced to an expert this block does not hold: the block adds nothing
             return result
-        x = x.to(self.lora_B[0].dtype)
-        delta = mixture_delta(self.lora_dropout(x), decision, self.a_list(), list(self.lora_B), self.scales(),
-                              shared_a=self.shared_a)
+        b_list = self.b_list()
+        x = x.to(b_list[0].dtype)
+        dropped = self.lora_dropout(x) if self.training else x  # dropout is the identity outside training
+        delta = mixture_delta(dropped, decision, self.a_list(), b_list, self.scales(), shared_a=self.shared_a)
         if self.lora_residual_A is not None and self.lora_residual_B is not None:
             delta = delta - (x @ self.lora_residual_A.t()) @ self.lora_residual_B.t()
         return result + delta.to(result.dtype)
