@@ -92,13 +92,14 @@ class MoELoRALayer(nn.Module):
 
     def a_list(self) -> list[torch.Tensor]:
         """Every expert's A, in expert order (one tensor E times with ``shared_a``)."""
-        a_params = list(self.lora_A._parameters.values())  # in index order; ParameterList's own indexing costs
-        # two string conversions per element, on every adapted projection of every decoding step
+        # in index order; ParameterList's own indexing costs two string conversions per element, on every adapted
+        # projection of every decoding step
+        a_params = cast(list[torch.Tensor], list(self.lora_A._parameters.values()))
         return [a_params[0]] * len(self.lora_B) if self.shared_a else a_params
 
     def b_list(self) -> list[torch.Tensor]:
         """Every expert's B, in expert order."""
-        return list(self.lora_B._parameters.values())
+        return cast(list[torch.Tensor], list(self.lora_B._parameters.values()))
 
     def add_expert(self, rank: int, alpha: float, generator: torch.Generator | None = None) -> None:
         """Append an expert: A Kaiming-uniform, B zero (so outputs do not change). With ``shared_a`` only a B
