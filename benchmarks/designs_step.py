@@ -6,7 +6,8 @@ The variants are those of ``configs/study-domains.yaml`` (token routing, top-1, 
 GOAT's scale, top-2), ``goat_seq`` (the same with sequence routing), ``ortho_z`` (similarity loss and router
 z-loss), ``mola`` (2 to 6 experts per block); and on attention + MLP ``moe4_mlp`` against ``lora_r64_mlp``.
 Forward + backward + AdamW, the median of interleaved rounds (machine noise hits every variant alike), batch
-4 x 256 tokens with a quarter prompt, and the peak memory of a step above the shared base. Prints each
+4 x 256 tokens with a quarter prompt, in a plain process, and the peak memory of a step above the shared base
+(measured afterwards, one child process per design: ``_step_bench.memory_in_children``). Prints each
 variant's ratio to its LoRA r=64; the issue's bar is a step time within 1.15x::
 
     python benchmarks/designs_step.py --model smollm2-135m --repeats 5 --json designs.json
@@ -27,14 +28,16 @@ import torch
 from dylora_moe import DyLoRAMoEConfig, DyLoRAMoEForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import (  # noqa: E402
+from _step_bench import (  # noqa: E402
     interleaved_times,
     load,
     make_batch,
+    memory_in_children,
     parse_step_arguments,
     peak_step_memory,
     step_fn,
     trim,
+    write_child_memory,
 )
 
 ATTENTION = dict(routing="token")
@@ -71,8 +74,7 @@ def run(args) -> dict:
     times = interleaved_times(steps, args.repeats, args.device, f"[{args.model}] ")
     del steps
     trim()
-    memory = {name: peak_step_memory(lambda n=name: step_fn(build(n, base), batch), base, args.device)
-              for name in names}
+    memory = {} if args.no_memory else memory_in_children(__file__, args.argv, names)
     median = {n: statistics.median(t) for n, t in times.items()}
     ratios, paired, mem_ratios = {}, {}, {}
     for name in names:
@@ -81,7 +83,7 @@ def run(args) -> dict:
             continue
         ratios[name] = round(median[name] / median[ref], 4)
         paired[name] = round(statistics.median(x / y for x, y in zip(times[name], times[ref])), 4)
-        mem_ratios[name] = round(memory[name] / memory[ref], 4) if memory[ref] else None
+        mem_ratios[name] = round(memory[name] / memory[ref], 4) if memory.get(ref) else None
     return {"model": args.model, "device": args.device, "dtype": str(args.dtype).replace("torch.", ""),
             "batch": args.batch, "seq_len": args.seq, "repeats": args.repeats, "threads": torch.get_num_threads(),
             "median_step_s": {n: round(t, 4) for n, t in median.items()}, "step_vs_lora_r64": ratios,
@@ -94,6 +96,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m", help="'smollm2-135m', 'tiny-llama' or a hub id/folder")
     args = parse_step_arguments(parser, argv, DESIGNS, "write the result here")
+    if args.memory_of:  # child mode: the peak step memory of one design
+        base = load(args.model, args.dtype, args.device)
+        batch = make_batch(base.config.vocab_size, args.device, args.batch, args.seq)
+        peak = peak_step_memory(lambda: step_fn(build(args.memory_of, base), batch), base, args.device)
+        return write_child_memory(args.memory_json, peak)
     with tempfile.TemporaryDirectory():
         result = run(args)
     for name, ratio in result["step_vs_lora_r64"].items():
@@ -106,6 +113,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from train_step import run_with_mmap_threshold
-
-    run_with_mmap_threshold(main)
+    raise SystemExit(main())

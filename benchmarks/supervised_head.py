@@ -9,7 +9,8 @@ AdamW step of both sides interleaved in one process (median of rounds, so machin
 on a batch whose first ``1 - supervised`` of every row is a -100 prompt (the study's data supervise 47%
 of their tokens). It prints ``supervised_vs_full`` (median step time; lower is better), the median of the
 within-round ratios as a check, each side's peak step memory above the base (resident set on CPU, the
-allocator's peak on CUDA) and the largest difference of the two losses and gradients.
+allocator's peak on CUDA; measured afterwards in one child process per side, never in the timed process) and
+the largest difference of the two losses and gradients.
 
 Run::
 
@@ -23,10 +24,17 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import torch
-from train_step import interleaved_times, peak_step_memory, run_with_mmap_threshold
+from _step_bench import (
+    add_memory_arguments,
+    interleaved_times,
+    memory_in_children,
+    peak_step_memory,
+    write_child_memory,
+)
 
 from dylora_moe import DyLoRAMoEConfig, DyLoRAMoEForCausalLM, load_base_model
 
@@ -48,7 +56,7 @@ def mixture(base, **config):
 
 
 def step_fn(model, batch, only: bool):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
 
     def step() -> float:
         out = model(**batch, supervised_logits_only=only)
@@ -92,9 +100,14 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="write the result here")
+    add_memory_arguments(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     base = load_base_model(args.model)[0].to(args.device)
     batch = make_batch(base.config.vocab_size, args.batch, args.seq, args.supervised, args.device)
+    if args.memory_of:  # child mode: the peak step memory of one side
+        return write_child_memory(args.memory_json, peak_memory(base, batch, args.memory_of == "supervised",
+                                                                args.device))
     print(f"== {args.model}: batch {args.batch} x {args.seq} tokens, {args.supervised:.0%} supervised, "
           f"{args.device}, {torch.get_num_threads()} threads", flush=True)
     check = agreement(base, batch)
@@ -108,7 +121,8 @@ def main(argv=None) -> int:
     times = interleaved_times(steps, args.repeats, args.device)
     del steps
     med = {side: statistics.median(t) for side, t in times.items()}
-    memory = {side: peak_memory(base, batch, side == "supervised", args.device) for side in SIDES}
+    memory = {side: 0 for side in SIDES} if args.no_memory else memory_in_children(
+        __file__, [a for a in argv if a != "--no-memory"], SIDES)
     result = {
         "model": args.model, "device": args.device, "batch": args.batch, "seq_len": args.seq,
         "supervised": args.supervised, "repeats": args.repeats, "threads": torch.get_num_threads(),
@@ -129,4 +143,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    run_with_mmap_threshold(main)
+    raise SystemExit(main())
