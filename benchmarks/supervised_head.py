@@ -31,8 +31,10 @@ import torch
 from _step_bench import (
     add_memory_arguments,
     interleaved_times,
+    make_batch,
     memory_in_children,
     peak_step_memory,
+    step_fn,
     write_child_memory,
 )
 
@@ -41,31 +43,14 @@ from dylora_moe import DyLoRAMoEConfig, DyLoRAMoEForCausalLM, load_base_model
 SIDES = ("full", "supervised")
 
 
-def make_batch(vocab: int, batch: int, seq: int, supervised: float, device: str) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, vocab, (batch, seq), generator=gen)
-    labels = ids.clone()
-    labels[:, : seq - round(seq * supervised)] = -100
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-            "labels": labels.to(device)}
-
-
 def mixture(base, **config):
     """The default mixture (4 experts, all mature) on a private copy of ``base``."""
     return DyLoRAMoEForCausalLM(copy.deepcopy(base), DyLoRAMoEConfig(num_experts=4, **config), mature=True)
 
 
-def step_fn(model, batch, only: bool):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-
-    def step() -> float:
-        out = model(**batch, supervised_logits_only=only)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(out.lm_loss.detach())
-
-    return step
+def side_step(model, batch, only: bool):
+    """One training step of ``model`` with the head over the supervised positions only (``only``) or all."""
+    return step_fn(model, batch, supervised_logits_only=only)
 
 
 def agreement(base, batch) -> dict[str, float]:
@@ -88,7 +73,7 @@ def agreement(base, batch) -> dict[str, float]:
 
 def peak_memory(base, batch, only: bool, device: str) -> int:
     """Peak bytes of two training steps (the second has optimizer state) above the base model."""
-    return peak_step_memory(lambda: step_fn(mixture(base), batch, only), base, device)
+    return peak_step_memory(lambda: side_step(mixture(base), batch, only), base, device)
 
 
 def main(argv=None) -> int:
@@ -104,7 +89,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     base = load_base_model(args.model)[0].to(args.device)
-    batch = make_batch(base.config.vocab_size, args.batch, args.seq, args.supervised, args.device)
+    batch = make_batch(base.config.vocab_size, args.device, args.batch, args.seq, args.supervised)
     if args.memory_of:  # child mode: the peak step memory of one side
         return write_child_memory(args.memory_json, peak_memory(base, batch, args.memory_of == "supervised",
                                                                 args.device))
@@ -116,7 +101,7 @@ def main(argv=None) -> int:
     steps = {}
     for side in SIDES:
         torch.manual_seed(0)
-        steps[side] = step_fn(mixture(base), batch, side == "supervised")
+        steps[side] = side_step(mixture(base), batch, side == "supervised")
         steps[side]()  # warm-up
     times = interleaved_times(steps, args.repeats, args.device)
     del steps
