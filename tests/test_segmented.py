@@ -130,3 +130,55 @@ def test_one_expert_for_every_token_gathers_nothing_and_computes_the_same(grad):
         for u, v in zip(torch.autograd.grad(got.sum(), params), torch.autograd.grad(want.sum(), params,
                                                                                      allow_unused=True)):
             assert torch.allclose(u, torch.zeros_like(u) if v is None else v, atol=1e-12)
+
+
+def test_pairs_left_out_cost_nothing_and_act_as_a_zero_gate():
+    """Dynamic top-k leaves slots with gate 0: ``active`` leaves those pairs out of every segment; output and every
+    gradient equal autograd of the loop with their weight 0."""
+    gen = torch.Generator().manual_seed(4)
+    n, k = 9, 2
+    x = torch.randn(n, D_IN, generator=gen, dtype=torch.float64, requires_grad=True)
+    indices = torch.stack([torch.randperm(4, generator=gen)[:k] for _ in range(n)])
+    active = torch.ones(n, k, dtype=torch.bool)
+    active[::2, 1] = False  # every other token uses one expert only
+    active[3] = False  # and one token none at all
+    raw = torch.rand(n * k, generator=gen, dtype=torch.float64, requires_grad=True)  # the gates before the mask
+    a_list, b_list = weights([3, 2, 4, 3])
+    seg = build_segments(indices, 4, active=active)
+    assert sum(seg.counts) == int(active.sum()) == len(seg.token) < n * k
+    got = segmented_lora(x, seg.sort(raw * active.reshape(-1)), seg, a_list, b_list)
+    got.square().sum().backward()
+    mine = [t.grad.clone() for t in (x, raw, *a_list, *b_list)]
+    for t in (x, raw, *a_list, *b_list):
+        t.grad = None
+    want = reference(x, indices, raw * active.reshape(-1), a_list, b_list)
+    want.square().sum().backward()
+    assert torch.allclose(got, want, atol=1e-12) and torch.equal(got[3], torch.zeros(D_OUT, dtype=torch.float64))
+    for m, t in zip(mine, (x, raw, *a_list, *b_list)):
+        assert torch.allclose(m, t.grad, atol=1e-12)
+
+
+def test_dynamic_top_k_trains_only_the_slots_it_keeps():
+    """With ``top_p`` the token kernel leaves the unused slots (gate 0) out of its plan and matches the stacked
+    kernel's output and gradients."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 6, D_IN, generator=gen, dtype=torch.float64)
+    logits = torch.randn(2, 6, 4, generator=gen, dtype=torch.float64) * 3
+    decision = decide(logits, torch.ones(2, 6, dtype=torch.bool), mode="sparse", top_k=2, temperature=1.0,
+                      top_p=0.6)
+    kept = int((decision.gates != 0).sum())
+    assert 12 < kept < 24  # some tokens use one expert, some two
+    a_list, b_list = weights([3, 3, 3, 3])
+    scale = torch.tensor([2.0, 1.0, 0.5, 1.5], dtype=torch.float64)
+    got = mixture_delta(x, decision, a_list, b_list, scale)
+    assert sum(decision.memo("segments", lambda: None).counts) == kept
+    got.square().sum().backward()
+    mine = [t.grad.clone() for t in (*a_list, *b_list)]
+    for t in (*a_list, *b_list):
+        t.grad = None
+    dense = decision.dense_weights() * scale  # [2, 6, 4]
+    want = sum(dense[..., e:e + 1] * ((x @ a_list[e].t()) @ b_list[e].t()) for e in range(4))
+    want.square().sum().backward()
+    assert torch.allclose(got, want, atol=1e-12)
+    for m, t in zip(mine, (*a_list, *b_list)):
+        assert torch.allclose(m, t.grad, atol=1e-12)

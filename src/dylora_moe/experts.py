@@ -255,7 +255,9 @@ def mixture_delta(
     batch, seq, _ = x.shape
     inference = not (torch.is_grad_enabled() and a_list[0].requires_grad)
     if not inference and x.device.type in SEGMENTED_TOKEN_DEVICES:
-        seg = decision.memo("segments", lambda: build_segments(indices.reshape(-1, indices.shape[-1]), len(a_list)))
+        k = indices.shape[-1]  # with k > 1, slots of gate 0 (dynamic top-k) are left out: computed at no cost
+        seg = decision.memo("segments", lambda: build_segments(
+            indices.reshape(-1, k), len(a_list), active=(gates != 0).reshape(-1, k) if k > 1 else None))
         gamma = seg.sort((gates * scale[indices]).reshape(-1))
         return segmented_lora(x.reshape(batch * seq, -1), gamma, seg, a_list, b_list).reshape(batch, seq, -1)
     if inference and batch * seq == 1 and indices.shape[-1] == 1:  # one token (a decoding step at batch 1)

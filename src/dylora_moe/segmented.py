@@ -10,7 +10,8 @@ it runs the same few matmuls into preallocated buffers: no zero-filled ``[N, d]`
 autograd would make one), no padding to the largest group (the sort-and-pad kernel's cost). An expert no token
 chose gets an exact zero gradient, as with the stacked kernel.
 
-Shapes: ``x [N, d_in]`` tokens, ``gamma [M]`` the weight of each sorted pair (gate times scale, ``M = N * k``),
+Shapes: ``x [N, d_in]`` tokens, ``gamma [M]`` the weight of each sorted pair (gate times scale; ``M = N * k``
+unless pairs with a zero gate are left out),
 ``A_e [r_e, d_in]``, ``B_e [d_out, r_e]``; the result is ``[N, d_out]``.
 ``benchmarks/token_kernels.py --training`` times it against the stacked kernel.
 """
@@ -25,11 +26,12 @@ import torch
 
 @dataclass(frozen=True)
 class TokenSegments:
-    """The sorted order of the ``M = N * k`` (token, slot) pairs of one routing decision.
+    """The sorted order of the ``M`` computed (token, slot) pairs of one routing decision (``N * k`` unless some
+    are left out).
 
     token:   ``[M]`` the token of each pair, in expert order (stable: token order within an expert).
     order:   ``[M]`` the position of each sorted pair in the flattened ``[N, k]`` indices.
-    inverse: ``[N]`` with k = 1, the sorted position of each token (else None).
+    inverse: ``[N]`` with k = 1 and every pair computed, the sorted position of each token (else None).
     counts:  pairs per expert, read from the device once per decision.
     All three tensors are None when k = 1 and one expert has every token (forced routing, a decoding batch of
     one): the sorted order is then the token order, and nothing is gathered.
@@ -61,10 +63,20 @@ class TokenSegments:
         return out
 
 
-def build_segments(indices: torch.Tensor, num_experts: int) -> TokenSegments:
-    """The segments of ``indices [N, k]`` (each token's chosen experts) over a pool of ``num_experts``."""
+def build_segments(indices: torch.Tensor, num_experts: int, active: torch.Tensor | None = None) -> TokenSegments:
+    """The segments of ``indices [N, k]`` (each token's chosen experts) over a pool of ``num_experts``.
+
+    ``active [N, k]`` (optional): the pairs to compute; the others (a zero gate, e.g. the slots dynamic top-k
+    leaves unused) are left out of every segment, so they cost nothing and add exactly what their zero gate
+    would: nothing to the output, a zero gradient to everything.
+    """
     n, k = indices.shape
     flat = indices.reshape(-1)
+    if active is not None and not bool(active.all()):
+        flat = torch.where(active.reshape(-1), flat, num_experts)  # left-out pairs sort after every segment
+        counts = tuple(torch.bincount(flat, minlength=num_experts + 1).tolist()[:num_experts])
+        order = torch.argsort(flat, stable=True)[:sum(counts)]
+        return TokenSegments(order // k if k > 1 else order, order, None, counts)
     counts = tuple(torch.bincount(flat, minlength=num_experts).tolist())
     if k == 1 and max(counts, default=0) == n:
         return TokenSegments(None, None, None, counts)
