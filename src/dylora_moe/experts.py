@@ -260,8 +260,10 @@ def mixture_delta(
             indices.reshape(-1, k), len(a_list), active=(gates != 0).reshape(-1, k) if k > 1 else None))
         gamma = seg.sort((gates * scale[indices]).reshape(-1))
         return segmented_lora(x.reshape(batch * seq, -1), gamma, seg, a_list, b_list).reshape(batch, seq, -1)
-    if inference and batch * seq == 1 and indices.shape[-1] == 1:  # one token (a decoding step at batch 1)
-        expert = int(indices.reshape(()))
+    if inference and batch * seq == 1 and indices.shape[-1] == 1 and x.device.type == "cpu":
+        # one token (a decoding step at batch 1): straight to its expert; reading its index is a device sync, once
+        # per block, so not on accelerators (there the unrolled kernel below needs none)
+        expert = decision.memo("lone_expert", lambda: int(indices.reshape(())))
         gate = (gates * scale[indices]).reshape(1, 1, 1).to(x.dtype)
         return ((x @ a_list[expert].t()) * gate) @ b_list[expert].t()
     if inference and batch * seq < GROUPED_TOKEN_MIN_TOKENS:

@@ -29,7 +29,7 @@ import inspect
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeGuard, cast
 
 import torch
 from torch import nn
@@ -538,7 +538,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
             if hidden.shape[:2] != keep.shape:  # not the full sequence (logits_to_keep): leave it as it is
                 return None
             rows = hidden[keep]
-            if fuse and isinstance(module, nn.Linear) and _frozen_linear(module, rows):
+            if fuse and _frozen_linear(module, rows):
                 selected.append(linear_cross_entropy(rows, module.weight, module.bias, following[keep], reduction))
                 return (rows[:0], *args[1:])
             selected.append(None)
@@ -728,7 +728,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
         return parameter_report(self)
 
 
-def _frozen_linear(module: nn.Module, rows: torch.Tensor) -> bool:
+def _frozen_linear(module: nn.Module, rows: torch.Tensor) -> TypeGuard[nn.Linear]:
     """Whether ``module`` is a plain frozen ``nn.Linear`` over ``rows [N, H]`` whose weight is an ordinary
     tensor here (not a shard or a quantized or subclassed one), so that its output can be computed from it."""
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
