@@ -33,8 +33,8 @@ class TokenSegments:
     order:   ``[M]`` the position of each sorted pair in the flattened ``[N, k]`` indices.
     inverse: ``[N]`` with k = 1 and every pair computed, the sorted position of each token (else None).
     counts:  pairs per expert, read from the device once per decision.
-    All three tensors are None when k = 1 and one expert has every token (forced routing, a decoding batch of
-    one): the sorted order is then the token order, and nothing is gathered.
+    All three tensors are None when k = 1 and one expert has every token (forced routing): the sorted order is
+    then the token order, and nothing is gathered.
     """
 
     token: torch.Tensor | None
@@ -158,9 +158,10 @@ def segmented_lora(x: torch.Tensor, gamma: torch.Tensor, seg: TokenSegments, a_l
                    b_list: list[torch.Tensor]) -> torch.Tensor:
     """``x [N, d_in]``, ``gamma [M]`` (in ``seg``'s sorted order), per-expert ``A_e``, ``B_e`` -> ``[N, d_out]``.
 
-    Without autograd (evaluation, decoding) the same forward runs without saving anything, and when every token
-    went to one expert with k = 1 (always so at a decoding batch of 1) that expert runs over ``x`` as it is. A
-    token's result depends only on its own expert's matrices, so adding experts to the pool leaves it unchanged.
+    Without autograd the same forward runs without saving anything (``benchmarks/token_kernels.py`` times it; the
+    model's evaluation and decoding use ``experts.py``'s per-expert kernels instead), and when every token went to
+    one expert with k = 1 that expert runs over ``x`` as it is. A token's result depends only on its own expert's
+    matrices, so adding experts to the pool leaves it unchanged.
     """
     if torch.is_grad_enabled() and (x.requires_grad or gamma.requires_grad or a_list[0].requires_grad):
         out = SegmentedLoRA.apply(x, gamma, seg, len(a_list), *a_list, *b_list)
