@@ -87,7 +87,20 @@ class DyLoRAMoEConfig:
     top_p: float | None = field(
         default=None,
         metadata={"help": "Dynamic top-k: each routed unit takes its most probable experts until their probability "
-                  "adds up to top_p (at least 1, at most top_k; the others get weight 0). None = always top_k."},
+                  "adds up to top_p (at least 1, at most top_k; the others get weight 0). None = always top_k. "
+                  "With threshold_learned, the threshold's starting value."},
+    )
+    threshold_learned: bool = field(
+        default=False,
+        metadata={"help": "Learn the dynamic top-k threshold: each router holds one (starting at top_p, which must "
+                  "be set, with top_k >= 2 as the cap on k), trained by the LM loss through a straight-through "
+                  "keep mask and pulled down by dynamic_k_coef times the mean k (docs/architecture.md)."},
+    )
+    dynamic_k_coef: float = field(
+        default=0.0,
+        metadata={"help": "With threshold_learned: coefficient of the compute penalty, the mean soft count of "
+                  "experts kept per routed unit (its gradient reaches only the thresholds); 0 lets the LM loss "
+                  "alone set them."},
     )
     gate: str = field(
         default="straight_through",
@@ -209,6 +222,15 @@ class DyLoRAMoEConfig:
             raise bad("top_k", f"is larger than num_experts={self.num_experts}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise bad("top_p", "must be in (0, 1] (or None for a fixed top_k)")
+        if self.threshold_learned and (self.top_p is None or self.top_p >= 1):
+            raise bad("threshold_learned", f"needs top_p in (0, 1) as the threshold's starting value, got "
+                                           f"top_p={self.top_p!r}")
+        if self.threshold_learned and self.top_k < 2:
+            raise bad("threshold_learned", "needs top_k >= 2 (the cap on k); with top_k=1 there is nothing to learn")
+        if not self.dynamic_k_coef >= 0:
+            raise bad("dynamic_k_coef", "must be >= 0")
+        if self.dynamic_k_coef > 0 and not self.threshold_learned:
+            raise bad("dynamic_k_coef", "penalises the learned threshold: set threshold_learned=True too")
         if self.gate not in GATES:
             raise bad("gate", f"must be one of {GATES}")
         if not self.temperature > 0:

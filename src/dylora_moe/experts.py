@@ -256,8 +256,9 @@ def mixture_delta(
     inference = not (torch.is_grad_enabled() and a_list[0].requires_grad)
     if not inference and x.device.type in SEGMENTED_TOKEN_DEVICES:
         k = indices.shape[-1]  # with k > 1, slots of gate 0 (dynamic top-k) are left out: computed at no cost
+        computed = decision.computed if decision.computed is not None else gates != 0  # (a learned threshold's band)
         seg = decision.memo("segments", lambda: build_segments(
-            indices.reshape(-1, k), len(a_list), active=(gates != 0).reshape(-1, k) if k > 1 else None))
+            indices.reshape(-1, k), len(a_list), active=computed.reshape(-1, k) if k > 1 else None))
         gamma = seg.sort((gates * scale[indices]).reshape(-1))
         return segmented_lora(x.reshape(batch * seq, -1), gamma, seg, a_list, b_list).reshape(batch, seq, -1)
     if inference and batch * seq == 1 and indices.shape[-1] == 1 and x.device.type == "cpu":

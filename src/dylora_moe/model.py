@@ -48,6 +48,7 @@ from .report import ParameterReport, parameter_report
 from .router import Router, build_router
 from .routing import (
     RoutingDecision,
+    active_experts,
     balance_loss,
     decide,
     expert_share,
@@ -162,6 +163,9 @@ class DyLoRAMoEForCausalLM(nn.Module):
                              config.num_experts if block < 0 else self.block_experts[block], config.router_hidden)
                 for block in self.router_slots
             ).to(_input_embedding_weight(base_model).device)
+            if config.threshold_learned:
+                for router in self._router_list():
+                    router.learn_threshold(cast(float, config.top_p))
             for expert, (rank, alpha) in enumerate(zip(ranks, alphas)):
                 for layer in layers:
                     if expert < self.block_experts[layer.layer_index]:
@@ -246,6 +250,11 @@ class DyLoRAMoEForCausalLM(nn.Module):
     def router_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.routers.parameters()
 
+    def threshold_parameters(self) -> list[nn.Parameter]:
+        """The routers' learned dynamic top-k thresholds (``threshold_logit``; empty unless ``threshold_learned``),
+        a subset of ``router_parameters`` that the trainer gives its own learning rate."""
+        return [r.threshold_logit for r in self._router_list() if r.threshold_logit is not None]
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in [*self.expert_parameters(), *self.router_parameters()] if p.requires_grad]
 
@@ -327,7 +336,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
             self.context.adapters_disabled = previous
 
     # ------------------------------------------------------------------ routing hooks
-    def _decide(self, logits: torch.Tensor, mask: torch.Tensor) -> RoutingDecision:
+    def _decide(self, logits: torch.Tensor, mask: torch.Tensor, router: Router) -> RoutingDecision:
         cfg = self.moe_config
         decision = decide(
             logits,
@@ -338,6 +347,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
             forced_expert=self.context.forced_expert,
             gate=cfg.gate,
             top_p=cfg.top_p,
+            threshold=router.threshold(),
         )
         if cfg.z_loss_coef > 0:
             decision.z_loss = router_z_loss(logits, mask)
@@ -370,8 +380,9 @@ class DyLoRAMoEForCausalLM(nn.Module):
         labels = kwargs.get("labels")
         labels = ctx.labels if labels is None else labels
         features = self._sequence_features(input_ids, embeds, token_mask, labels, ctx.routing_mask)
-        logits = self.routers[0](features)
-        ctx.sequence = self._decide(logits, torch.ones(batch, dtype=torch.bool, device=logits.device))
+        router = self._router_list()[0]
+        logits = router(features)
+        ctx.sequence = self._decide(logits, torch.ones(batch, dtype=torch.bool, device=logits.device), router)
         ctx.pinned = _detached(ctx.sequence)
         return None
 
@@ -462,7 +473,8 @@ class DyLoRAMoEForCausalLM(nn.Module):
             if isinstance(forced, torch.Tensor) and int(forced.max()) >= held:
                 raise ValueError(f"forced_expert: decoder block {layer_index} holds {held} experts (layer_experts), "
                                  f"cannot route a sequence to expert {int(forced.max())}")
-            ctx.layers[layer_index] = self._decide(self.routers[slot](hidden), mask)
+            router = self._router_list()[slot]
+            ctx.layers[layer_index] = self._decide(router(hidden), mask, router)
             return None
 
         return hook
@@ -601,6 +613,8 @@ class DyLoRAMoEForCausalLM(nn.Module):
         z_losses = [d.z_loss for d in decisions if d.z_loss is not None]
         z_loss = torch.stack(z_losses).mean() if z_losses else None
         ortho = self.similarity_loss() if cfg.ortho_coef > 0 else None
+        soft_ks = [d.soft_k for d in decisions if d.soft_k is not None]
+        dynamic_k = torch.stack(soft_ks).mean() if soft_ks else None
         loss = None
         if lm_loss is not None:
             loss = lm_loss + cfg.balance_coef * aux.to(lm_loss.dtype)
@@ -608,6 +622,8 @@ class DyLoRAMoEForCausalLM(nn.Module):
                 loss = loss + cfg.z_loss_coef * z_loss.to(lm_loss.dtype)
             if ortho is not None:
                 loss = loss + cfg.ortho_coef * ortho.to(lm_loss.dtype)
+            if dynamic_k is not None and cfg.dynamic_k_coef > 0:
+                loss = loss + cfg.dynamic_k_coef * dynamic_k.to(lm_loss.dtype)
         known = {f.name for f in dataclasses.fields(DyLoRAMoECausalLMOutput)}
         fields = {k: v for k, v in out.items() if k in known and k != "loss" and (keep_logits or k != "logits")}
         return DyLoRAMoECausalLMOutput(
@@ -622,6 +638,8 @@ class DyLoRAMoEForCausalLM(nn.Module):
             routing_mode=decisions[0].mode,
             z_loss=z_loss,
             ortho_loss=ortho,
+            active_experts=torch.stack([active_experts(d) for d in decisions]).mean(),
+            dynamic_k_loss=dynamic_k,
             **fields,
         )
 

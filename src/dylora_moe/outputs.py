@@ -2,12 +2,16 @@
 
 Everything a forward produces is returned here (nothing is stashed on the model):
 
-* ``loss``        = ``lm_loss + balance_coef * aux_loss + z_loss_coef * z_loss + ortho_coef * ortho_loss``
-  (when labels are given; a loss whose coefficient is 0 is left out)
+* ``loss``        = ``lm_loss + balance_coef * aux_loss + z_loss_coef * z_loss + ortho_coef * ortho_loss
+  + dynamic_k_coef * dynamic_k_loss`` (when labels are given; a loss whose coefficient is 0 is left out)
 * ``lm_loss``     the causal-LM cross-entropy
 * ``aux_loss``    the load-balancing loss (mean over the routing decisions of the pass)
 * ``z_loss``      the router z-loss (mean over the decisions), None unless ``z_loss_coef > 0``
 * ``ortho_loss``  the expert similarity loss (mean over the adapted modules), None unless ``ortho_coef > 0``
+* ``dynamic_k_loss`` the learned thresholds' compute penalty: the mean soft count of experts kept per routed
+  unit (differentiable w.r.t. the thresholds only), None unless ``threshold_learned``
+* ``active_experts`` scalar, the mean number of experts with a non-zero weight per routed unit (k; dynamic top-k
+  makes it fractional; E when dense)
 * ``expert_share`` ``[E]`` share of routed units per expert (sums to 1)
 * ``router_entropy`` scalar, mean router entropy in nats
 * ``router_probs`` ``[B, E]`` router probabilities per sequence (token routing: averaged)
@@ -37,3 +41,5 @@ class DyLoRAMoECausalLMOutput(CausalLMOutputWithPast):
     routing_mode: str | None = None
     z_loss: torch.Tensor | None = None
     ortho_loss: torch.Tensor | None = None
+    dynamic_k_loss: torch.Tensor | None = None
+    active_experts: torch.Tensor | None = None

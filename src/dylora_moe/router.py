@@ -8,6 +8,10 @@ whatever the scale of the base model's hidden states.
 ``build_router(kind, in_features, num_experts)`` is the factory; new router kinds subclass
 ``Router`` and register themselves in ``ROUTER_TYPES``.
 
+A router may also hold a learned dynamic top-k threshold (``learn_threshold``): one parameter ``threshold_logit``
+(shape ``[1]``, so that FSDP can shard it like any other), the threshold being its sigmoid (``routing.decide``'s
+``threshold``).
+
 What growing promises (``add_expert``): every existing parameter keeps its bits, so the old experts' logits
 are the same function of the input; they are computed by one matmul whose output is one column wider, and
 BLAS may then sum in another order (on some CPUs, e.g. AVX-512 with MKL, 3e-8 was seen). So the old logits
@@ -47,6 +51,7 @@ class Router(nn.Module, ABC):
 
     feature_mean: torch.Tensor  # buffers [in_features]
     feature_std: torch.Tensor
+    threshold_logit: nn.Parameter | None  # [1], the learned dynamic top-k threshold's logit (or None)
 
     def __init__(self, in_features: int, num_experts: int) -> None:
         super().__init__()
@@ -54,6 +59,18 @@ class Router(nn.Module, ABC):
         self.num_experts = num_experts
         self.register_buffer("feature_mean", torch.zeros(in_features))
         self.register_buffer("feature_std", torch.ones(in_features))
+        self.register_parameter("threshold_logit", None)
+
+    def learn_threshold(self, initial: float) -> None:
+        """Give the router a learned dynamic top-k threshold starting at ``initial`` (in (0, 1))."""
+        if not 0 < initial < 1:
+            raise ValueError(f"a learned threshold starts in (0, 1), got {initial}")
+        device = self.feature_mean.device
+        self.threshold_logit = nn.Parameter(torch.tensor([math.log(initial / (1 - initial))], device=device))
+
+    def threshold(self) -> torch.Tensor | None:
+        """The learned threshold (a scalar tensor in (0, 1), differentiable), or None when it has none."""
+        return None if self.threshold_logit is None else torch.sigmoid(self.threshold_logit).reshape(())
 
     def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Standardise future inputs with these per-feature statistics ``[in_features]``."""

@@ -9,6 +9,12 @@ loss when k=1; ``gate='straight_through'`` gives the chosen experts weights that
 
 A routed *unit* is a sequence (sequence routing, tensors ``[B, E]``) or a token of one decoder
 layer (token routing, tensors ``[B, T, E]``).
+
+Dynamic top-k: of the ``top_k`` most probable experts a unit keeps those needed for their probability to reach a
+threshold ``tau`` (the first always). ``tau`` is fixed (``top_p``) or learned (a router parameter): the keep mask
+is then a straight-through estimator, hard in the forward pass and ``sigmoid((tau - before) / THRESHOLD_WIDTH)``
+backward (``before``: the probability of the better experts), so the LM loss tells ``tau`` whether the expert at
+the margin helps, and ``decision.soft_k`` (the soft count of kept experts) lets a compute penalty pull it down.
 """
 
 from __future__ import annotations
@@ -18,6 +24,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+#: width of the soft keep mask of a learned threshold, in probability (see the module docstring)
+THRESHOLD_WIDTH = 0.05
+#: with a learned threshold, training also computes the dropped slots whose probability before them is within
+#: this distance above the threshold (weight 0 in the forward pass), so their gradient tells the threshold whether
+#: keeping them would help; further slots' soft mask is below 5% of its peak slope and they are left out
+THRESHOLD_BAND = 3 * THRESHOLD_WIDTH
 
 
 @dataclass
@@ -29,6 +42,10 @@ class RoutingDecision:
     gates:   ``[..., k]`` weight of each chosen expert (sparse/forced), ``None`` in dense mode.
     mode:    'dense', 'sparse' or 'forced'.
     mask:    ``[...]`` bool, the units that count for losses and statistics (not padding).
+    computed: ``[..., k]`` bool, the slots a training kernel must compute (None: those of non-zero gate); a learned
+             threshold adds the dropped slots near it, whose gate is 0 but whose gradient it needs.
+    soft_k:  scalar, the mean over the valid units of the soft count of kept experts (learned threshold only;
+             differentiable w.r.t. the threshold: the compute penalty).
     """
 
     probs: torch.Tensor
@@ -37,6 +54,8 @@ class RoutingDecision:
     mode: str
     mask: torch.Tensor
     z_loss: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    computed: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    soft_k: torch.Tensor | None = field(default=None, repr=False, compare=False)
     _chosen: list | None = field(default=None, repr=False, compare=False)
     _groups: dict | None = field(default=None, repr=False, compare=False)
     _memo: dict = field(default_factory=dict, repr=False, compare=False)
@@ -101,6 +120,7 @@ def decide(
     forced_expert: int | torch.Tensor | None = None,
     gate: str = "straight_through",
     top_p: float | None = None,
+    threshold: torch.Tensor | None = None,
 ) -> RoutingDecision:
     """Turn router logits ``[..., E]`` into a decision.
 
@@ -112,7 +132,9 @@ def decide(
     so 1 when k=1 and never k times a single LoRA's update when k>1; backward, the gradient of ``p``
     divided by that sum, so the router still learns from the LM loss). ``top_p`` (dynamic top-k): of the
     ``top_k`` most probable experts, only those needed for their probability to reach ``top_p`` keep a weight
-    (always the first; the others' gates are 0, their slots kept so shapes stay static).
+    (always the first; the others' gates are 0, their slots kept so shapes stay static). ``threshold`` (a scalar
+    tensor in (0, 1), a learned threshold) takes the place of ``top_p`` with a straight-through keep mask (module
+    docstring) and sets ``computed`` and ``soft_k``.
     """
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if forced_expert is not None:
@@ -126,14 +148,34 @@ def decide(
     if mode == "dense":
         return RoutingDecision(probs, None, None, "dense", mask)
     gates, indices = torch.topk(probs, k=min(top_k, probs.shape[-1]), dim=-1)
-    if top_p is not None:  # dynamic k: the most probable experts until top_p is reached, the rest weighted 0
-        before = gates.detach().cumsum(-1) - gates.detach()  # probability of the better experts
+    computed = soft_k = None
+    # dynamic k: the most probable experts until the threshold; ``before``, the probability of the better experts
+    if threshold is not None:
+        before = gates.detach().cumsum(-1) - gates.detach()
+        gates, computed, soft_k = _learned_threshold(gates, before, threshold.float(), mask)
+    elif top_p is not None:
+        before = gates.detach().cumsum(-1) - gates.detach()
         gates = gates * (before < top_p).to(gates.dtype)
     if gate == "straight_through":
         gates = gates / gates.detach().sum(-1, keepdim=True)
     elif gate != "probability":
         raise ValueError(f"gate={gate!r} is not 'probability' or 'straight_through'")
-    return RoutingDecision(probs, indices, gates, "sparse", mask)
+    return RoutingDecision(probs, indices, gates, "sparse", mask, computed=computed, soft_k=soft_k)
+
+
+def _learned_threshold(gates: torch.Tensor, before: torch.Tensor, threshold: torch.Tensor, mask: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(gates, computed, soft_k)`` of a learned threshold: ``gates [..., k]`` times the straight-through keep
+    mask (exactly the hard mask ``before < threshold`` forward), the slots to compute ``[..., k]`` and the mean
+    soft count of kept experts over the units of ``mask [...]`` (a scalar)."""
+    soft = torch.sigmoid((threshold - before) / THRESHOLD_WIDTH)
+    soft = torch.cat([torch.ones_like(soft[..., :1]), soft[..., 1:]], dim=-1)  # the first expert is always kept
+    hard = (before < threshold.detach()).to(gates.dtype)
+    keep = hard + (soft - soft.detach())
+    computed = before < threshold.detach() + THRESHOLD_BAND
+    m = mask.to(soft.dtype)
+    soft_k = (soft.sum(-1) * m).sum() / m.sum().clamp_min(1.0)
+    return gates * keep, computed, soft_k
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -171,22 +213,28 @@ def balance_loss(decision: RoutingDecision, kind: str) -> torch.Tensor:
 def expert_share(decision: RoutingDecision) -> torch.Tensor:
     """Share of routed units handled by each expert, ``[E]``, summing to 1 (no gradient).
 
-    Sparse/forced: fraction of the top-k selections; dense: mean mixing weight.
+    Sparse/forced: each unit's selections with a non-zero gate (dynamic top-k leaves some at 0) share it
+    equally; dense: mean mixing weight.
     """
     with torch.no_grad():
         if decision.mode == "dense":
             return _masked_mean(decision.probs, decision.mask)
-        indices = decision.selected()[0]
-        onehot = torch.nn.functional.one_hot(indices, decision.num_experts).float().sum(-2)
-        return _masked_mean(onehot / indices.shape[-1], decision.mask)
+        indices, gates = decision.selected()
+        used = (gates != 0).float()
+        onehot = (torch.nn.functional.one_hot(indices, decision.num_experts).float() * used.unsqueeze(-1)).sum(-2)
+        return _masked_mean(onehot / used.sum(-1, keepdim=True).clamp_min(1.0), decision.mask)
 
 
 def active_experts(decision: RoutingDecision) -> torch.Tensor:
-    """Mean number of experts with a non-zero weight per routed unit (dynamic top-k's k; E when dense)."""
-    weights = decision.dense_weights()
-    count = (weights > 0).sum(-1).float()
-    mask = decision.mask.to(count.dtype)
-    return (count * mask).sum() / mask.sum().clamp_min(1)
+    """Mean number of experts with a non-zero weight per routed unit (dynamic top-k's k; E when dense), no
+    gradient."""
+    with torch.no_grad():
+        if decision.mode == "dense":
+            count = (decision.probs > 0).sum(-1).float()
+        else:
+            count = (decision.selected()[1] != 0).sum(-1).float()
+        mask = decision.mask.to(count.dtype)
+        return (count * mask).sum() / mask.sum().clamp_min(1)
 
 
 def router_entropy(decision: RoutingDecision) -> torch.Tensor:

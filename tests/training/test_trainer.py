@@ -274,3 +274,27 @@ def test_the_optimizer_is_the_fused_adamw_and_steps_as_the_plain_one(tmp_path, d
     for p, q in zip(params, plain):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-7)
     assert all(not torch.equal(p.detach(), b) for p, b in zip(params, before))  # every parameter moved
+
+
+def test_learned_thresholds_train_at_their_own_rate_and_the_log_reports_k(tmp_path, data_dir):
+    config = tiny_config(tmp_path / "run", data_dir, **{
+        "moe.top_k": 2, "moe.top_p": 0.6, "moe.threshold_learned": True, "moe.dynamic_k_coef": 0.5,
+        "train.threshold_lr": 0.05, "train.eval_every": 0, "train.save_every": 0})
+    trainer = JointTrainer(config, *tiny_model_and_tokenizer())
+    model, _ = trainer._build_model()
+    groups = trainer._optimizer(model).param_groups
+    thresholds = {id(p) for p in model.threshold_parameters()}
+    assert len(thresholds) == 2 and [g["lr"] for g in groups if {id(p) for p in g["params"]} == thresholds] == [0.05]
+    assert all(g["lr"] == config.train.lr for g in groups if not {id(p) for p in g["params"]} & thresholds)
+
+    result = JointTrainer(config, *tiny_model_and_tokenizer()).train()
+    log = json.loads((tmp_path / "run" / "metrics.json").read_text())["train_log"]
+    assert all(1.0 <= row["mean_k"] <= 2.0 for row in log)
+    # 6 steps of Adam at 0.05 on the logit moved every threshold off its start (0.6)
+    assert all(abs(row["threshold"] - 0.6) > 1e-3 for row in log[1:])
+    saved = DyLoRAMoEForCausalLM.from_pretrained(tmp_path / "run" / "final", make_base("llama"))
+    moved = torch.sigmoid(torch.cat(saved.threshold_parameters()).detach())
+    assert not torch.allclose(moved, torch.full_like(moved, 0.6), atol=1e-3)
+    assert log[-1]["threshold"] == pytest.approx(float(moved.mean()), abs=1e-6)
+    assert all(d.active_experts is not None and 1.0 <= d.active_experts <= 2.0
+               for d in result.end_eval.domains.values())

@@ -27,9 +27,10 @@ does not have. The per-decision view counts every routing decision (``routing_un
 routed layer with token routing, one per example with sequence routing, where both views agree):
 
 * ``domains[d]``: ``decisions``, ``decision_share`` (share of the domain's decisions per expert; dense
-  routing: mean mixing weight) and ``decision_entropy`` (mean router entropy per decision, nats);
-* ``decision_share_matrix``, ``decision_nmi`` (NMI between domain and chosen expert over decisions) and
-  ``decision_entropy`` (overall mean).
+  routing: mean mixing weight), ``decision_entropy`` (mean router entropy per decision, nats) and
+  ``decision_active_experts`` (mean number of experts a decision used: k, fractional with dynamic top-k);
+* ``decision_share_matrix``, ``decision_nmi`` (NMI between domain and chosen expert over decisions),
+  ``decision_entropy`` and ``decision_active_experts`` (overall means).
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ def _run_domain(model: Any, batches: list[dict[str, torch.Tensor]], num_experts:
     per_token = model.moe_config.routing == "token"
     loss_sum, tokens, choices, probs = 0.0, 0, [], []
     decisions, decision_share, decision_entropy = 0, torch.zeros(num_experts, dtype=torch.float64), 0.0
+    decision_k = 0.0
     for batch in batches:
         labels = batch["labels"].to(device)
         mask = batch["attention_mask"].to(device)
@@ -157,6 +159,7 @@ def _run_domain(model: Any, batches: list[dict[str, torch.Tensor]], num_experts:
         decisions += units
         decision_share += out.expert_share.double().cpu() * units
         decision_entropy += float(out.router_entropy) * units
+        decision_k += float(out.active_experts) * units
     n = len(choices)
     share = [choices.count(e) / n for e in range(num_experts)]
     mean_probs = [sum(row[e] for row in probs) / n for e in range(num_experts)]
@@ -165,6 +168,7 @@ def _run_domain(model: Any, batches: list[dict[str, torch.Tensor]], num_experts:
             "router_entropy": sum(entropy(row) for row in probs) / n,
             "decisions": decisions, "decision_share": (decision_share / max(decisions, 1)).tolist(),
             "decision_entropy": decision_entropy / max(decisions, 1),
+            "decision_active_experts": decision_k / max(decisions, 1),
             "_choices": choices, "_entropies": [entropy(row) for row in probs]}
 
 
@@ -245,6 +249,8 @@ def _summarise(model: Any, names: list[str], results: dict[str, dict[str, Any]])
         "decision_nmi": nmi_from_joint(decisions) if len(names) > 1 else None,
         "decision_entropy": sum(results[d]["decision_entropy"] * results[d]["decisions"] for d in names)
         / max(sum(results[d]["decisions"] for d in names), 1),
+        "decision_active_experts": sum(results[d]["decision_active_experts"] * results[d]["decisions"]
+                                       for d in names) / max(sum(results[d]["decisions"] for d in names), 1),
         "max_entropy": math.log(num_experts),
         "expert_load": [expert_labels.count(e) / total for e in range(num_experts)],
         "mean_router_probs": [sum(results[d]["mean_router_probs"][e] * results[d]["examples"] for d in names) / total

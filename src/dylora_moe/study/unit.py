@@ -242,5 +242,7 @@ def _analyse(study: StudyConfig, variant: VariantConfig, seed: int, config: Any,
         "decision_share_matrix": analysis["decision_share_matrix"],
         "decision_nmi": analysis["decision_nmi"],
         "decision_entropy": analysis["decision_entropy"],
+        "mean_k": analysis["decision_active_experts"],
+        "thresholds": [float(torch.sigmoid(p.detach()).item()) for p in model.threshold_parameters()],
         "analysis_loss": {d: analysis["domains"][d]["loss"] for d in analysis["domain_names"]},
     }

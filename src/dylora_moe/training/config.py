@@ -126,6 +126,9 @@ class TrainingArgs:
     warmup_ratio: float = field(default=0.03, metadata=_help("Warmup steps as a fraction of all steps."))
     warmup_steps: int = field(default=0, metadata=_help("If > 0: warmup steps (overrides warmup_ratio)."))
     weight_decay: float = field(default=0.01, metadata=_help("AdamW weight decay (not applied to 1-D tensors)."))
+    threshold_lr: float = field(default=1e-2, metadata=_help(
+        "Peak learning rate of the learned dynamic top-k thresholds (moe.threshold_learned; one scalar logit per "
+        "router, no weight decay, same schedule): at the adapters' rate a threshold would hardly move in a run."))
     max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping norm (0 = no clipping)."))
     max_bad_steps: int = field(default=5, metadata=_help(
         "A step with a non-finite loss or gradient is skipped with a warning; after this many in a row training "
@@ -281,6 +284,8 @@ class TrainConfig:
             raise fail("data.eval_batch_size", "must be >= 1")
         if not t.lr > 0:
             raise fail("train.lr", "must be > 0")
+        if not t.threshold_lr > 0:
+            raise fail("train.threshold_lr", "must be > 0")
         if not -1.0 <= t.growth_threshold <= 1.0:
             raise fail("train.growth_threshold", "is a cosine similarity in [-1, 1]")
         for key in ("per_device_batch_size", "gradient_accumulation_steps", "log_every", "growth_examples"):

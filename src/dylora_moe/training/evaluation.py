@@ -7,7 +7,9 @@ in eval mode, no gradients) and summarised as a :class:`DomainEval`:
   ``lm_loss`` times its number of supervised, shifted label tokens, summed, divided by the total);
 * ``aux_loss``: the load-balancing loss, mean over examples (batch-size weighted);
 * ``expert_share``: share of routed units per expert (``out.expert_share`` weighted by batch size);
-* ``router_entropy``: mean router entropy in nats (batch-size weighted).
+* ``router_entropy``: mean router entropy in nats (batch-size weighted);
+* ``active_experts``: mean number of experts a routed unit used (k; fractional with dynamic top-k; batch-size
+  weighted; None in records written before it was kept).
 
 Under several processes each one takes every ``world``-th batch and the sums are reduced with the
 Accelerator. Usage::
@@ -38,6 +40,7 @@ class DomainEval:
     aux_loss: float
     router_entropy: float
     expert_share: list[float]
+    active_experts: float | None = None
 
 
 @dataclass
@@ -99,8 +102,8 @@ def evaluate(
     result = EvalResult(step, epoch)
     try:
         for name, items in eval_sets.items():
-            # [loss_sum, tokens, examples, aux_sum, entropy_sum, share_sum_0 .. share_sum_{E-1}]
-            sums = torch.zeros(5 + num_experts, dtype=torch.float64, device=device)
+            # [loss_sum, tokens, examples, aux_sum, entropy_sum, k_sum, share_sum_0 .. share_sum_{E-1}]
+            sums = torch.zeros(6 + num_experts, dtype=torch.float64, device=device)
             chunks = _batches(items, batch_size)
             rounds = -(-len(chunks) // world) if lockstep else len(chunks)
             for index in range(rank, rounds * world if lockstep else len(chunks), world):
@@ -120,7 +123,8 @@ def evaluate(
                 sums[2] += rows
                 sums[3] += out.aux_loss.double() * rows
                 sums[4] += out.router_entropy.double() * rows
-                sums[5:] += out.expert_share.double() * rows
+                sums[5] += out.active_experts.double() * rows
+                sums[6:] += out.expert_share.double() * rows
             if accelerator is not None and world > 1:
                 sums = accelerator.reduce(sums, reduction="sum")
             values = sums.tolist()
@@ -131,7 +135,8 @@ def evaluate(
                 examples=int(values[2]),
                 aux_loss=values[3] / examples,
                 router_entropy=values[4] / examples,
-                expert_share=[v / examples for v in values[5:]],
+                expert_share=[v / examples for v in values[6:]],
+                active_experts=values[5] / examples,
             )
     finally:
         model.train(was_training)

@@ -140,8 +140,8 @@ class TrainState:
     writer: Any = None
     bar: Any = None
     loop_start: float = 0.0
-    # the logging window: loss, aux loss, tokens, micro-batches; the optimizer step in progress is added to it
-    # once it proves finite
+    # the logging window: loss, aux loss, tokens, micro-batches, experts per routed unit; the optimizer step in
+    # progress is added to it once it proves finite
     window: torch.Tensor | None = None
     pending: torch.Tensor | None = None
     window_start: float = 0.0
@@ -236,7 +236,7 @@ class JointTrainer:
         state.bar = tqdm(total=state.total_steps, initial=state.step, desc="train",
                          disable=not acc.is_local_main_process, dynamic_ncols=True)
         state.loop_start = time.perf_counter()
-        state.window = torch.zeros(4, dtype=torch.float64, device=acc.device)
+        state.window = torch.zeros(5, dtype=torch.float64, device=acc.device)
         state.pending = torch.zeros_like(state.window)
         return state
 
@@ -371,7 +371,8 @@ class JointTrainer:
             state.optimizer.zero_grad(set_to_none=True)
         state.pending += torch.stack([out.lm_loss.detach().double(), out.aux_loss.detach().double(),
                                       batch["attention_mask"].sum().double(),
-                                      torch.ones((), dtype=torch.float64, device=acc.device)])
+                                      torch.ones((), dtype=torch.float64, device=acc.device),
+                                      out.active_experts.detach().double()])
         if not acc.sync_gradients:
             return False
         if not acc.optimizer_step_was_skipped:
@@ -417,17 +418,21 @@ class JointTrainer:
     def _log(self, state: TrainState) -> None:
         acc = self.accelerator
         totals = acc.reduce(state.window.clone(), reduction="sum") if acc.num_processes > 1 else state.window
-        loss_sum, aux_sum, tokens, micro = totals.tolist()
+        loss_sum, aux_sum, tokens, micro, k_sum = totals.tolist()
         elapsed = max(time.perf_counter() - state.window_start, 1e-9)
         lm, aux = loss_sum / max(micro, 1), aux_sum / max(micro, 1)
         row = {"step": state.step, "epoch": state.epoch_at(state.step), "lm_loss": lm, "aux_loss": aux,
                "loss": lm + self.config.moe.balance_coef * aux, "lr": state.scheduler.get_last_lr()[0],
                "grad_norm": None if state.grad_norm is None else float(state.grad_norm),
-               "tokens_per_s": tokens / elapsed}
+               "tokens_per_s": tokens / elapsed, "mean_k": k_sum / max(micro, 1)}
+        thresholds = state.model.threshold_parameters()
+        if thresholds:  # the learned dynamic top-k thresholds, mean over the routers
+            logits = torch.cat([sharding.full_value(p.detach()).float().reshape(1) for p in thresholds])
+            row["threshold"] = float(torch.sigmoid(logits).mean())
         state.train_log.append(row)
         state.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
         if state.writer is not None:
-            for key in ("loss", "aux_loss", "lr", "grad_norm", "tokens_per_s"):
+            for key in ("loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "mean_k", "threshold"):
                 if row.get(key) is not None:
                     state.writer.add_scalar(f"train/{key}", row[key], state.step)
         state.window.zero_()
@@ -700,11 +705,15 @@ class JointTrainer:
 
     def _optimizer(self, model: DyLoRAMoEForCausalLM) -> torch.optim.Optimizer:
         params = model.trainable_parameters()
+        thresholds = {id(p) for p in model.threshold_parameters()}
         decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": self.config.train.weight_decay}]
+        no_decay = [p for p in params if p.dim() < 2 and id(p) not in thresholds]
+        groups: list[dict[str, Any]] = [{"params": decay, "weight_decay": self.config.train.weight_decay}]
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
+        learned = [p for p in params if id(p) in thresholds]
+        if learned:
+            groups.append({"params": learned, "weight_decay": 0.0, "lr": self.config.train.threshold_lr})
         # the fused kernel: one pass over all tensors (on the CPU 4x faster than the per-tensor loop, ~1% of a
         # default step); not for FSDP's sharded tensors
         fused = self.config.train.distributed != "fsdp" and all(
