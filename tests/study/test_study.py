@@ -101,6 +101,9 @@ def test_study_runs_every_unit_and_aggregates(setup, capsys):
     assert 0.0 < moe["decision_entropy"]["mean"] <= 0.6932  # ln 2
     assert lora["decision_nmi"]["mean"] == 0.0 and lora["decision_entropy"]["mean"] == 0.0
     assert "NMI per decision" in table
+    # experts per decision: top-1 and a single LoRA use one; no threshold is learned
+    assert moe["mean_k"]["mean"] == lora["mean_k"]["mean"] == 1.0 and unit["mean_k"] == 1.0
+    assert unit["thresholds"] == [] and "mean k" in table
     # pass@1 paired problem by problem with the baseline, for both seeds (2 problems each)
     paired = quality["paired_pass_at_1"]
     assert set(paired) == {"moe2"} and paired["moe2"]["humaneval"]["seeds"] == [0, 1]
@@ -331,6 +334,15 @@ def test_report_refuses_units_trained_on_different_tokens(setup, capsys):
     unit_path.write_text(json.dumps(unit))
     assert main(["study", "--config", str(study_path), *two, "--report-only"]) == 2
     assert "not recorded: lora_r8/seed0" in capsys.readouterr().err
+
+
+def test_mean_k_of_units_written_before_it_was_recorded_comes_from_their_fixed_k():
+    from dylora_moe.study.report import _mean_k
+
+    assert _mean_k({"mean_k": 1.37, "num_experts": 4, "moe": {"top_k": 2, "top_p": 0.5}}) == 1.37
+    assert _mean_k({"num_experts": 4, "moe": {"top_k": 2, "top_p": None}}) == 2.0
+    assert _mean_k({"num_experts": 4, "moe": {"top_k": 1, "routing_mode": "dense"}}) == 4.0
+    assert _mean_k({"num_experts": 4, "moe": {"top_k": 2, "top_p": 0.5}}) is None  # dynamic: not known
 
 
 def test_results_table_says_when_pass_at_1_covers_fewer_seeds_than_the_losses():

@@ -25,6 +25,19 @@ def _spread(values: Sequence[float]) -> dict[str, Any]:
             "min": min(values), "max": max(values), "n": len(values)}
 
 
+def _mean_k(unit: dict[str, Any]) -> float | None:
+    """Experts used per routing decision on the analysis data: recorded by the unit, else (units written before it
+    was) known from a fixed k: ``top_k``, or every expert when dense; None for an older dynamic top-k unit."""
+    if unit.get("mean_k") is not None:
+        return float(unit["mean_k"])
+    moe = unit.get("moe") or {}
+    if moe.get("routing_mode") == "dense":
+        return float(unit["num_experts"])
+    if moe.get("top_p") is None and unit.get("num_experts"):
+        return float(min(int(moe.get("top_k", 1)), int(unit["num_experts"])))
+    return None
+
+
 def report(study: StudyConfig) -> dict[str, Any]:
     """Aggregate the complete units into ``quality.json`` and the plots; returns the quality dict."""
     out = Path(study.output_dir)
@@ -58,6 +71,8 @@ def report(study: StudyConfig) -> dict[str, Any]:
                                          for u in units]),
             "decision_share_matrix": per_decision(units[0], "share_matrix",
                                                    study.unit_dir(variant.name, units[0]["seed"])),
+            "mean_k": _spread([_mean_k(u) for u in units]),
+            "thresholds": [u.get("thresholds") or [] for u in units],
             "load_imbalance": _spread([u["load_imbalance"] for u in units]),
             "expert_load": [u["expert_load"] for u in units],
             "share_matrix": units[0]["share_matrix"],
@@ -188,8 +203,8 @@ def results_table(quality: dict[str, Any]) -> str:
         exact = sorted({d for n in names for d in variants[n].get("exact_match", {})})
         head = (["variant", "seeds", "adapter params"] + [f"loss {d}" for d in domains] + ["mean loss"]
                 + [f"pass@1 {b}" for b in benchmarks] + [f"exact match {d}" for d in exact]
-                + ["NMI per example", "NMI per decision", "router entropy per decision", "max load / uniform",
-                   "train s", "peak MiB"])
+                + ["NMI per example", "NMI per decision", "router entropy per decision", "mean k",
+                   "max load / uniform", "train s", "peak MiB"])
         lines += [f"### {group}", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
         for n in names:
             v = variants[n]
@@ -198,7 +213,7 @@ def results_table(quality: dict[str, Any]) -> str:
             cells += [_fmt(v["pass_at_1"].get(b), seeds=len(v["seeds"])) for b in benchmarks]
             cells += [_fmt(v.get("exact_match", {}).get(d), seeds=len(v["seeds"])) for d in exact]
             cells += [_fmt(v["nmi"]), _fmt(v.get("decision_nmi")), _fmt(v.get("decision_entropy")),
-                      _fmt(v["load_imbalance"], 2), _fmt(v["train_time_s"], 1),
+                      _fmt(v.get("mean_k"), 2), _fmt(v["load_imbalance"], 2), _fmt(v["train_time_s"], 1),
                       _fmt(v.get("peak_memory_mib"), 0)]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
