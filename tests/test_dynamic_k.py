@@ -175,3 +175,29 @@ def test_learned_thresholds_are_saved_loaded_and_kept_when_the_pool_grows(tmp_pa
 def test_bad_dynamic_k_settings_name_the_field(changes, field):
     with pytest.raises(ConfigError, match=field):
         DyLoRAMoEConfig(num_experts=4, **changes)
+
+
+def test_decoding_many_tokens_computes_only_the_kept_pairs_and_matches_every_expert(monkeypatch):
+    """The grouped inference kernel (>= 128 tokens) leaves out the pairs of gate 0 and still gives the dense sum."""
+    from dylora_moe import experts
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 96, D_IN, generator=gen, dtype=torch.float64)
+    logits = torch.randn(2, 96, 4, generator=gen, dtype=torch.float64) * 2
+    decision = decide(logits, torch.ones(2, 96, dtype=torch.bool), mode="sparse", top_k=2, temperature=1.0,
+                      threshold=torch.tensor(0.5, dtype=torch.float64))
+    a = [torch.randn(3, D_IN, generator=gen, dtype=torch.float64) for _ in range(4)]
+    b = [torch.randn(D_OUT, 3, generator=gen, dtype=torch.float64) for _ in range(4)]
+    scale = torch.tensor([2.0, 1.0, 0.5, 1.5], dtype=torch.float64)
+    rows = []
+    real = torch.Tensor.index_select
+    monkeypatch.setattr(torch.Tensor, "index_select",
+                        lambda self, dim, index: rows.append(index.numel()) or real(self, dim, index))
+    with torch.no_grad():
+        got = mixture_delta(x, decision, a, b, scale)
+    monkeypatch.undo()
+    kept = int((decision.gates != 0).sum())
+    assert kept < 2 * 192 and sum(rows) == kept  # only the kept pairs' rows were gathered
+    w = decision.dense_weights() * scale
+    torch.testing.assert_close(got, sum(w[..., e:e + 1] * ((x @ a[e].t()) @ b[e].t()) for e in range(4)))
+    assert experts.GROUPED_TOKEN_MIN_TOKENS <= 192

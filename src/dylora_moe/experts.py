@@ -194,13 +194,16 @@ def _grouped_per_token(
     b_list: list[torch.Tensor],
 ) -> torch.Tensor:
     """Inference path of token routing: x ``[N, d_in]``, indices/gates ``[N, k]`` (gates already times
-    scale) -> ``[N, d_out]``. A token's result depends only on its own experts' matrices."""
+    scale) -> ``[N, d_out]``. A token's result depends only on its own experts' matrices. With k > 1, pairs of
+    gate 0 (the slots dynamic top-k left unused) sort after every expert's segment and are not computed."""
     n, k = indices.shape
     flat_expert = indices.reshape(-1)
+    if k > 1:
+        flat_expert = torch.where(gates.reshape(-1) != 0, flat_expert, len(a_list))
     order = torch.argsort(flat_expert, stable=True)
     token = torch.arange(n, device=x.device).repeat_interleave(k)[order]
     gate = gates.reshape(-1)[order]
-    counts = torch.bincount(flat_expert, minlength=len(a_list)).tolist()
+    counts = torch.bincount(flat_expert, minlength=len(a_list) + 1).tolist()[:len(a_list)]
     out = x.new_zeros(n, b_list[0].shape[0])
     start = 0
     for expert, count in enumerate(counts):
