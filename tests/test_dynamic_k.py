@@ -6,7 +6,7 @@ import torch
 
 from dylora_moe import ConfigError, DyLoRAMoEConfig, DyLoRAMoEForCausalLM, routing
 from dylora_moe.experts import mixture_delta
-from dylora_moe.routing import THRESHOLD_BAND, active_experts, decide, expert_share
+from dylora_moe.routing import THRESHOLD_BAND, active_experts, decide, expert_share, fixed_k
 from tests.tiny import make_base, randomize_experts
 
 MASK = torch.ones(3, dtype=torch.bool)
@@ -27,6 +27,9 @@ def test_a_learned_threshold_routes_forward_as_the_same_fixed_top_p():
     assert torch.equal(learned.gates, fixed.gates) and torch.equal(learned.indices, fixed.indices)
     assert (learned.gates != 0).sum(-1).tolist() == [1, 2, 1]  # only row 1's first expert (0.40) is below 0.6
     assert active_experts(learned).item() == pytest.approx(4 / 3)
+    # a fixed k is known from shapes; a dynamic one is counted
+    assert fixed_k(learned) is None and fixed_k(fixed) is None and fixed_k(sparse(LOGITS)) == 2
+    assert active_experts(sparse(LOGITS)).item() == 2.0
 
 
 def test_the_threshold_learns_from_the_expert_at_the_margin_and_the_penalty_pulls_it_down():

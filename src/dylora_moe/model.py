@@ -52,6 +52,7 @@ from .routing import (
     balance_loss,
     decide,
     expert_share,
+    fixed_k,
     per_sequence_choice_counts,
     per_sequence_probs,
     router_entropy,
@@ -79,11 +80,20 @@ def _cache_length(cache: Any) -> int:
         return 0
 
 
+def _mean_active_experts(decisions: list[RoutingDecision]) -> torch.Tensor:
+    """The mean over ``decisions`` of the experts per routed unit; one scalar made on the device when no decision
+    is dynamic (decoding makes this per token: no per-layer tensor work)."""
+    ks = [fixed_k(d) for d in decisions]
+    if all(k is not None for k in ks):
+        return torch.tensor(sum(cast(int, k) for k in ks) / len(ks), device=decisions[0].probs.device)
+    return torch.stack([active_experts(d) for d in decisions]).mean()
+
+
 def _detached(d: RoutingDecision) -> RoutingDecision:
     def det(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.detach()
 
-    return RoutingDecision(d.probs.detach(), det(d.indices), det(d.gates), d.mode, d.mask.detach())
+    return RoutingDecision(d.probs.detach(), det(d.indices), det(d.gates), d.mode, d.mask.detach(), dynamic=d.dynamic)
 
 
 def sequence_routing(decisions: list[RoutingDecision]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -638,7 +648,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
             routing_mode=decisions[0].mode,
             z_loss=z_loss,
             ortho_loss=ortho,
-            active_experts=torch.stack([active_experts(d) for d in decisions]).mean(),
+            active_experts=_mean_active_experts(decisions),
             dynamic_k_loss=dynamic_k,
             **fields,
         )

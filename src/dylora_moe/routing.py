@@ -46,6 +46,7 @@ class RoutingDecision:
              threshold adds the dropped slots near it, whose gate is 0 but whose gradient it needs.
     soft_k:  scalar, the mean over the valid units of the soft count of kept experts (learned threshold only;
              differentiable w.r.t. the threshold: the compute penalty).
+    dynamic: whether units may keep fewer than ``k`` experts (dynamic top-k); else every unit uses ``k``.
     """
 
     probs: torch.Tensor
@@ -56,6 +57,7 @@ class RoutingDecision:
     z_loss: torch.Tensor | None = field(default=None, repr=False, compare=False)
     computed: torch.Tensor | None = field(default=None, repr=False, compare=False)
     soft_k: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    dynamic: bool = field(default=False, repr=False, compare=False)  # top_p or a learned threshold: k varies
     _chosen: list | None = field(default=None, repr=False, compare=False)
     _groups: dict | None = field(default=None, repr=False, compare=False)
     _memo: dict = field(default_factory=dict, repr=False, compare=False)
@@ -160,7 +162,8 @@ def decide(
         gates = gates / gates.detach().sum(-1, keepdim=True)
     elif gate != "probability":
         raise ValueError(f"gate={gate!r} is not 'probability' or 'straight_through'")
-    return RoutingDecision(probs, indices, gates, "sparse", mask, computed=computed, soft_k=soft_k)
+    return RoutingDecision(probs, indices, gates, "sparse", mask, computed=computed, soft_k=soft_k,
+                           dynamic=threshold is not None or top_p is not None)
 
 
 def _learned_threshold(gates: torch.Tensor, before: torch.Tensor, threshold: torch.Tensor, mask: torch.Tensor
@@ -225,14 +228,24 @@ def expert_share(decision: RoutingDecision) -> torch.Tensor:
         return _masked_mean(onehot / used.sum(-1, keepdim=True).clamp_min(1.0), decision.mask)
 
 
+def fixed_k(decision: RoutingDecision) -> int | None:
+    """The number of experts every unit of ``decision`` uses (E when dense, 1 when forced, k when sparse), or None
+    with dynamic top-k, where it varies per unit. Read from shapes: no device work."""
+    if decision.mode == "dense":
+        return decision.num_experts
+    if decision.dynamic:
+        return None
+    return decision.selected()[0].shape[-1]
+
+
 def active_experts(decision: RoutingDecision) -> torch.Tensor:
     """Mean number of experts with a non-zero weight per routed unit (dynamic top-k's k; E when dense), no
     gradient."""
+    k = fixed_k(decision)
+    if k is not None:
+        return torch.tensor(float(k), device=decision.probs.device)
     with torch.no_grad():
-        if decision.mode == "dense":
-            count = (decision.probs > 0).sum(-1).float()
-        else:
-            count = (decision.selected()[1] != 0).sum(-1).float()
+        count = (decision.selected()[1] != 0).sum(-1).float()
         mask = decision.mask.to(count.dtype)
         return (count * mask).sum() / mask.sum().clamp_min(1)
 
