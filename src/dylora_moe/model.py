@@ -390,7 +390,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
         labels = kwargs.get("labels")
         labels = ctx.labels if labels is None else labels
         features = self._sequence_features(input_ids, embeds, token_mask, labels, ctx.routing_mask)
-        router = self._router_list()[0]
+        router = cast(Router, self.routers[0])
         logits = router(features)
         ctx.sequence = self._decide(logits, torch.ones(batch, dtype=torch.bool, device=logits.device), router)
         ctx.pinned = _detached(ctx.sequence)
@@ -483,7 +483,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
             if isinstance(forced, torch.Tensor) and int(forced.max()) >= held:
                 raise ValueError(f"forced_expert: decoder block {layer_index} holds {held} experts (layer_experts), "
                                  f"cannot route a sequence to expert {int(forced.max())}")
-            router = self._router_list()[slot]
+            router = cast(Router, self.routers[slot])
             ctx.layers[layer_index] = self._decide(router(hidden), mask, router)
             return None
 
