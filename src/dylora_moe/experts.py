@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 
 from .routing import RoutingDecision
-from .segmented import build_segments, segmented_lora
+from .segmented import TokenSegments, build_segments, segmented_lora, sort_pairs
 
 #: token routing uses the dense kernel with sparse gates up to this total rank E*R (see
 #: benchmarks/train_step.py: the sort-and-pad path wins only for larger pools on CPU)
@@ -197,13 +197,9 @@ def _grouped_per_token(
     scale) -> ``[N, d_out]``. A token's result depends only on its own experts' matrices. With k > 1, pairs of
     gate 0 (the slots dynamic top-k left unused) sort after every expert's segment and are not computed."""
     n, k = indices.shape
-    flat_expert = indices.reshape(-1)
-    if k > 1:
-        flat_expert = torch.where(gates.reshape(-1) != 0, flat_expert, len(a_list))
-    order = torch.argsort(flat_expert, stable=True)
-    token = torch.arange(n, device=x.device).repeat_interleave(k)[order]
+    order, counts = sort_pairs(indices.reshape(-1), len(a_list), gates.reshape(-1) != 0 if k > 1 else None)
+    token = order // k
     gate = gates.reshape(-1)[order]
-    counts = torch.bincount(flat_expert, minlength=len(a_list) + 1).tolist()[:len(a_list)]
     out = x.new_zeros(n, b_list[0].shape[0])
     start = 0
     for expert, count in enumerate(counts):
@@ -259,9 +255,14 @@ def mixture_delta(
     inference = not (torch.is_grad_enabled() and a_list[0].requires_grad)
     if not inference and x.device.type in SEGMENTED_TOKEN_DEVICES:
         k = indices.shape[-1]  # with k > 1, slots of gate 0 (dynamic top-k) are left out: computed at no cost
-        computed = decision.computed if decision.computed is not None else gates != 0  # (a learned threshold's band)
-        seg = decision.memo("segments", lambda: build_segments(
-            indices.reshape(-1, k), len(a_list), active=computed.reshape(-1, k) if k > 1 else None))
+
+        def segments() -> TokenSegments:  # once per decision; with k > 1 only the slots to compute
+            if k == 1:
+                return build_segments(indices.reshape(-1, 1), len(a_list))
+            active = decision.computed if decision.computed is not None else gates != 0  # a learned threshold's band
+            return build_segments(indices.reshape(-1, k), len(a_list), active=active.reshape(-1, k))
+
+        seg = decision.memo("segments", segments)
         gamma = seg.sort((gates * scale[indices]).reshape(-1))
         return segmented_lora(x.reshape(batch * seq, -1), gamma, seg, a_list, b_list).reshape(batch, seq, -1)
     if inference and batch * seq == 1 and indices.shape[-1] == 1 and x.device.type == "cpu":

@@ -63,6 +63,18 @@ class TokenSegments:
         return out
 
 
+def sort_pairs(experts: torch.Tensor, num_experts: int, active: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """``(order, counts)`` of (token, slot) pairs whose experts are ``experts [M]``: the pairs' positions in expert
+    order (stable) and the pairs per expert. The pairs ``active [M]`` leaves out sort after every expert and are cut
+    off, so they are neither counted nor gathered."""
+    if active is not None:
+        experts = torch.where(active.reshape(-1), experts, num_experts)
+    counts = tuple(torch.bincount(experts, minlength=num_experts + 1).tolist()[:num_experts])
+    order = torch.argsort(experts, stable=True)
+    return (order if active is None else order[:sum(counts)]), counts
+
+
 def build_segments(indices: torch.Tensor, num_experts: int, active: torch.Tensor | None = None) -> TokenSegments:
     """The segments of ``indices [N, k]`` (each token's chosen experts) over a pool of ``num_experts``.
 
@@ -73,9 +85,7 @@ def build_segments(indices: torch.Tensor, num_experts: int, active: torch.Tensor
     n, k = indices.shape
     flat = indices.reshape(-1)
     if active is not None and not bool(active.all()):
-        flat = torch.where(active.reshape(-1), flat, num_experts)  # left-out pairs sort after every segment
-        counts = tuple(torch.bincount(flat, minlength=num_experts + 1).tolist()[:num_experts])
-        order = torch.argsort(flat, stable=True)[:sum(counts)]
+        order, counts = sort_pairs(flat, num_experts, active)
         return TokenSegments(order // k if k > 1 else order, order, None, counts)
     counts = tuple(torch.bincount(flat, minlength=num_experts).tolist())
     if k == 1 and max(counts, default=0) == n:
