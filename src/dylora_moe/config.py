@@ -189,6 +189,15 @@ class DyLoRAMoEConfig:
             "(the largest equal to num_experts). Token routing only; such a pool does not grow (add_expert)."
         },
     )
+    domain_mi_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "Coefficient of the domain routing loss: minus the mutual information between each training "
+            "example's domain and the router's choice (Mod-Squad), so that domains concentrate on experts of their "
+            "own while the router itself, not a fixed assignment, picks which; it needs the domain of every "
+            "training example (the trainer passes it) and changes nothing at inference; 0 disables it."
+        },
+    )
     ortho_coef: float = field(
         default=0.0,
         metadata={
@@ -253,7 +262,7 @@ class DyLoRAMoEConfig:
             raise bad("svd_rho", "must be > 0")
         if self.scaling not in SCALINGS:
             raise bad("scaling", f"must be one of {SCALINGS}")
-        for name in ("z_loss_coef", "ortho_coef"):
+        for name in ("z_loss_coef", "ortho_coef", "domain_mi_coef"):
             if not getattr(self, name) >= 0:
                 raise bad(name, "must be >= 0")
         le = self.layer_experts

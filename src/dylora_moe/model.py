@@ -51,6 +51,7 @@ from .routing import (
     active_experts,
     balance_loss,
     decide,
+    domain_mutual_information,
     expert_share,
     fixed_k,
     per_sequence_choice_counts,
@@ -499,6 +500,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
         routing_mask: torch.Tensor | None = None,
         forced_expert: int | torch.Tensor | None = None,
         supervised_logits_only: bool | None = None,
+        domain_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> DyLoRAMoECausalLMOutput:
         """Run the LM; ``input_ids [B, T]``, ``attention_mask [B, T]``, ``labels [B, T]`` (-100 ignored).
@@ -513,6 +515,9 @@ class DyLoRAMoEForCausalLM(nn.Module):
         transformers computes it), and ``logits`` is ``None``. ``None`` (the default) turns it on in a training
         step (labels given, training mode, gradients on, no ``logits_to_keep``), where only the loss is used;
         pass ``False`` for the full logits. Training and evaluation pass ``True``.
+
+        ``domain_ids [B]`` (training): the domain of each sequence, for the domain routing loss
+        (``domain_mi_coef``); ignored when that is 0.
         """
         if supervised_logits_only is None:
             supervised_logits_only = (labels is not None and self.training and torch.is_grad_enabled()
@@ -533,7 +538,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
         finally:
             ctx.routing_mask = ctx.labels = None
             ctx.forced_expert = previous_forced
-        return self._output(out, lm_loss, decisions, keep_logits=head is None)
+        return self._output(out, lm_loss, decisions, keep_logits=head is None, domain_ids=domain_ids)
 
     def _supervised_forward(self, head: nn.Module, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
                             labels: torch.Tensor, kwargs: dict[str, Any]) -> tuple[Any, torch.Tensor]:
@@ -614,7 +619,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
         return self._head_is_logits
 
     def _output(self, out: Any, lm_loss: torch.Tensor | None, decisions: list[RoutingDecision],
-                keep_logits: bool = True) -> DyLoRAMoECausalLMOutput:
+                keep_logits: bool = True, domain_ids: torch.Tensor | None = None) -> DyLoRAMoECausalLMOutput:
         cfg = self.moe_config
         aux = torch.stack([balance_loss(d, cfg.balance_loss) for d in decisions]).mean()
         share = torch.stack([_padded(expert_share(d), self.num_experts) for d in decisions]).mean(0)
@@ -625,6 +630,9 @@ class DyLoRAMoEForCausalLM(nn.Module):
         ortho = self.similarity_loss() if cfg.ortho_coef > 0 else None
         soft_ks = [d.soft_k for d in decisions if d.soft_k is not None]
         dynamic_k = torch.stack(soft_ks).mean() if soft_ks else None
+        routed = [d for d in decisions if d.mode != "forced"]
+        domain_mi = (torch.stack([domain_mutual_information(d, domain_ids) for d in routed]).mean()
+                     if cfg.domain_mi_coef > 0 and domain_ids is not None and routed else None)
         loss = None
         if lm_loss is not None:
             loss = lm_loss + cfg.balance_coef * aux.to(lm_loss.dtype)
@@ -634,6 +642,8 @@ class DyLoRAMoEForCausalLM(nn.Module):
                 loss = loss + cfg.ortho_coef * ortho.to(lm_loss.dtype)
             if dynamic_k is not None and cfg.dynamic_k_coef > 0:
                 loss = loss + cfg.dynamic_k_coef * dynamic_k.to(lm_loss.dtype)
+            if domain_mi is not None:
+                loss = loss - cfg.domain_mi_coef * domain_mi.to(lm_loss.dtype)
         known = {f.name for f in dataclasses.fields(DyLoRAMoECausalLMOutput)}
         fields = {k: v for k, v in out.items() if k in known and k != "loss" and (keep_logits or k != "logits")}
         return DyLoRAMoECausalLMOutput(
@@ -650,6 +660,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
             ortho_loss=ortho,
             active_experts=_mean_active_experts(decisions),
             dynamic_k_loss=dynamic_k,
+            domain_mi=domain_mi,
             **fields,
         )
 

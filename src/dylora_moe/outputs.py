@@ -3,13 +3,17 @@
 Everything a forward produces is returned here (nothing is stashed on the model):
 
 * ``loss``        = ``lm_loss + balance_coef * aux_loss + z_loss_coef * z_loss + ortho_coef * ortho_loss
-  + dynamic_k_coef * dynamic_k_loss`` (when labels are given; a loss whose coefficient is 0 is left out)
+  + dynamic_k_coef * dynamic_k_loss - domain_mi_coef * domain_mi`` (when labels are given; a loss whose
+  coefficient is 0 is left out)
 * ``lm_loss``     the causal-LM cross-entropy
 * ``aux_loss``    the load-balancing loss (mean over the routing decisions of the pass)
 * ``z_loss``      the router z-loss (mean over the decisions), None unless ``z_loss_coef > 0``
 * ``ortho_loss``  the expert similarity loss (mean over the adapted modules), None unless ``ortho_coef > 0``
 * ``dynamic_k_loss`` the learned thresholds' compute penalty: the mean soft count of experts kept per routed
   unit (differentiable w.r.t. the thresholds only), None unless ``threshold_learned``
+* ``domain_mi``   the mutual information (nats) between the sequences' domains and the router's choice, mean over
+  the routing decisions (differentiable w.r.t. the routers; the domain routing loss maximises it), None unless
+  ``domain_mi_coef > 0`` and ``domain_ids`` were passed
 * ``active_experts`` scalar, the mean number of experts with a non-zero weight per routed unit (k; dynamic top-k
   makes it fractional; E when dense)
 * ``expert_share`` ``[E]`` share of routed units per expert (sums to 1)
@@ -42,4 +46,5 @@ class DyLoRAMoECausalLMOutput(CausalLMOutputWithPast):
     z_loss: torch.Tensor | None = None
     ortho_loss: torch.Tensor | None = None
     dynamic_k_loss: torch.Tensor | None = None
+    domain_mi: torch.Tensor | None = None
     active_experts: torch.Tensor | None = None

@@ -298,3 +298,16 @@ def test_learned_thresholds_train_at_their_own_rate_and_the_log_reports_k(tmp_pa
     assert log[-1]["threshold"] == pytest.approx(float(moved.mean()), abs=1e-6)
     assert all(d.active_experts is not None and 1.0 <= d.active_experts <= 2.0
                for d in result.end_eval.domains.values())
+
+
+def test_the_domain_routing_loss_gets_the_domains_and_the_log_reports_it(tmp_path, data_dir):
+    config = tiny_config(tmp_path / "run", data_dir, **{
+        "moe.domain_mi_coef": 0.5, "train.eval_every": 0, "train.save_every": 0, "train.log_every": 1})
+    JointTrainer(config, *tiny_model_and_tokenizer()).train()
+    log = json.loads((tmp_path / "run" / "metrics.json").read_text())["train_log"]
+    # two domains in the batches: a positive mutual information, at most ln 2
+    assert len(log) == 6 and all(0.0 < row["domain_mi"] <= 0.6932 for row in log)
+    plain = tiny_config(tmp_path / "plain", data_dir, **{"train.eval_every": 0, "train.save_every": 0})
+    JointTrainer(plain, *tiny_model_and_tokenizer()).train()
+    assert all("domain_mi" not in row
+               for row in json.loads((tmp_path / "plain" / "metrics.json").read_text())["train_log"])

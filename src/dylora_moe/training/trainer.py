@@ -236,7 +236,7 @@ class JointTrainer:
         state.bar = tqdm(total=state.total_steps, initial=state.step, desc="train",
                          disable=not acc.is_local_main_process, dynamic_ncols=True)
         state.loop_start = time.perf_counter()
-        state.window = torch.zeros(5, dtype=torch.float64, device=acc.device)
+        state.window = torch.zeros(6, dtype=torch.float64, device=acc.device)
         state.pending = torch.zeros_like(state.window)
         return state
 
@@ -354,7 +354,8 @@ class JointTrainer:
         with acc.accumulate(state.prepared):
             if self._usage is not None:  # FSDP reduce-scatters once per optimizer step, at its last micro-batch
                 state.model.set_requires_gradient_sync(acc.sync_gradients)
-            out = state.prepared(**batch, supervised_logits_only=True, forced_expert=forced)
+            out = state.prepared(**batch, supervised_logits_only=True, forced_expert=forced,
+                                 domain_ids=domain_ids if self.config.moe.domain_mi_coef > 0 else None)
             acc.backward(out.loss)
             if acc.sync_gradients:
                 # The gradients are reduced across processes here, so every process sees the same norm and
@@ -372,7 +373,8 @@ class JointTrainer:
         state.pending += torch.stack([out.lm_loss.detach().double(), out.aux_loss.detach().double(),
                                       batch["attention_mask"].sum().double(),
                                       torch.ones((), dtype=torch.float64, device=acc.device),
-                                      out.active_experts.detach().double()])
+                                      out.active_experts.detach().double(),
+                                      _scalar(out.domain_mi, state.pending)])
         if not acc.sync_gradients:
             return False
         if not acc.optimizer_step_was_skipped:
@@ -418,13 +420,15 @@ class JointTrainer:
     def _log(self, state: TrainState) -> None:
         acc = self.accelerator
         totals = acc.reduce(state.window.clone(), reduction="sum") if acc.num_processes > 1 else state.window
-        loss_sum, aux_sum, tokens, micro, k_sum = totals.tolist()
+        loss_sum, aux_sum, tokens, micro, k_sum, mi_sum = totals.tolist()
         elapsed = max(time.perf_counter() - state.window_start, 1e-9)
         lm, aux = loss_sum / max(micro, 1), aux_sum / max(micro, 1)
         row = {"step": state.step, "epoch": state.epoch_at(state.step), "lm_loss": lm, "aux_loss": aux,
                "loss": lm + self.config.moe.balance_coef * aux, "lr": state.scheduler.get_last_lr()[0],
                "grad_norm": None if state.grad_norm is None else float(state.grad_norm),
                "tokens_per_s": tokens / elapsed, "mean_k": k_sum / max(micro, 1)}
+        if self.config.moe.domain_mi_coef > 0:  # the domain routing loss's mutual information (nats)
+            row["domain_mi"] = mi_sum / max(micro, 1)
         thresholds = state.model.threshold_parameters()
         if thresholds:  # the learned dynamic top-k thresholds, mean over the routers
             logits = torch.cat([sharding.full_value(p.detach()).float().reshape(1) for p in thresholds])
@@ -432,7 +436,7 @@ class JointTrainer:
         state.train_log.append(row)
         state.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
         if state.writer is not None:
-            for key in ("loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "mean_k", "threshold"):
+            for key in ("loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "mean_k", "threshold", "domain_mi"):
                 if row.get(key) is not None:
                     state.writer.add_scalar(f"train/{key}", row[key], state.step)
         state.window.zero_()
@@ -786,3 +790,10 @@ def _get(data: dict[str, Any], key: str) -> Any:
     for part in key.split("."):
         data = data.get(part) if isinstance(data, dict) else None
     return data
+
+
+def _scalar(value: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """``value`` detached as a float64 scalar on ``like``'s device, or 0 where a forward produced none."""
+    if value is None:
+        return torch.zeros((), dtype=torch.float64, device=like.device)
+    return value.detach().double()
