@@ -3,8 +3,10 @@
 The variants are those of ``configs/study-domains.yaml`` (token routing, top-1, 4 x r=16 unless named):
 ``lora_r64`` (one expert of rank 64, the baseline: the parameters of 4 x r=16), ``moe4``, ``hydra4_r29``
 (one shared A r=29, 4 B heads), ``top2``, ``soft`` (every expert mixed), ``goat`` (SVD-segment experts,
-GOAT's scale, top-2), ``goat_seq`` (the same with sequence routing), ``ortho_z`` (similarity loss and router
-z-loss), ``mola`` (2 to 6 experts per block); and on attention + MLP ``moe4_mlp`` against ``lora_r64_mlp``.
+GOAT's scale, top-2), ``goat_seq`` (the same with sequence routing), ``goat_mi`` (the same with the domain routing
+loss; the batch's sequences get domains 0, 1, 0, 1 and every design is handed them), ``ortho_z`` (similarity
+loss and router z-loss), ``mola`` (2 to 6 experts per block); and on attention + MLP ``moe4_mlp`` against
+``lora_r64_mlp``.
 Forward + backward + AdamW, the median of interleaved rounds (machine noise hits every variant alike), batch
 4 x 256 tokens with a quarter prompt, in a plain process, and the peak memory of a step above the shared base
 (measured afterwards, one child process per design: ``_step_bench.memory_in_children``). Prints each
@@ -49,6 +51,7 @@ DESIGNS: dict[str, dict] = {
     "soft": dict(routing_mode="dense"),
     "goat": dict(expert_init="svd", scaling="goat", top_k=2),
     "goat_seq": dict(expert_init="svd", scaling="goat", top_k=2, routing="sequence"),
+    "goat_mi": dict(expert_init="svd", scaling="goat", top_k=2, domain_mi_coef=10.0),
     "ortho_z": dict(ortho_coef=0.1, z_loss_coef=0.001),
     "mola": dict(num_experts=6, layer_experts="increasing"),
     "lora_r64_mlp": dict(num_experts=1, r=64, alpha=128, target_modules="all-linear"),
@@ -56,6 +59,12 @@ DESIGNS: dict[str, dict] = {
 }
 BASELINE = {name: ("lora_r64_mlp" if name.endswith("_mlp") else "lora_r64") for name in DESIGNS}
 BAR = 1.15
+
+
+def domains_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Two domains taking turns over the batch's sequences ``[B]`` (only the domain routing loss reads them)."""
+    ids = batch["input_ids"]
+    return torch.arange(ids.shape[0], device=ids.device) % 2
 
 
 def build(name: str, base) -> DyLoRAMoEForCausalLM:
@@ -69,7 +78,7 @@ def run(args) -> dict:
     names = [n for n in DESIGNS if n in args.variants]
     steps = {}
     for name in names:
-        steps[name] = step_fn(build(name, base), batch)
+        steps[name] = step_fn(build(name, base), batch, domain_ids=domains_of(batch))
         steps[name]()  # warm-up
     times = interleaved_times(steps, args.repeats, args.device, f"[{args.model}] ")
     del steps
@@ -99,7 +108,8 @@ def main(argv=None) -> int:
     if args.memory_of:  # child mode: the peak step memory of one design
         base = load(args.model, args.dtype, args.device)
         batch = make_batch(base.config.vocab_size, args.device, args.batch, args.seq)
-        peak = peak_step_memory(lambda: step_fn(build(args.memory_of, base), batch), base, args.device)
+        peak = peak_step_memory(lambda: step_fn(build(args.memory_of, base), batch, domain_ids=domains_of(batch)),
+                                base, args.device)
         return write_child_memory(args.memory_json, peak)
     with tempfile.TemporaryDirectory():
         result = run(args)
