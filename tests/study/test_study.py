@@ -568,3 +568,18 @@ def test_exact_match_mean_loss_peak_memory_and_an_oracle_unit(setup, monkeypatch
         rows = [json.loads(line) for line in (out / name / "seed0" / "eval" / "humaneval" / "results.jsonl").open()]
         if expert is not None:  # the generation's routing record says every prompt went to that expert
             assert {row["expert"] for row in rows} == {expert}
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("study*.yaml")))
+def test_every_shipped_study_config_builds_the_train_config_of_each_unit(name, monkeypatch):
+    """A study config in configs/ that would fail on its 10th unit fails here: every unit's TrainConfig builds."""
+    monkeypatch.chdir(CONFIGS.parent)
+    study = StudyConfig.from_yaml(CONFIGS / name)
+    units = study.units()
+    assert units and {v.name for v, _ in units} == {v.name for v in study.variants}
+    for variant, seed in units:
+        config = study.unit_train_config(variant, seed)
+        assert config.seed == seed and str(config.output_dir).endswith(f"{variant.name}/seed{seed}/train")
