@@ -8,7 +8,7 @@ import torch
 
 from dylora_moe import ConfigError, DyLoRAMoEConfig, DyLoRAMoEForCausalLM
 from dylora_moe.evaluation.analysis import normalized_mutual_information
-from dylora_moe.routing import decide, domain_mutual_information
+from dylora_moe.routing import decide, domain_indicator, domain_mutual_information
 from tests.tiny import make_base
 
 
@@ -21,27 +21,29 @@ def _dense(probs, mask=None):
 def test_mutual_information_of_known_routings():
     ids = torch.tensor([3, 3, 7, 7])  # two domains with arbitrary ids
     own = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 1.0, 0]])
-    assert domain_mutual_information(_dense(own), ids).item() == pytest.approx(math.log(2), abs=1e-5)
+    assert domain_mutual_information(_dense(own), domain_indicator(ids)).item() == pytest.approx(math.log(2), abs=1e-5)
     alike = torch.tensor([[0.5, 0.3, 0.2]] * 4)  # routing does not depend on the domain
-    assert domain_mutual_information(_dense(alike), ids).item() == pytest.approx(0.0, abs=1e-6)
+    assert domain_mutual_information(_dense(alike), domain_indicator(ids)).item() == pytest.approx(0.0, abs=1e-6)
     one_domain = torch.tensor([5, 5, 5, 5])
-    assert domain_mutual_information(_dense(own), one_domain).item() == pytest.approx(0.0, abs=1e-6)
+    assert domain_mutual_information(_dense(own), domain_indicator(one_domain)).item() == pytest.approx(0.0, abs=1e-6)
     # three domains on two experts: I = H(E) = ln 2 when domains 0, 1 share expert 0 and domain 2 has expert 1
     shared = torch.tensor([[1.0, 0], [1.0, 0], [0, 1.0], [0, 1.0]])
-    assert domain_mutual_information(_dense(shared), torch.tensor([0, 1, 2, 2])).item() == pytest.approx(
-        math.log(2), abs=1e-5)
+    three = domain_indicator(torch.tensor([0, 1, 2, 2]))
+    assert domain_mutual_information(_dense(shared), three).item() == pytest.approx(math.log(2), abs=1e-5)
 
 
 def test_token_routing_counts_valid_tokens_only():
-    ids = torch.tensor([0, 1])
+    ids = domain_indicator(torch.tensor([0, 1]))
     probs = torch.tensor([[[1.0, 0], [1.0, 0], [0, 1.0]],     # domain 0: two tokens on expert 0, a pad on 1
                           [[0, 1.0], [0, 1.0], [1.0, 0]]])    # domain 1: two tokens on expert 1, a pad on 0
     mask = torch.tensor([[True, True, False], [True, True, False]])
     assert domain_mutual_information(_dense(probs, mask), ids).item() == pytest.approx(math.log(2), abs=1e-5)
     everything = domain_mutual_information(_dense(probs, torch.ones(2, 3, dtype=torch.bool)), ids).item()
     assert 0 < everything < math.log(2) - 0.1  # the pads, counted, would blur it
+    with pytest.raises(ValueError, match="one one-hot row per sequence"):
+        domain_mutual_information(_dense(probs, mask), domain_indicator(torch.tensor([0, 1, 1])))
     with pytest.raises(ValueError, match="one domain per sequence"):
-        domain_mutual_information(_dense(probs, mask), torch.tensor([0, 1, 1]))
+        domain_indicator(torch.tensor([[0, 1]]))
 
 
 def _model(coef, routing="token"):

@@ -51,6 +51,7 @@ from .routing import (
     active_experts,
     balance_loss,
     decide,
+    domain_indicator,
     domain_mutual_information,
     expert_share,
     fixed_k,
@@ -631,8 +632,10 @@ class DyLoRAMoEForCausalLM(nn.Module):
         soft_ks = [d.soft_k for d in decisions if d.soft_k is not None]
         dynamic_k = torch.stack(soft_ks).mean() if soft_ks else None
         routed = [d for d in decisions if d.mode != "forced"]
-        domain_mi = (torch.stack([domain_mutual_information(d, domain_ids) for d in routed]).mean()
-                     if cfg.domain_mi_coef > 0 and domain_ids is not None and routed else None)
+        domain_mi = None
+        if cfg.domain_mi_coef > 0 and domain_ids is not None and routed:
+            domains = domain_indicator(domain_ids.to(routed[0].probs.device))  # [B, D], once for every decision
+            domain_mi = torch.stack([domain_mutual_information(d, domains) for d in routed]).mean()
         loss = None
         if lm_loss is not None:
             loss = lm_loss + cfg.balance_coef * aux.to(lm_loss.dtype)
