@@ -354,8 +354,8 @@ class JointTrainer:
         with acc.accumulate(state.prepared):
             if self._usage is not None:  # FSDP reduce-scatters once per optimizer step, at its last micro-batch
                 state.model.set_requires_gradient_sync(acc.sync_gradients)
-            out = state.prepared(**batch, supervised_logits_only=True, forced_expert=forced,
-                                 domain_ids=domain_ids if self.config.moe.domain_mi_coef > 0 else None)
+            # the model uses the domains only for the domain routing loss (ignored when moe.domain_mi_coef is 0)
+            out = state.prepared(**batch, supervised_logits_only=True, forced_expert=forced, domain_ids=domain_ids)
             acc.backward(out.loss)
             if acc.sync_gradients:
                 # The gradients are reduced across processes here, so every process sees the same norm and
