@@ -4,7 +4,8 @@ The variants are those of ``configs/study-domains.yaml`` (token routing, top-1, 
 ``lora_r64`` (one expert of rank 64, the baseline: the parameters of 4 x r=16), ``moe4``, ``hydra4_r29``
 (one shared A r=29, 4 B heads), ``top2``, ``soft`` (every expert mixed), ``goat`` (SVD-segment experts,
 GOAT's scale, top-2), ``goat_seq`` (the same with sequence routing), ``goat_mi`` (the same with the domain routing
-loss; the batch's sequences get domains 0, 1, 0, 1 and every design is handed them), ``ortho_z`` (similarity
+loss; the batch's sequences get domains 0, 1, 0, 1 and every design is handed them), ``goat_mir`` (the loss on
+running statistics, with the trainer's work on them each step: ``training/domain_stats.py``), ``ortho_z`` (similarity
 loss and router z-loss), ``mola`` (2 to 6 experts per block); and on attention + MLP ``moe4_mlp`` against
 ``lora_r64_mlp``.
 Forward + backward + AdamW, the median of interleaved rounds (machine noise hits every variant alike), batch
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 from dylora_moe import DyLoRAMoEConfig, DyLoRAMoEForCausalLM
+from dylora_moe.training.domain_stats import RunningDomainRouting
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _step_bench import (  # noqa: E402
@@ -52,6 +54,7 @@ DESIGNS: dict[str, dict] = {
     "goat": dict(expert_init="svd", scaling="goat", top_k=2),
     "goat_seq": dict(expert_init="svd", scaling="goat", top_k=2, routing="sequence"),
     "goat_mi": dict(expert_init="svd", scaling="goat", top_k=2, domain_mi_coef=10.0),
+    "goat_mir": dict(expert_init="svd", scaling="goat", top_k=2, domain_mi_coef=2.0, domain_mi_decay=0.9),
     "ortho_z": dict(ortho_coef=0.1, z_loss_coef=0.001),
     "mola": dict(num_experts=6, layer_experts="increasing"),
     "lora_r64_mlp": dict(num_experts=1, r=64, alpha=128, target_modules="all-linear"),
@@ -72,13 +75,34 @@ def build(name: str, base) -> DyLoRAMoEForCausalLM:
     return DyLoRAMoEForCausalLM(copy.deepcopy(base), config, mature=True)
 
 
+def design_step(name: str, base, batch: dict[str, torch.Tensor]):
+    """One training step of design ``name``; with running domain statistics, the trainer's work on them too."""
+    model, domains = build(name, base), domains_of(batch)
+    if not model.moe_config.domain_mi_decay:
+        return step_fn(model, batch, domain_ids=domains)
+    stats = RunningDomainRouting(2, model.moe_config.domain_mi_decay, len(model.router_slots), model.num_experts)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    model.train()
+
+    def step() -> None:
+        out = model(**batch, domain_ids=domains, domain_pmi=stats.pmi(domains.device))
+        out.loss.backward()
+        stats.add(out.domain_mass, domains)
+        stats.end_step()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def run(args) -> dict:
     base = load(args.model, args.dtype, args.device)
     batch = make_batch(base.config.vocab_size, args.device, args.batch, args.seq)
     names = [n for n in DESIGNS if n in args.variants]
     steps = {}
     for name in names:
-        steps[name] = step_fn(build(name, base), batch, domain_ids=domains_of(batch))
+        steps[name] = design_step(name, base, batch)
         steps[name]()  # warm-up
     times = interleaved_times(steps, args.repeats, args.device, f"[{args.model}] ")
     del steps
@@ -108,8 +132,7 @@ def main(argv=None) -> int:
     if args.memory_of:  # child mode: the peak step memory of one design
         base = load(args.model, args.dtype, args.device)
         batch = make_batch(base.config.vocab_size, args.device, args.batch, args.seq)
-        peak = peak_step_memory(lambda: step_fn(build(args.memory_of, base), batch, domain_ids=domains_of(batch)),
-                                base, args.device)
+        peak = peak_step_memory(lambda: design_step(args.memory_of, base, batch), base, args.device)
         return write_child_memory(args.memory_json, peak)
     with tempfile.TemporaryDirectory():
         result = run(args)

@@ -198,6 +198,16 @@ class DyLoRAMoEConfig:
             "training example (the trainer passes it) and changes nothing at inference; 0 disables it."
         },
     )
+    domain_mi_decay: float = field(
+        default=0.0,
+        metadata={
+            "help": "How the domain routing loss estimates the domain x expert statistics: 0 from each micro-batch "
+            "alone (few sequences: mostly one per domain, so it rewards examples that route differently, domain or "
+            "not); in (0, 1) from running statistics the trainer keeps over the optimizer steps, each step's "
+            "weight decaying by this factor per step, and the loss then follows the gradient of the mutual "
+            "information of the whole stream (domain_routing.py); e.g. 0.9."
+        },
+    )
     ortho_coef: float = field(
         default=0.0,
         metadata={
@@ -265,6 +275,9 @@ class DyLoRAMoEConfig:
         for name in ("z_loss_coef", "ortho_coef", "domain_mi_coef"):
             if not getattr(self, name) >= 0:
                 raise bad(name, "must be >= 0")
+        if not 0 <= self.domain_mi_decay < 1:
+            raise bad("domain_mi_decay", "must be in [0, 1): 0 for the micro-batch estimator, e.g. 0.9 for running "
+                      "statistics")
         le = self.layer_experts
         if le is not None:
             if self.routing != "token":

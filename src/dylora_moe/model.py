@@ -38,6 +38,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from .config import DyLoRAMoEConfig, experts_per_block
 from .context import RoutingContext
 from .cross_entropy import cross_entropy, linear_cross_entropy
+from .domain_routing import domain_routing_term
 from .experts import update_similarity
 from .export import export_expert, merge_expert
 from .hub import push_folder, resolve_checkpoint
@@ -51,8 +52,6 @@ from .routing import (
     active_experts,
     balance_loss,
     decide,
-    domain_indicator,
-    domain_mutual_information,
     expert_share,
     fixed_k,
     per_sequence_choice_counts,
@@ -502,6 +501,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
         forced_expert: int | torch.Tensor | None = None,
         supervised_logits_only: bool | None = None,
         domain_ids: torch.Tensor | None = None,
+        domain_pmi: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> DyLoRAMoECausalLMOutput:
         """Run the LM; ``input_ids [B, T]``, ``attention_mask [B, T]``, ``labels [B, T]`` (-100 ignored).
@@ -518,7 +518,9 @@ class DyLoRAMoEForCausalLM(nn.Module):
         pass ``False`` for the full logits. Training and evaluation pass ``True``.
 
         ``domain_ids [B]`` (training): the domain of each sequence, for the domain routing loss
-        (``domain_mi_coef``); ignored when that is 0.
+        (``domain_mi_coef``); ignored when that is 0. ``domain_pmi [S, D, E]`` (with ``domain_mi_decay > 0``, from
+        the trainer's running statistics): the pointwise mutual information of domain and expert of each of the
+        ``S`` routed decisions, which the loss then follows (``domain_routing.py``); None: the micro-batch's own.
         """
         if supervised_logits_only is None:
             supervised_logits_only = (labels is not None and self.training and torch.is_grad_enabled()
@@ -539,7 +541,8 @@ class DyLoRAMoEForCausalLM(nn.Module):
         finally:
             ctx.routing_mask = ctx.labels = None
             ctx.forced_expert = previous_forced
-        return self._output(out, lm_loss, decisions, keep_logits=head is None, domain_ids=domain_ids)
+        return self._output(out, lm_loss, decisions, keep_logits=head is None, domain_ids=domain_ids,
+                            domain_pmi=domain_pmi)
 
     def _supervised_forward(self, head: nn.Module, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
                             labels: torch.Tensor, kwargs: dict[str, Any]) -> tuple[Any, torch.Tensor]:
@@ -620,7 +623,8 @@ class DyLoRAMoEForCausalLM(nn.Module):
         return self._head_is_logits
 
     def _output(self, out: Any, lm_loss: torch.Tensor | None, decisions: list[RoutingDecision],
-                keep_logits: bool = True, domain_ids: torch.Tensor | None = None) -> DyLoRAMoECausalLMOutput:
+                keep_logits: bool = True, domain_ids: torch.Tensor | None = None,
+                domain_pmi: torch.Tensor | None = None) -> DyLoRAMoECausalLMOutput:
         cfg = self.moe_config
         aux = torch.stack([balance_loss(d, cfg.balance_loss) for d in decisions]).mean()
         share = torch.stack([_padded(expert_share(d), self.num_experts) for d in decisions]).mean(0)
@@ -632,10 +636,9 @@ class DyLoRAMoEForCausalLM(nn.Module):
         soft_ks = [d.soft_k for d in decisions if d.soft_k is not None]
         dynamic_k = torch.stack(soft_ks).mean() if soft_ks else None
         routed = [d for d in decisions if d.mode != "forced"]
-        domain_mi = None
+        domain_mi = domain_mass = None
         if cfg.domain_mi_coef > 0 and domain_ids is not None and routed:
-            domains = domain_indicator(domain_ids.to(routed[0].probs.device))  # [B, D], once for every decision
-            domain_mi = torch.stack([domain_mutual_information(d, domains) for d in routed]).mean()
+            domain_mi, domain_mass = domain_routing_term(routed, domain_ids, domain_pmi)
         loss = None
         if lm_loss is not None:
             loss = lm_loss + cfg.balance_coef * aux.to(lm_loss.dtype)
@@ -664,6 +667,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
             active_experts=_mean_active_experts(decisions),
             dynamic_k_loss=dynamic_k,
             domain_mi=domain_mi,
+            domain_mass=domain_mass,
             **fields,
         )
 

@@ -11,9 +11,13 @@ Everything a forward produces is returned here (nothing is stashed on the model)
 * ``ortho_loss``  the expert similarity loss (mean over the adapted modules), None unless ``ortho_coef > 0``
 * ``dynamic_k_loss`` the learned thresholds' compute penalty: the mean soft count of experts kept per routed
   unit (differentiable w.r.t. the thresholds only), None unless ``threshold_learned``
-* ``domain_mi``   the mutual information (nats) between the sequences' domains and the router's choice, mean over
-  the routing decisions (differentiable w.r.t. the routers; the domain routing loss maximises it), None unless
-  ``domain_mi_coef > 0`` and ``domain_ids`` were passed
+* ``domain_mi``   the domain routing loss's term, mean over the routed decisions (differentiable w.r.t. the
+  routers; the loss maximises it): the mutual information (nats) between the sequences' domains and the router's
+  choice in the micro-batch, or, given ``domain_pmi``, each unit's probabilities weighted by its domain's pointwise
+  mutual information with each expert (``domain_routing.py``); None unless ``domain_mi_coef > 0`` and
+  ``domain_ids`` were passed
+* ``domain_mass`` ``[S, B, E]`` with ``domain_mi``: each routed decision's router probability per sequence, summed
+  over its valid units (detached; what the trainer's running domain x expert statistics add up)
 * ``active_experts`` scalar, the mean number of experts with a non-zero weight per routed unit (k; dynamic top-k
   makes it fractional; E when dense)
 * ``expert_share`` ``[E]`` share of routed units per expert (sums to 1)
@@ -47,4 +51,5 @@ class DyLoRAMoECausalLMOutput(CausalLMOutputWithPast):
     ortho_loss: torch.Tensor | None = None
     dynamic_k_loss: torch.Tensor | None = None
     domain_mi: torch.Tensor | None = None
+    domain_mass: torch.Tensor | None = None
     active_experts: torch.Tensor | None = None

@@ -213,42 +213,6 @@ def balance_loss(decision: RoutingDecision, kind: str) -> torch.Tensor:
     raise ValueError(f"balance_loss={kind!r} is not 'seed' or 'switch'")
 
 
-def domain_indicator(domain_ids: torch.Tensor) -> torch.Tensor:
-    """One-hot ``[B, D]`` (float32) of each sequence's domain among the ``D`` domains present in ``domain_ids [B]``
-    (their numbering does not matter); built once per forward for every decision's
-    :func:`domain_mutual_information`."""
-    if domain_ids.dim() != 1:
-        raise ValueError(f"domain_ids holds one domain per sequence: got shape {tuple(domain_ids.shape)}")
-    _, local = torch.unique(domain_ids, return_inverse=True)
-    return torch.nn.functional.one_hot(local).float()
-
-
-def domain_mutual_information(decision: RoutingDecision, domains: torch.Tensor) -> torch.Tensor:
-    """Mutual information (nats) between the domain of a routed unit and its expert, under the router's
-    probabilities: ``I(D; E) = sum_{d,e} p(d,e) log(p(d,e) / (p(d) p(e)))`` with ``p(d,e)`` the mean over the
-    valid units of ``[domain = d] * probs[e]`` (a scalar, differentiable w.r.t. the router).
-
-    ``domains [B, D]`` each sequence's domain, one-hot (:func:`domain_indicator`; every token of a sequence has its
-    domain). Maximising it (Mod-Squad's loss between tasks and experts) asks each domain's units to concentrate on
-    few experts while the experts are used evenly over the batch, without fixing which expert serves which domain.
-    It is at most ``min(H(D), ln E)`` and 0 when routing does not depend on the domain (or the batch holds one).
-    """
-    probs = decision.probs.float()                                  # [B, E] or [B, T, E]
-    if domains.dim() != 2 or domains.shape[0] != probs.shape[0]:
-        raise ValueError(f"domains holds one one-hot row per sequence: got shape {tuple(domains.shape)} for "
-                         f"{probs.shape[0]} sequences")
-    weights = decision.mask.to(probs.dtype)                         # [B] or [B, T]
-    if probs.dim() == 3:
-        per_sequence = (probs * weights.unsqueeze(-1)).sum(1)        # [B, E]: summed over valid tokens
-    else:
-        per_sequence = probs * weights.unsqueeze(-1)
-    joint = domains.to(probs).t() @ per_sequence                    # [D, E]
-    joint = joint / joint.sum().clamp_min(1e-12)
-    p_domain, p_expert = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
-    ratio = joint.clamp_min(1e-12) / (p_domain * p_expert).clamp_min(1e-12)
-    return (joint * ratio.log()).sum()
-
-
 def expert_share(decision: RoutingDecision) -> torch.Tensor:
     """Share of routed units handled by each expert, ``[E]``, summing to 1 (no gradient).
 

@@ -82,14 +82,18 @@ def trained(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.exact
-def test_two_processes_match_one_and_resume_under_one(tmp_path, data_dir):
-    two = config_for(tmp_path / "two", data_dir, accum=1)
+@pytest.mark.parametrize("changes", [{}, {"moe.domain_mi_coef": 0.5, "moe.domain_mi_decay": 0.9}],
+                         ids=["plain", "running-domain-statistics"])
+def test_two_processes_match_one_and_resume_under_one(tmp_path, data_dir, changes):
+    # with the domain routing loss's running statistics, each step's sums are reduced over the processes
+    two = config_for(tmp_path / "two", data_dir, accum=1, **changes)
     launch(two, tmp_path)
     rank0 = torch.load(tmp_path / "two" / "params_rank0.pt")
     rank1 = torch.load(tmp_path / "two" / "params_rank1.pt")
     assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
 
-    single_trainer = JointTrainer(config_for(tmp_path / "one", data_dir, accum=2), *tiny_model_and_tokenizer())
+    single_trainer = JointTrainer(config_for(tmp_path / "one", data_dir, accum=2, **changes),
+                                  *tiny_model_and_tokenizer())
     single = single_trainer.train()
     ours = trained(single_trainer.model)
     assert ours.keys() == rank0.keys()
@@ -104,6 +108,11 @@ def test_two_processes_match_one_and_resume_under_one(tmp_path, data_dir):
     for domain, loss in single.metrics["eval_loss"]["end"].items():
         assert two_metrics["eval_loss"]["end"][domain] == pytest.approx(loss, rel=1e-4)
     assert two_metrics["world_size"] == 2
+    if changes:
+        joints = [json.loads((tmp_path / run / "checkpoint-4" / "trainer_state.json").read_text())["domain_routing"]
+                  ["joint"] for run in ("two", "one")]
+        torch.testing.assert_close(torch.tensor(joints[0]), torch.tensor(joints[1]), rtol=1e-5, atol=1e-6)
+        assert torch.tensor(joints[0]).sum() > 0
 
     # a 2-process checkpoint resumes under 1 process (same global batch: accumulation 2)
     resumed_dir = tmp_path / "resumed"
@@ -111,7 +120,8 @@ def test_two_processes_match_one_and_resume_under_one(tmp_path, data_dir):
     for extra in ("checkpoint-4", "final", "metrics.json"):
         target = resumed_dir / extra
         shutil.rmtree(target) if target.is_dir() else target.unlink()
-    resumer = JointTrainer(config_for(resumed_dir, data_dir, accum=2, resume=True), *tiny_model_and_tokenizer())
+    resumer = JointTrainer(config_for(resumed_dir, data_dir, accum=2, resume=True, **changes),
+                           *tiny_model_and_tokenizer())
     resumer.train()
     after = trained(resumer.model)
     for k in after:

@@ -105,12 +105,15 @@ def interrupt_at_training_call(model, call: int) -> None:
 
 
 @pytest.mark.exact
-def test_interrupted_then_resumed_run_equals_uninterrupted(tmp_path, data_dir, capsys):
-    # dropout > 0 and several micro-batches per step, so RNG, optimizer, scheduler and data position all matter
-    straight = JointTrainer(tiny_config(tmp_path / "a", data_dir), *tiny_model_and_tokenizer())
+@pytest.mark.parametrize("changes", [{}, {"moe.domain_mi_coef": 0.5, "moe.domain_mi_decay": 0.9}],
+                         ids=["plain", "running-domain-statistics"])
+def test_interrupted_then_resumed_run_equals_uninterrupted(tmp_path, data_dir, capsys, changes):
+    # dropout > 0 and several micro-batches per step, so RNG, optimizer, scheduler and data position all matter;
+    # with the domain routing loss's running statistics, those too (saved in trainer_state.json)
+    straight = JointTrainer(tiny_config(tmp_path / "a", data_dir, **changes), *tiny_model_and_tokenizer())
     straight.train()
 
-    config = tiny_config(tmp_path / "b", data_dir)
+    config = tiny_config(tmp_path / "b", data_dir, **changes)
     model, tokenizer = tiny_model_and_tokenizer()
     interrupt_at_training_call(model, call=2 * 4 + 2)  # second micro-batch of step 5 (after checkpoint-4)
     with pytest.raises(Interrupt):
@@ -131,6 +134,12 @@ def test_interrupted_then_resumed_run_equals_uninterrupted(tmp_path, data_dir, c
     metrics_a = json.loads((tmp_path / "a" / "metrics.json").read_text())
     metrics_b = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert metrics_a["eval_history"] == metrics_b["eval_history"]
+    if changes:  # the running statistics' mutual information, step by step, and their final state
+        assert [r["domain_mi"] for r in metrics_a["train_log"]] == [r["domain_mi"] for r in metrics_b["train_log"]]
+        assert all(r["domain_mi"] > 0 for r in metrics_a["train_log"])
+        states = [json.loads((tmp_path / run / "checkpoint-6" / "trainer_state.json").read_text())["domain_routing"]
+                  for run in ("a", "b")]
+        assert states[0] == states[1] and states[0]["steps"] == 6
 
 
 def test_resume_and_output_dir_guards(tmp_path, data_dir):

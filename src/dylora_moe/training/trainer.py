@@ -70,6 +70,7 @@ from . import checkpoint as ckpt
 from . import sharding
 from .config import TrainConfig
 from .data import StreamBatches, load_split, tokenize_split
+from .domain_stats import RunningDomainRouting
 from .evaluation import EvalResult, evaluate
 from .interrupt import StopRequest
 from .model_card import model_card
@@ -148,6 +149,8 @@ class TrainState:
     grad_norm: Any = None
     bad_run: int = 0
     train_domains: dict[str, list[Any]] = field(default_factory=dict)  # the raw training examples, by domain
+    #: the domain routing loss's running statistics (moe.domain_mi_decay > 0), else None
+    domain_stats: RunningDomainRouting | None = None
 
     def epoch_at(self, step: int) -> float:
         return step * self.samples_per_step / self.stream.num_samples
@@ -271,7 +274,16 @@ class JointTrainer:
             eval_sets={d: [x for x in eval_tokenized if x.domain == d] for d in domains},
             train_stats=stats, eval_stats=eval_stats, stream=stream, collate=DataCollator.from_tokenizer(tokenizer),
             samples_per_step=samples_per_step, total_steps=total_steps, optimizer=optimizer,
-            scheduler=self._scheduler(optimizer, total_steps), wall_start=wall_start, train_domains=train_raw)
+            scheduler=self._scheduler(optimizer, total_steps), wall_start=wall_start, train_domains=train_raw,
+            domain_stats=self._domain_stats(model, len(domains)))
+
+    def _domain_stats(self, model: DyLoRAMoEForCausalLM, num_domains: int) -> RunningDomainRouting | None:
+        """The running statistics of the domain routing loss (one table per routing decision), when it uses them."""
+        moe = self.config.moe
+        if moe.domain_mi_coef == 0 or moe.domain_mi_decay == 0:
+            return None
+        return RunningDomainRouting(num_domains, moe.domain_mi_decay, decisions=len(model.router_slots),
+                                    experts=model.num_experts)
 
     def resume(self, state: TrainState, checkpoint: Path) -> None:
         """Continue from ``checkpoint`` (before the loader exists): the trainer state, the global batch it was
@@ -301,6 +313,8 @@ class JointTrainer:
         state.step = state.start_step = saved["global_step"]
         state.history = [EvalResult.from_dict(h) for h in saved["eval_history"]]
         state.train_log = list(saved["train_log"])
+        if state.domain_stats is not None and "domain_routing" in saved:
+            state.domain_stats.load_state_dict(saved["domain_routing"], where=f"{checkpoint}/{ckpt.STATE_FILE}")
         state.prior_train_time_s = saved["train_time_s"]
         state.resumed_from = checkpoint
         acc.print(f"resuming from {checkpoint} (step {state.step} of {state.total_steps})")
@@ -347,7 +361,7 @@ class JointTrainer:
         """Forward and backward of one micro-batch; at the end of an accumulation the optimizer and scheduler
         step (a non-finite gradient skips the update, with a warning, and enough in a row stop the run).
         Returns True once an optimizer step completed (``state.step`` advanced)."""
-        acc, t = self.accelerator, self.config.train
+        acc, t, stats = self.accelerator, self.config.train, state.domain_stats
         domain_ids = batch.pop("domain_ids", None)
         forced = domain_ids if t.route_by_domain else None
         bad = False
@@ -355,7 +369,10 @@ class JointTrainer:
             if self._usage is not None:  # FSDP reduce-scatters once per optimizer step, at its last micro-batch
                 state.model.set_requires_gradient_sync(acc.sync_gradients)
             # the model uses the domains only for the domain routing loss (ignored when moe.domain_mi_coef is 0)
-            out = state.prepared(**batch, supervised_logits_only=True, forced_expert=forced, domain_ids=domain_ids)
+            out = state.prepared(**batch, supervised_logits_only=True, forced_expert=forced, domain_ids=domain_ids,
+                                 domain_pmi=None if stats is None else stats.pmi(acc.device))
+            if stats is not None and out.domain_mass is not None and domain_ids is not None:
+                stats.add(out.domain_mass, domain_ids)
             acc.backward(out.loss)
             if acc.sync_gradients:
                 # The gradients are reduced across processes here, so every process sees the same norm and
@@ -377,6 +394,10 @@ class JointTrainer:
                                       _scalar(out.domain_mi, state.pending)])
         if not acc.sync_gradients:
             return False
+        if stats is not None and bad:  # every process decides alike (the gradient norm is reduced)
+            stats.discard_step()
+        elif stats is not None:  # every process, so that the sums are reduced over all of them
+            stats.end_step(lambda x: acc.reduce(x, reduction="sum") if acc.num_processes > 1 else x)
         if not acc.optimizer_step_was_skipped:
             state.scheduler.step()
         state.step += 1
@@ -427,7 +448,9 @@ class JointTrainer:
                "loss": lm + self.config.moe.balance_coef * aux, "lr": state.scheduler.get_last_lr()[0],
                "grad_norm": None if state.grad_norm is None else float(state.grad_norm),
                "tokens_per_s": tokens / elapsed, "mean_k": k_sum / max(micro, 1)}
-        if self.config.moe.domain_mi_coef > 0:  # the domain routing loss's mutual information (nats)
+        if state.domain_stats is not None:  # the running statistics' mutual information (nats), mean over decisions
+            row["domain_mi"] = state.domain_stats.mutual_information()
+        elif self.config.moe.domain_mi_coef > 0:  # the micro-batches' mutual information (nats)
             row["domain_mi"] = mi_sum / max(micro, 1)
         thresholds = state.model.threshold_parameters()
         if thresholds:  # the learned dynamic top-k thresholds, mean over the routers
@@ -478,6 +501,8 @@ class JointTrainer:
                    "samples_per_step": state.samples_per_step, "engine": self.config.train.distributed,
                    "eval_history": [h.to_dict() for h in state.history], "train_log": state.train_log,
                    "train_time_s": state.train_time_s}
+        if state.domain_stats is not None:
+            payload["domain_routing"] = state.domain_stats.state_dict()
         try:
             if sharding.is_sharded(state.model):
                 self._save_sharded(state, target, states, payload)
