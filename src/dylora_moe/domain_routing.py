@@ -105,11 +105,14 @@ def _pmi_gain(mass: torch.Tensor, mask: torch.Tensor, domain_ids: torch.Tensor, 
     return (mass * weights).sum() / mask.to(mass.dtype).sum().clamp_min(1.0)
 
 
-def _check_domains(domain_ids: torch.Tensor, batch: int, num_domains: int) -> None:
-    """``domain_ids`` is ``[batch]`` of indices below ``num_domains`` (reads them: one device sync)."""
+def _check_domains(domain_ids: torch.Tensor, batch: int, num_domains: int | None = None) -> None:
+    """``domain_ids`` is ``[batch]``, of indices below ``num_domains`` when that is given (reading them then costs
+    one device sync)."""
     if domain_ids.dim() != 1 or domain_ids.shape[0] != batch:
         raise ValueError(f"domain_ids holds one domain per sequence: got shape {tuple(domain_ids.shape)} for "
                          f"{batch} sequences")
+    if num_domains is None:
+        return
     if domain_ids.numel() and not 0 <= int(domain_ids.min()) <= int(domain_ids.max()) < num_domains:
         raise ValueError(f"domain_ids {sorted(set(domain_ids.tolist()))} out of range for the {num_domains} "
                          "domains of domain_pmi")
@@ -128,10 +131,8 @@ def domain_routing_term(routed: Sequence[RoutingDecision], domain_ids: torch.Ten
     width = max(m.shape[-1] for m in masses)
     padded = torch.stack([torch.nn.functional.pad(m.detach(), (0, width - m.shape[-1])) for m in masses])
     if pmi is None:
+        _check_domains(domain_ids, masses[0].shape[0])
         domains = domain_indicator(domain_ids)                      # [B, D], once for every decision
-        if domains.shape[0] != masses[0].shape[0]:
-            raise ValueError(f"domain_ids holds one domain per sequence: got {domains.shape[0]} for "
-                             f"{masses[0].shape[0]} sequences")
         value = torch.stack([mutual_information(domains.t() @ m) for m in masses]).mean()
     else:
         if pmi.dim() != 3 or pmi.shape[0] != len(routed):
