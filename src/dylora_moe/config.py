@@ -26,6 +26,7 @@ GATES = ("probability", "straight_through")
 EXPERT_INITS = ("zero_b", "svd")
 LAYER_ALLOCATIONS = ("increasing", "decreasing")
 SCALINGS = ("alpha_r", "goat")
+ROUTER_CONTEXTS = ("none", "prompt")
 # Fields added to DyLoRAMoEConfig after files were first saved with it, and the value that reproduces
 # what those older files were trained with (the probability gate was the only gate before `gate`).
 PREDATING_VALUES = {"gate": "probability"}
@@ -136,6 +137,15 @@ class DyLoRAMoEConfig:
         },
     )
     router_type: str = field(default="linear", metadata={"help": "Router network: 'linear' or 'mlp'."})
+    router_context: str = field(
+        default="none",
+        metadata={
+            "help": "What a token router sees besides the token's hidden state: 'none', or 'prompt' (the mean input "
+            "embedding of the sequence's prompt, as sequence routing pools it, through a linear term of its own "
+            "per router, so each token's choice can lean on what the whole request asks for; pinned at the "
+            "prefill during generation). Token routing only."
+        },
+    )
     router_hidden: int = field(default=256, metadata={"help": "Hidden width of the 'mlp' router."})
     balance_loss: str = field(
         default="seed",
@@ -256,6 +266,10 @@ class DyLoRAMoEConfig:
             raise bad("temperature", "must be > 0")
         if self.routing not in ROUTING_GRANULARITIES:
             raise bad("routing", f"must be one of {ROUTING_GRANULARITIES}")
+        if self.router_context not in ROUTER_CONTEXTS:
+            raise bad("router_context", f"must be one of {ROUTER_CONTEXTS}")
+        if self.router_context != "none" and self.routing != "token":
+            raise bad("router_context", "needs routing='token' (a sequence router already sees the whole prompt)")
         if self.routing_mode not in ROUTING_MODES:
             raise bad("routing_mode", f"must be one of {ROUTING_MODES}")
         if self.balance_loss not in BALANCE_LOSSES:

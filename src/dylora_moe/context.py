@@ -41,6 +41,10 @@ class RoutingContext:
     #: True inside ``generate``: the first sequence decision is pinned for the whole generation.
     generating: bool = False
     pinned: RoutingDecision | None = None
+    #: ``[B, hidden]`` the prompt context token routers see (``router_context='prompt'``) in the current pass, and
+    #: the one pinned for the generation (the prefill's), as ``pinned`` is for sequence routing
+    prompt_context: torch.Tensor | None = None
+    pinned_context: torch.Tensor | None = None
     #: True inside ``model.disable_adapters()``: expert layers return the frozen base layer's output.
     adapters_disabled: bool = False
     #: True while the wrapper runs its base model bare (the LM head probe): no routing, no decision, expert layers
@@ -52,6 +56,7 @@ class RoutingContext:
         self.layers = {}
         self.skipped = set()
         self.token_mask = None
+        self.prompt_context = None
 
     def decision_for(self, layer_index: int) -> RoutingDecision | None:
         """The decision of ``layer_index``'s block, or None when the pass skips the block's experts."""

@@ -9,7 +9,9 @@ the router train. Routing is computed inside the same forward pass as the LM:
   every layer. Decode steps with a KV cache reuse the prefill's decision, so cached and uncached
   generation route identically.
 * ``routing='token'`` (default): a pre-hook on every decoder block routes each token from the hidden
-  state entering that block (one router per block); causal, so the KV cache does not change it.
+  state entering that block (one router per block); causal, so the KV cache does not change it. With
+  ``router_context='prompt'`` each token router also sees the sequence's pooled prompt (as sequence routing
+  pools it), pinned at the prefill during generation like a sequence decision.
 
 Usage::
 
@@ -184,6 +186,9 @@ class DyLoRAMoEForCausalLM(nn.Module):
             if config.expert_init == "svd":
                 for layer in layers:
                     layer.init_from_svd(config.svd_rho)
+            if config.router_context == "prompt":  # drawn last: the experts start as they do without it
+                for router in self._router_list():
+                    router.use_context(hidden)
         self.expert_ranks, self.expert_alphas = ranks, [float(a) for a in alphas]
         self.maturity = [bool(mature)] * config.num_experts
         self._hooks = [base_model.register_forward_pre_hook(self._before_base_forward, with_kwargs=True)]
@@ -381,15 +386,24 @@ class DyLoRAMoEForCausalLM(nn.Module):
         else:
             token_mask = torch.ones(batch, seq, dtype=torch.bool, device=ref.device)
         ctx.token_mask = token_mask
-        if self.moe_config.routing != "sequence":
+        cfg = self.moe_config
+        if cfg.routing != "sequence" and cfg.router_context == "none":
             return None
         continuing = _cache_length(kwargs.get("cache", kwargs.get("past_key_values"))) > 0
+        labels = kwargs.get("labels")
+        labels = ctx.labels if labels is None else labels
+        if cfg.routing != "sequence":  # a token router that sees the prompt: its context, pinned like a decision
+            pinned_context = ctx.pinned_context
+            if (ctx.generating or continuing) and pinned_context is not None and pinned_context.shape[0] == batch:
+                ctx.prompt_context = pinned_context
+            else:
+                ctx.prompt_context = ctx.pinned_context = self._sequence_features(
+                    input_ids, embeds, token_mask, labels, ctx.routing_mask)
+            return None
         pinned = ctx.pinned
         if (ctx.generating or continuing) and pinned is not None and pinned.probs.shape[0] == batch:
             ctx.sequence = pinned
             return None
-        labels = kwargs.get("labels")
-        labels = ctx.labels if labels is None else labels
         features = self._sequence_features(input_ids, embeds, token_mask, labels, ctx.routing_mask)
         router = cast(Router, self.routers[0])
         logits = router(features)
@@ -427,6 +441,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
         training (joint training does); the statistics are saved with the checkpoint.
         """
         collected: dict[int, list[torch.Tensor]] = {slot: [] for slot in self.router_slots.values()}
+        contexts: list[torch.Tensor] = []  # the prompt contexts of token routers that see one
         hooks = []
         # only the blocks' inputs matter: skip the LM head's logits over the vocabulary where the model can
         # (transformers' logits_to_keep); decided once, so no forward runs twice or feeds the hooks twice
@@ -448,12 +463,13 @@ class DyLoRAMoEForCausalLM(nn.Module):
                 ids = batch["input_ids"].to(self.device)
                 mask = batch.get("attention_mask")
                 mask = torch.ones_like(ids) if mask is None else mask.to(self.device)
+                labels, rmask = batch.get("labels"), batch.get("routing_mask")
+                pooled = self._sequence_features(ids, None, mask.bool(), None if labels is None else labels.to(
+                    self.device), None if rmask is None else rmask.to(self.device))
                 if self.moe_config.routing == "sequence":
-                    labels, rmask = batch.get("labels"), batch.get("routing_mask")
-                    collected[0].append(self._sequence_features(
-                        ids, None, mask.bool(), None if labels is None else labels.to(self.device),
-                        None if rmask is None else rmask.to(self.device)))
+                    collected[0].append(pooled)
                 else:
+                    contexts.append(pooled)
                     self.base_model(input_ids=ids, attention_mask=mask, **extra)
         finally:
             for h in hooks:
@@ -466,6 +482,10 @@ class DyLoRAMoEForCausalLM(nn.Module):
             seen = max(seen, allf.shape[0])
             if allf.shape[0] > 1:
                 self._router_list()[slot].set_feature_stats(allf.mean(0), allf.std(0))
+        if self.moe_config.router_context != "none" and sum(c.shape[0] for c in contexts) > 1:
+            pooled = torch.cat(contexts)
+            for router in self._router_list():
+                router.set_context_stats(pooled.mean(0), pooled.std(0))
         return seen
 
     def _block_hook(self, layer_index: int, slot: int) -> Callable[..., None]:
@@ -485,7 +505,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
                 raise ValueError(f"forced_expert: decoder block {layer_index} holds {held} experts (layer_experts), "
                                  f"cannot route a sequence to expert {int(forced.max())}")
             router = cast(Router, self.routers[slot])
-            ctx.layers[layer_index] = self._decide(router(hidden), mask, router)
+            ctx.layers[layer_index] = self._decide(router.logits(hidden, ctx.prompt_context), mask, router)
             return None
 
         return hook
@@ -695,7 +715,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
         """
         ctx = self.context
         saved = (ctx.generating, ctx.forced_expert)
-        ctx.generating, ctx.pinned = True, None
+        ctx.generating, ctx.pinned, ctx.pinned_context = True, None, None
         if forced_expert is not None:
             ctx.forced_expert = self._checked_forced(forced_expert, kwargs.get("input_ids"))
         handle: torch.utils.hooks.RemovableHandle | None = None
@@ -714,7 +734,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
             if handle is not None:
                 handle.remove()
             ctx.generating, ctx.forced_expert = saved
-            ctx.pinned = None
+            ctx.pinned = ctx.pinned_context = None
 
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
         """Checkpoint the base model's blocks; non-reentrant so gradients reach experts and router."""

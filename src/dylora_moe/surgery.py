@@ -63,6 +63,8 @@ def remove_experts(model: Any, indices: Sequence[int]) -> list[int]:
     for router in model.routers:
         router.weight = _keep_rows(router.weight, keep)
         router.bias = _keep_rows(router.bias, keep)
+        if router.context_weight is not None:
+            router.context_weight = _keep_rows(router.context_weight, keep)
         router.num_experts = len(keep)
     model.block_experts = {block: len(keep) for block in model.block_experts}
     model.expert_ranks = [model.expert_ranks[e] for e in keep]
@@ -119,6 +121,8 @@ def merge_experts(model: Any, group: Sequence[int], *, method: str = "average", 
         w = torch.tensor(share, device=router.weight.device).view(-1, 1)
         router.weight.data[target] = (w * router.weight.data[members]).sum(0)
         router.bias.data[target] = torch.logsumexp(router.bias.data[members], dim=0)
+        if router.context_weight is not None:
+            router.context_weight.data[target] = (w * router.context_weight.data[members]).sum(0)
     model.expert_ranks[target] = rank
     kept = remove_experts(model, members[1:])
     return kept.index(target)
