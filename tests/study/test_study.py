@@ -101,6 +101,15 @@ def test_study_runs_every_unit_and_aggregates(setup, capsys):
     assert 0.0 < moe["decision_entropy"]["mean"] <= 0.6932  # ln 2
     assert lora["decision_nmi"]["mean"] == 0.0 and lora["decision_entropy"]["mean"] == 0.0
     assert "NMI per decision" in table
+    # the NMI per example with its bootstrap interval, per unit (mixtures only)
+    low, high = unit["nmi_interval"]
+    assert 0.0 <= low <= high <= 1.0 and len(unit["count_matrix"]) == 2
+    assert [r["interval"] for r in moe["nmi_by_seed"]] == [
+        json.loads((out / "moe2" / f"seed{s}" / "unit.json").read_text())["nmi_interval"] for s in (0, 1)]
+    assert [r["interval"] for r in lora["nmi_by_seed"]] == [[0.0, 0.0], [0.0, 0.0]]  # one expert: no information
+    nmi_section = table.split("### NMI per example by seed")[1]
+    assert "`lora_r8`" not in nmi_section.split("###")[0]  # the table lists mixtures only
+    assert f"| `moe2` | 1 | {unit['nmi']:.3f} | {low:.3f} – {high:.3f} |" in table
     # experts per decision: top-1 and a single LoRA use one; no threshold is learned
     assert moe["mean_k"]["mean"] == lora["mean_k"]["mean"] == 1.0 and unit["mean_k"] == 1.0
     assert unit["thresholds"] == [] and "mean k" in table
@@ -488,6 +497,20 @@ def test_per_decision_view_of_old_units_falls_back_only_where_a_decision_is_an_e
     assert per_decision({**old, "overrides": ["moe.routing=token"]}, "share_matrix") is None
     assert per_decision({**old, "num_experts": 1}, "share_matrix") == [[1.0, 0.0]]
     assert per_decision({**old, "decision_nmi": 0.01}, "nmi") == 0.01
+
+
+def test_nmi_interval_of_old_units_comes_from_their_analysis_counts(tmp_path):
+    from dylora_moe.evaluation.nmi import nmi_interval
+    from dylora_moe.study.records import nmi_interval_of
+
+    old = {"num_experts": 4, "nmi": 0.3}
+    assert nmi_interval_of(old, tmp_path) is None  # no counts anywhere
+    counts = [[30, 5, 5, 0], [4, 20, 10, 6]]
+    (tmp_path / "analysis").mkdir()
+    (tmp_path / "analysis" / "analysis.json").write_text(json.dumps({"count_matrix": counts}))
+    assert nmi_interval_of(old, tmp_path) == list(nmi_interval(counts))
+    assert nmi_interval_of({**old, "nmi_interval": [0.1, 0.2]}, tmp_path) == [0.1, 0.2]  # recorded: kept
+    assert nmi_interval_of({**old, "num_experts": 1}, tmp_path) is None
 
 
 def test_old_units_routing_comes_from_their_saved_train_config(tmp_path):

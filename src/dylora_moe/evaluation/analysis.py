@@ -18,6 +18,8 @@ token routing also ``decision_share.png`` (domain x expert share of the token de
 * ``nmi``: normalised mutual information between domain and chosen expert, ``I(D;E) / mean(H(D), H(E))``:
   1 when each domain goes to its own expert(s) and no expert is shared, 0 when routing is independent
   of the domain (see :func:`normalized_mutual_information`); ``null`` with a single domain;
+  ``nmi_interval``: its 95% bootstrap interval ``[low, high]`` over the examples, resampled within each domain
+  (:func:`nmi_interval`): how much of the value the choice of held-out examples could move;
 * ``router_entropy`` (overall mean; ``max_entropy`` = ln E) and ``expert_load`` (share of all examples
   per expert) with ``mean_router_probs``.
 
@@ -48,50 +50,10 @@ from tqdm.auto import tqdm
 from ..common.inference import load_for_eval
 from ..data import DataCollator, DatasetSpec, get_spec, load_examples, tokenize_examples
 from ..errors import EvaluationError
+from .nmi import entropy, nmi_from_joint, nmi_interval, normalized_mutual_information
 
-__all__ = ["analyze", "entropy", "load_domain_data", "nmi_from_joint", "normalized_mutual_information", "plot_heatmap"]
-
-
-def entropy(probs: Sequence[float]) -> float:
-    """Shannon entropy (nats) of a distribution; zero entries contribute nothing."""
-    return -sum(p * math.log(p) for p in probs if p > 0)
-
-
-def normalized_mutual_information(labels_a: Sequence[Any], labels_b: Sequence[Any]) -> float:
-    """NMI of two labelings of the same items, ``I(A;B) / ((H(A) + H(B)) / 2)``, in [0, 1].
-
-    1 when each labeling determines the other (e.g. every domain routed to its own expert), 0 when they
-    are independent. When one labeling is constant the information is 0, so NMI is 0, unless both are
-    constant (identical one-cluster partitions): then 1, as in scikit-learn.
-    """
-    if len(labels_a) != len(labels_b):
-        raise ValueError(f"NMI: labelings have different lengths ({len(labels_a)} and {len(labels_b)})")
-    if not labels_a:
-        raise ValueError("NMI: no items")
-    rows, cols = sorted(set(labels_a), key=repr), sorted(set(labels_b), key=repr)
-    joint = [[0.0] * len(cols) for _ in rows]
-    row_of, col_of = {a: i for i, a in enumerate(rows)}, {b: j for j, b in enumerate(cols)}
-    for a, b in zip(labels_a, labels_b):
-        joint[row_of[a]][col_of[b]] += 1
-    return nmi_from_joint(joint)
-
-
-def nmi_from_joint(joint: Sequence[Sequence[float]]) -> float:
-    """NMI of a joint table of non-negative weights ``[A][B]`` (counts or probabilities), as
-    :func:`normalized_mutual_information`; e.g. domains x experts weighted by routing decisions."""
-    total = float(sum(sum(row) for row in joint))
-    if not joint or total <= 0 or any(w < 0 for row in joint for w in row):
-        raise ValueError("NMI: the joint table needs non-negative weights with a positive sum")
-    p_a = [sum(row) / total for row in joint]
-    p_b = [sum(row[j] for row in joint) / total for j in range(len(joint[0]))]
-    h_a, h_b = entropy(p_a), entropy(p_b)
-    if h_a == 0 and h_b == 0:
-        return 1.0
-    if h_a == 0 or h_b == 0:
-        return 0.0
-    mutual = sum(w / total * math.log(w / total / (p_a[i] * p_b[j]))
-                 for i, row in enumerate(joint) for j, w in enumerate(row) if w > 0)
-    return max(0.0, min(1.0, mutual / ((h_a + h_b) / 2)))
+__all__ = ["analyze", "entropy", "load_domain_data", "nmi_from_joint", "nmi_interval", "normalized_mutual_information",
+           "plot_heatmap"]
 
 
 def load_domain_data(items: Sequence[str], split: str = "validation", limit: int | None = None,
@@ -243,6 +205,7 @@ def _summarise(model: Any, names: list[str], results: dict[str, dict[str, Any]])
         "share_matrix": [results[d]["expert_share"] for d in names],
         "count_matrix": [results[d]["counts"] for d in names],
         "nmi": normalized_mutual_information(domain_labels, expert_labels) if len(names) > 1 else None,
+        "nmi_interval": list(nmi_interval([results[d]["counts"] for d in names])) if len(names) > 1 else None,
         "router_entropy": sum(entropies) / total,
         "routing_unit": "token" if model.moe_config.routing == "token" else "sequence",
         "decision_share_matrix": [results[d]["decision_share"] for d in names],

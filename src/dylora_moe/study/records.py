@@ -1,5 +1,6 @@
 """The records a study keeps (``unit.json``, ``quality.json``): writing them atomically, and reading the
-per-decision routing statistics of units written before that view existed. torch-free, like the report."""
+per-decision routing statistics and the NMI interval of units written before they were recorded. torch-free, like
+the report."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_text_atomically
+from ..evaluation.nmi import nmi_interval
 
-__all__ = ["per_decision", "write_json"]
+__all__ = ["nmi_interval_of", "per_decision", "write_json"]
 
 
 def write_json(path: Path, payload: Any) -> None:
@@ -26,6 +28,21 @@ def per_decision(unit: dict[str, Any], name: str, unit_dir: Path | None = None) 
     if unit["num_experts"] == 1 or _unit_routing(unit, unit_dir) == "sequence":
         return unit["router_entropy" if name == "entropy" else name]
     return None
+
+
+def nmi_interval_of(unit: dict[str, Any], unit_dir: Path | None = None) -> list[float] | None:
+    """The 95% bootstrap interval of a unit's NMI per example (``evaluation.nmi.nmi_interval``): recorded in
+    ``unit.json``, else computed from the domain x expert counts of its routing analysis (``analysis/analysis.json``
+    in ``unit_dir``, for units written before the interval was recorded); None for one expert or without counts."""
+    if unit.get("nmi_interval") is not None:
+        return list(unit["nmi_interval"])
+    if unit.get("num_experts", 1) < 2 or unit.get("nmi") is None:
+        return None
+    counts = unit.get("count_matrix")
+    saved = unit_dir / "analysis" / "analysis.json" if unit_dir is not None else None
+    if counts is None and saved is not None and saved.is_file():
+        counts = json.loads(saved.read_text()).get("count_matrix")
+    return list(nmi_interval(counts)) if counts else None
 
 
 def _unit_routing(unit: dict[str, Any], unit_dir: Path | None) -> str | None:

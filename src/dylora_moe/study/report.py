@@ -13,7 +13,7 @@ from typing import Any
 
 from ..evaluation.compare import count_pairs, read_verdicts, sign_test
 from .config import STUDY_FORMAT_VERSION, UNIT_FILE, StudyConfig, StudyError
-from .records import per_decision, write_json
+from .records import nmi_interval_of, per_decision, write_json
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -65,6 +65,8 @@ def report(study: StudyConfig) -> dict[str, Any]:
             "pass_at_1": {b: _spread([u["pass_at_1"][b]["pass@1"] for u in units if b in u["pass_at_1"]])
                           for b in study.benchmarks if any(b in u["pass_at_1"] for u in units)},
             "nmi": _spread([u["nmi"] for u in units]),
+            "nmi_by_seed": [{"seed": u["seed"], "nmi": u["nmi"],
+                             "interval": nmi_interval_of(u, study.unit_dir(variant.name, u["seed"]))} for u in units],
             "router_entropy": _spread([u["router_entropy"] for u in units]),
             "decision_nmi": _spread([per_decision(u, "nmi", study.unit_dir(variant.name, u["seed"])) for u in units]),
             "decision_entropy": _spread([per_decision(u, "entropy", study.unit_dir(variant.name, u["seed"]))
@@ -217,6 +219,7 @@ def results_table(quality: dict[str, Any]) -> str:
                       _fmt(v.get("peak_memory_mib"), 0)]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    lines += _nmi_table(variants)
     paired = quality.get("paired_pass_at_1") or {}
     if paired:
         lines += [f"### pass@1 paired with `{quality['baseline']}`", "",
@@ -230,6 +233,23 @@ def results_table(quality: dict[str, Any]) -> str:
                              f"{row['only_baseline']} | {row['both']} | {row['p_value']:.2f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _nmi_table(variants: dict[str, Any]) -> list[str]:
+    """Lines of the per-seed NMI table (mixtures only): each unit's NMI per example with its 95% bootstrap
+    interval over the held-out examples (``nmi_by_seed``; quality files from before it have none)."""
+    rows = []
+    for name, v in variants.items():
+        for row in v.get("nmi_by_seed") or []:
+            if row["interval"] is not None and v["num_experts"] > 1:
+                low, high = row["interval"]
+                rows.append(f"| `{name}` | {row['seed']} | {row['nmi']:.3f} | {low:.3f} – {high:.3f} |")
+    if not rows:
+        return []
+    return ["### NMI per example by seed", "",
+            "With its 95% percentile bootstrap interval: the held-out examples drawn again within each domain "
+            "(how much the choice of examples moves the value; finite samples bias NMI upwards).", "",
+            "| variant | seed | NMI per example | 95% interval |", "|" + " --- |" * 4, *rows, ""]
 
 
 @dataclass(frozen=True)
