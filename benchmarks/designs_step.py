@@ -5,7 +5,8 @@ The variants are those of ``configs/study-domains.yaml`` (token routing, top-1, 
 (one shared A r=29, 4 B heads), ``top2``, ``soft`` (every expert mixed), ``goat`` (SVD-segment experts,
 GOAT's scale, top-2), ``goat_seq`` (the same with sequence routing), ``goat_mi`` (the same with the domain routing
 loss; the batch's sequences get domains 0, 1, 0, 1 and every design is handed them), ``goat_mir`` (the loss on
-running statistics, with the trainer's work on them each step: ``training/domain_stats.py``), ``ortho_z`` (similarity
+running statistics, with the trainer's work on them each step: ``training/domain_stats.py``), ``goat_ctx`` (the
+loss at 2 with token routers that also see the prompt's mean embedding, ``router_context``), ``ortho_z`` (similarity
 loss and router z-loss), ``mola`` (2 to 6 experts per block); and on attention + MLP ``moe4_mlp`` against
 ``lora_r64_mlp``.
 Forward + backward + AdamW, the median of interleaved rounds (machine noise hits every variant alike), batch
@@ -55,6 +56,7 @@ DESIGNS: dict[str, dict] = {
     "goat_seq": dict(expert_init="svd", scaling="goat", top_k=2, routing="sequence"),
     "goat_mi": dict(expert_init="svd", scaling="goat", top_k=2, domain_mi_coef=10.0),
     "goat_mir": dict(expert_init="svd", scaling="goat", top_k=2, domain_mi_coef=2.0, domain_mi_decay=0.9),
+    "goat_ctx": dict(expert_init="svd", scaling="goat", top_k=2, domain_mi_coef=2.0, router_context="prompt"),
     "ortho_z": dict(ortho_coef=0.1, z_loss_coef=0.001),
     "mola": dict(num_experts=6, layer_experts="increasing"),
     "lora_r64_mlp": dict(num_experts=1, r=64, alpha=128, target_modules="all-linear"),
