@@ -390,18 +390,19 @@ class DyLoRAMoEForCausalLM(nn.Module):
         if cfg.routing != "sequence" and cfg.router_context == "none":
             return None
         continuing = _cache_length(kwargs.get("cache", kwargs.get("past_key_values"))) > 0
+        reuse = ctx.generating or continuing  # a decode step: the prefill's prompt decides
         labels = kwargs.get("labels")
         labels = ctx.labels if labels is None else labels
-        if cfg.routing != "sequence":  # a token router that sees the prompt: its context, pinned like a decision
-            pinned_context = ctx.pinned_context
-            if (ctx.generating or continuing) and pinned_context is not None and pinned_context.shape[0] == batch:
+        pinned_context = ctx.pinned_context
+        if cfg.routing != "sequence":  # token routers that see the prompt: its context, pinned like a decision
+            if reuse and pinned_context is not None and pinned_context.shape[0] == batch:
                 ctx.prompt_context = pinned_context
             else:
                 ctx.prompt_context = ctx.pinned_context = self._sequence_features(
                     input_ids, embeds, token_mask, labels, ctx.routing_mask)
             return None
         pinned = ctx.pinned
-        if (ctx.generating or continuing) and pinned is not None and pinned.probs.shape[0] == batch:
+        if reuse and pinned is not None and pinned.probs.shape[0] == batch:
             ctx.sequence = pinned
             return None
         features = self._sequence_features(input_ids, embeds, token_mask, labels, ctx.routing_mask)
