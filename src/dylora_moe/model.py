@@ -506,7 +506,14 @@ class DyLoRAMoEForCausalLM(nn.Module):
                 raise ValueError(f"forced_expert: decoder block {layer_index} holds {held} experts (layer_experts), "
                                  f"cannot route a sequence to expert {int(forced.max())}")
             router = cast(Router, self.routers[slot])
-            ctx.layers[layer_index] = self._decide(router.logits(hidden, ctx.prompt_context), mask, router)
+            context = ctx.prompt_context
+            if router.context_weight is not None and (context is None or context.shape[0] != hidden.shape[0]):
+                if ctx.adapters_disabled:  # the body run alone with the experts off (e.g. pooled states): no
+                    return None            # prompt was seen, and no expert needs a decision
+                raise RuntimeError(f"decoder block {layer_index}: its router sees the prompt (router_context), but "
+                                   "this pass has none: call the DyLoRAMoEForCausalLM wrapper, not its base model's "
+                                   "body")
+            ctx.layers[layer_index] = self._decide(router.logits(hidden, context), mask, router)
             return None
 
         return hook
@@ -560,7 +567,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
                 out, lm_loss = self._supervised_forward(head, input_ids, attention_mask, labels, kwargs)
             decisions = ctx.decisions()
         finally:
-            ctx.routing_mask = ctx.labels = None
+            ctx.routing_mask = ctx.labels = ctx.prompt_context = None  # no later pass may see this one's prompt
             ctx.forced_expert = previous_forced
         return self._output(out, lm_loss, decisions, keep_logits=head is None, domain_ids=domain_ids,
                             domain_pmi=domain_pmi)
@@ -735,7 +742,7 @@ class DyLoRAMoEForCausalLM(nn.Module):
             if handle is not None:
                 handle.remove()
             ctx.generating, ctx.forced_expert = saved
-            ctx.pinned = ctx.pinned_context = None
+            ctx.pinned = ctx.pinned_context = ctx.prompt_context = None
 
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
         """Checkpoint the base model's blocks; non-reentrant so gradients reach experts and router."""
