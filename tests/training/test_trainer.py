@@ -10,6 +10,7 @@ import torch
 from dylora_moe import CheckpointError, ConfigError, DyLoRAMoEForCausalLM
 from dylora_moe.common.runs import ADAPTER_DIR, STATE_FILE, TRAIN_CONFIG_FILE
 from dylora_moe.data import DataError
+from dylora_moe.serialization import adapter_state_dict
 from dylora_moe.training import JointTrainer, list_checkpoints
 from dylora_moe.training.checkpoint import OPTIMIZER_FILE, RNG_FILE, SCHEDULER_FILE, write_manifest
 from tests.tiny import make_base
@@ -105,8 +106,10 @@ def interrupt_at_training_call(model, call: int) -> None:
 
 
 @pytest.mark.exact
-@pytest.mark.parametrize("changes", [{}, {"moe.domain_mi_coef": 0.5, "moe.domain_mi_decay": 0.9}],
-                         ids=["plain", "running-domain-statistics"])
+@pytest.mark.parametrize("changes", [{}, {"moe.domain_mi_coef": 0.5, "moe.domain_mi_decay": 0.9},
+                                     {"moe.expert_init": "svd", "moe.scaling": "goat", "moe.top_k": 2,
+                                      "moe.router_context": "prompt"}],
+                         ids=["plain", "running-domain-statistics", "goat-with-router-context"])
 def test_interrupted_then_resumed_run_equals_uninterrupted(tmp_path, data_dir, capsys, changes):
     # dropout > 0 and several micro-batches per step, so RNG, optimizer, scheduler and data position all matter;
     # with the domain routing loss's running statistics, those too (saved in trainer_state.json)
@@ -127,14 +130,17 @@ def test_interrupted_then_resumed_run_equals_uninterrupted(tmp_path, data_dir, c
 
     a, b = trainable(straight.model), trainable(resumed.model)
     assert a.keys() == b.keys() and len(a) > 0
-    a.update(straight.model.routers.named_buffers(prefix="routers"))
-    b.update(resumed.model.routers.named_buffers(prefix="routers"))
+    a.update(adapter_state_dict(straight.model))  # router statistics and GOAT's frozen residuals too
+    b.update(adapter_state_dict(resumed.model))
+    assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
     metrics_a = json.loads((tmp_path / "a" / "metrics.json").read_text())
     metrics_b = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert metrics_a["eval_history"] == metrics_b["eval_history"]
-    if changes:  # the running statistics' mutual information, step by step, and their final state
+    if "moe.router_context" in changes:  # GOAT's residual and the routers' context input were saved and restored
+        assert any(n.endswith("lora_residual_A") for n in a) and any(n.endswith("context_weight") for n in a)
+    if "moe.domain_mi_decay" in changes:  # the running statistics: mutual information step by step, final state
         assert [r["domain_mi"] for r in metrics_a["train_log"]] == [r["domain_mi"] for r in metrics_b["train_log"]]
         assert all(r["domain_mi"] > 0 for r in metrics_a["train_log"])
         states = [json.loads((tmp_path / run / "checkpoint-6" / "trainer_state.json").read_text())["domain_routing"]

@@ -53,8 +53,8 @@ from ..serialization import (
 from ..serialization import (
     WEIGHTS_FILE,
     CheckpointError,
-    adapter_state_dict,
     check_fingerprint,
+    load_adapter_tensors,
     read_checkpoint_meta,
     read_versioned_json,
     save_model,
@@ -253,8 +253,8 @@ def load_torch_file(directory: str | Path, name: str) -> Any:
 
 
 def load_adapter_weights(model, directory: str | Path) -> None:
-    """Copy the expert and router tensors (router feature statistics included) saved in ``directory``
-    into ``model`` (same structure)."""
+    """Copy the expert and router tensors (router feature statistics and the expert layers' saved frozen tensors
+    included) saved in ``directory`` into ``model`` (same structure)."""
     directory = Path(directory)
     meta = read_checkpoint_meta(directory)
     check_fingerprint(meta["base_model"], model.base_model, str(directory))
@@ -267,13 +267,4 @@ def load_adapter_weights(model, directory: str | Path) -> None:
         raise CheckpointError(f"{directory / WEIGHTS_FILE}: file not found") from None
     except Exception as exc:
         raise CheckpointError(f"{directory / WEIGHTS_FILE}: unreadable or corrupt ({exc})") from exc
-    expected = adapter_state_dict(model)
-    if set(tensors) != set(expected):
-        raise CheckpointError(f"{directory}: saved tensors do not match the model's experts and router")
-    params = {**dict(model.named_parameters()), **dict(model.routers.named_buffers(prefix="routers"))}
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            if params[name].shape != tensor.shape:
-                raise CheckpointError(f"{directory}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                      f"expected {tuple(params[name].shape)}")
-            params[name].copy_(tensor)
+    load_adapter_tensors(model, tensors, directory)
