@@ -547,6 +547,14 @@ def test_a_unit_that_died_after_training_is_analysed_from_its_adapter_not_retrai
     metrics = json.loads(metrics_path.read_text())
     assert again["unit_time_s"] > metrics["wall_time_s"]  # the reused training's time counts
 
+    saved_path = weights.parent.parent / "train_config.json"  # finished by resuming it: the same training
+    saved = json.loads(saved_path.read_text())
+    saved["config"].update(resume=True, overwrite_output_dir=False)
+    saved_path.write_text(json.dumps(saved))
+    unit_path.unlink()
+    run_unit(StudyConfig.from_yaml(study_path, one), VariantConfig("moe2"), 0, progress=False)
+    assert weights.stat().st_mtime_ns == stamp  # not trained again
+
     metrics_path.write_text(json.dumps({**metrics, "global_step": metrics["total_steps"] - 1}))  # cut short
     unit_path.unlink()
     run_unit(StudyConfig.from_yaml(study_path, one), VariantConfig("moe2"), 0, progress=False)

@@ -204,19 +204,29 @@ def _train_and_analyse(study: StudyConfig, variant: VariantConfig, seed: int, co
 
 def finished_training(train_dir: Path, config: Any) -> dict[str, Any] | None:
     """``metrics.json`` of a training run in ``train_dir`` that finished with exactly ``config`` (its final
-    adapter saved, every step done), else None. A unit that died after training (in the routing analysis,
-    say) then resumes from its adapter instead of training again."""
+    adapter saved, every step done; whether it was resumed on the way does not matter), else None. A unit that
+    died after training (in the routing analysis, say) then resumes from its adapter instead of training again."""
     metrics_path, saved = train_dir / "metrics.json", train_dir / "train_config.json"
     if not ((train_dir / "final" / WEIGHTS_FILE).is_file() and metrics_path.is_file() and saved.is_file()):
         return None
     try:
         metrics = json.loads(metrics_path.read_text())
-        same = json.loads(saved.read_text()).get("config") == json.loads(config.to_json())["config"]
-    except (json.JSONDecodeError, KeyError, AttributeError):
+        same = _trained_as(json.loads(saved.read_text()).get("config")) == _trained_as(
+            json.loads(config.to_json())["config"])
+    except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
         return None
     if not same or metrics.get("global_step") != metrics.get("total_steps"):
         return None
     return metrics
+
+
+#: train config fields that say how a run was started, not what it trains (a run finished by resuming it is the same
+#: training: the exact-resume tests hold it to that)
+RUN_CONTROL_FIELDS = ("resume", "overwrite_output_dir")
+
+
+def _trained_as(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in RUN_CONTROL_FIELDS}
 
 
 def _analyse(study: StudyConfig, variant: VariantConfig, seed: int, config: Any, model: Any, tokenizer: Any,
