@@ -464,17 +464,18 @@ class DyLoRAMoEForCausalLM(nn.Module):
                 ids = batch["input_ids"].to(self.device)
                 mask = batch.get("attention_mask")
                 mask = torch.ones_like(ids) if mask is None else mask.to(self.device)
-                labels, rmask = batch.get("labels"), batch.get("routing_mask")
-                pooled = self._sequence_features(ids, None, mask.bool(), None if labels is None else labels.to(
-                    self.device), None if rmask is None else rmask.to(self.device))
-                if self.moe_config.routing == "sequence":
-                    collected[0].append(pooled)
-                else:
-                    contexts.append(pooled)
+                sequence = self.moe_config.routing == "sequence"
+                if sequence or self.moe_config.router_context != "none":  # the pooled prompt is a router input
+                    labels, rmask = batch.get("labels"), batch.get("routing_mask")
+                    pooled = self._sequence_features(ids, None, mask.bool(), None if labels is None else labels.to(
+                        self.device), None if rmask is None else rmask.to(self.device))
+                    (collected[0] if sequence else contexts).append(pooled)
+                if not sequence:
                     self.base_model(input_ids=ids, attention_mask=mask, **extra)
         finally:
             for h in hooks:
                 h.remove()
+            self.context.prompt_context = None  # no later pass may see the calibration's prompts
         seen = 0
         for slot, feats in collected.items():
             if not feats:
