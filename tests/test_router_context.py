@@ -175,20 +175,25 @@ def test_save_load_round_trip_and_surgery(tmp_path, batch):
     assert out.expert_share.shape == (3,)
 
 
-def test_the_body_alone_with_the_experts_off_needs_no_prompt_and_with_them_on_says_what_is_wrong(batch):
-    """Pooled final states for the skill library run the transformer body alone with the adapters off, after
-    passes of other batch sizes (as joint training's end does); with the experts on, the missing prompt is an
-    error that says what to call instead."""
+def test_the_body_alone_runs_bare_for_pooled_states_and_otherwise_says_what_is_wrong(batch):
+    """Pooled final states for the skill library run the transformer body alone, bare (no routing), after passes
+    of other batch sizes (as joint training's end does); routed without a prompt, the body is an error that says
+    what to call instead."""
     from dylora_moe.continual.library import pooled_states
     from dylora_moe.data import Example
     from tests.tiny import make_tokenizer
 
     ids, mask, labels = batch
     model = build()
+    randomize_experts(model)  # experts that would change the states if they ran
     model(input_ids=ids, attention_mask=mask, labels=labels)  # a pass of 3 sequences
     examples = [Example(instruction=f"add {i} and 2", input="", output=f"return {i} + 2", domain="math")
                 for i in range(5)]
     states = pooled_states(model, make_tokenizer(), examples, batch_size=4)
     assert states.shape == (5, 64) and torch.isfinite(states).all()
+    with model.bare():
+        bare = model.base_model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    frozen = make_base().base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(bare, frozen)
     with pytest.raises(RuntimeError, match="sees the prompt.*call the DyLoRAMoEForCausalLM wrapper"):
         model.base_model.base_model(input_ids=ids, attention_mask=mask)

@@ -343,6 +343,17 @@ class DyLoRAMoEForCausalLM(nn.Module):
             self.context.forced_expert = previous
 
     @contextlib.contextmanager
+    def bare(self) -> Iterator[DyLoRAMoEForCausalLM]:
+        """Within the block the base model (or its transformer body, called directly) runs bare: no routing, no
+        decision, every expert layer returns its frozen layer's output, and the wrapper's routing state is left as
+        it was (e.g. embedding examples with the frozen model, whatever the passes before them routed)."""
+        previous, self.context.bare = self.context.bare, True
+        try:
+            yield self
+        finally:
+            self.context.bare = previous
+
+    @contextlib.contextmanager
     def disable_adapters(self) -> Iterator[DyLoRAMoEForCausalLM]:
         """Within the block the wrapped model computes exactly the frozen base model (no expert deltas)."""
         previous, self.context.adapters_disabled = self.context.adapters_disabled, True
@@ -509,11 +520,9 @@ class DyLoRAMoEForCausalLM(nn.Module):
             router = cast(Router, self.routers[slot])
             context = ctx.prompt_context
             if router.context_weight is not None and (context is None or context.shape[0] != hidden.shape[0]):
-                if ctx.adapters_disabled:  # the body run alone with the experts off (e.g. pooled states): no
-                    return None            # prompt was seen, and no expert needs a decision
                 raise RuntimeError(f"decoder block {layer_index}: its router sees the prompt (router_context), but "
                                    "this pass has none: call the DyLoRAMoEForCausalLM wrapper, not its base model's "
-                                   "body")
+                                   "body (or run the body inside model.bare() for the frozen model's states)")
             ctx.layers[layer_index] = self._decide(router.logits(hidden, context), mask, router)
             return None
 
@@ -637,15 +646,14 @@ class DyLoRAMoEForCausalLM(nn.Module):
             handle = head.register_forward_hook(lambda module, args, output: seen.append(output))
             device = next(head.parameters()).device
             modes = {module: module.training for module in self.base_model.modules()}
-            self.context.bare = True
             self.base_model.eval()
             try:
-                with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                with self.bare(), torch.no_grad(), torch.random.fork_rng(
+                        devices=[device] if device.type == "cuda" else []):
                     ids = torch.zeros(1, 1, dtype=torch.long, device=device)
                     out = self.base_model(input_ids=ids, use_cache=False)
             finally:
                 handle.remove()
-                self.context.bare = False
                 for module, training in modes.items():
                     module.training = training
             self._head_is_logits = len(seen) == 1 and out.logits is seen[0]

@@ -226,7 +226,7 @@ def pooled_states(model: Any, tokenizer: Any, examples: Sequence[Example], *, ba
     model.eval()
     rows = []
     try:
-        with model.disable_adapters():
+        with model.bare():  # the frozen model's states, whatever the passes before routed
             for start in range(0, len(items), batch_size):
                 batch = collate(items[start : start + batch_size])
                 mask = batch["attention_mask"].to(device)
